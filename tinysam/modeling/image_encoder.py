@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from .common import LayerNorm2d, MLPBlock, biased_attention
 
 
 class ImageEncoderViT(nn.Module):
@@ -139,10 +139,11 @@ class Attention(nn.Module):
         b, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, HW, d)
-        bias = None
         if self.use_rel_pos:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            x = biased_attention(q, k, v, bias)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         x = x.transpose(1, 2).reshape(b, h, w, -1)
         return self.proj(x)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, biased_attention
 
 
 class Conv2d_BN(nn.Sequential):
@@ -34,6 +34,16 @@ class Conv2d_BN(nn.Sequential):
         nn.init.constant_(bn.weight, bn_weight_init)
         nn.init.constant_(bn.bias, 0.0)
         self.add_module("bn", bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.bn(self.c(x))
+        # Inference: fold BatchNorm into the convolution (one pass over the activations, not two).
+        c, bn = self.c, self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = c.weight * scale[:, None, None, None]
+        bias = bn.bias - bn.running_mean * scale
+        return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
 
 
 class PatchEmbed(nn.Module):
@@ -151,7 +161,7 @@ class Attention(nn.Module):
         q, k, v = qkv.split(self.key_dim, dim=3)
         # Computed per call rather than cached at eval(): a cache goes stale when weights load later.
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = biased_attention(q, k, v, bias)
         return self.proj(x.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -1,0 +1,161 @@
+"""Our models against the official code: same state-dict layout, same outputs (fp32, CPU)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tinysam import SamPredictor, build_sam, save_checkpoint
+from tinysam.build_sam import infer_model_type
+from tinysam.weights import CheckpointError
+
+from .conftest import import_official, randomize_
+
+EXPECTED_KEYS = {"vit_h": 594, "vit_l": 482, "vit_b": 314, "vit_t": 439}
+TOL = 1e-4
+
+
+def _shapes(sd):
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("model_type", ["vit_b", "vit_l", "vit_h"])
+def test_sam_vit_state_dict_layout_equals_official(model_type):
+    segment_anything = import_official("segment_anything")
+    official = segment_anything.sam_model_registry[model_type]()
+    ours = build_sam(model_type)
+    assert len(ours.state_dict()) == EXPECTED_KEYS[model_type]
+    assert _shapes(ours.state_dict()) == _shapes(official.state_dict())
+    # Both directions load strictly: official files into ours, our saves into the official code.
+    ours.load_state_dict(official.state_dict(), strict=True)
+    official.load_state_dict(ours.state_dict(), strict=True)
+    assert infer_model_type(official.state_dict()) == model_type
+
+
+def test_mobile_sam_checkpoint_loads_strictly_with_all_439_keys(mobile_sam_path, vit_t):
+    sd = torch.load(mobile_sam_path, weights_only=True)
+    assert len(sd) == 439
+    assert any(k.startswith("image_encoder.head.") for k in sd)  # unused classifier kept
+    assert any(k.endswith("num_batches_tracked") for k in sd)
+    for k, v in vit_t.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_wrong_model_type_is_refused_with_a_hint(mobile_sam_path):
+    with pytest.raises(CheckpointError, match=r"mobile_sam\.pt.*vit_b.*look like 'vit_t'"):
+        build_sam("vit_b", str(mobile_sam_path))
+
+
+def _predictor_outputs(predictor, image, prompts):
+    predictor.set_image(image)
+    emb = predictor.get_image_embedding().detach().clone()
+    return emb, [predictor.predict(**p) for p in prompts]
+
+
+def _prompts(h, w):
+    return [
+        dict(point_coords=np.array([[w * 0.45, h * 0.35]]), point_labels=np.array([1])),
+        dict(point_coords=np.array([[w * 0.45, h * 0.35], [w * 0.8, h * 0.8]]), point_labels=np.array([1, 0]),
+             multimask_output=False),
+        dict(box=np.array([w * 0.2, h * 0.1, w * 0.75, h * 0.9])),
+        dict(point_coords=np.array([[w * 0.5, h * 0.5]]), point_labels=np.array([1]),
+             box=np.array([w * 0.2, h * 0.1, w * 0.75, h * 0.9]), multimask_output=False),
+    ]
+
+
+def _assert_parity(ours_out, official_out):
+    emb_a, preds_a = ours_out
+    emb_b, preds_b = official_out
+    assert (emb_a - emb_b).abs().max().item() <= TOL
+    for (ma, ia, la), (mb, ib, lb) in zip(preds_a, preds_b):
+        assert ma.shape == mb.shape and la.shape == lb.shape == (ma.shape[0], 256, 256)
+        assert np.abs(la - lb).max() <= TOL
+        assert np.abs(ia - ib).max() <= TOL
+        for a, b in zip(ma, mb):
+            union = np.logical_or(a, b).sum()
+            iou = np.logical_and(a, b).sum() / union if union else 1.0
+            assert iou >= 0.999
+
+
+def test_vit_t_matches_official_mobilesam_with_real_weights(vit_t, official_vit_t, photos):
+    mobile_sam = import_official("mobile_sam")
+    for name in ("astronaut", "coffee"):
+        image = photos[name]
+        prompts = _prompts(*image.shape[:2])
+        ours = _predictor_outputs(SamPredictor(vit_t), image, prompts)
+        official = _predictor_outputs(mobile_sam.SamPredictor(official_vit_t), image, prompts)
+        _assert_parity(ours, official)
+
+
+def test_mask_input_round_trip_matches_official(vit_t, official_vit_t, astronaut):
+    mobile_sam = import_official("mobile_sam")
+    h, w = astronaut.shape[:2]
+    first = dict(point_coords=np.array([[w * 0.45, h * 0.35]]), point_labels=np.array([1]))
+    outs = []
+    for predictor in (SamPredictor(vit_t), mobile_sam.SamPredictor(official_vit_t)):
+        predictor.set_image(astronaut)
+        _, iou, low_res = predictor.predict(**first)
+        best = low_res[np.argmax(iou)][None]
+        outs.append(predictor.predict(**first, mask_input=best, multimask_output=False))
+    assert np.abs(outs[0][2] - outs[1][2]).max() <= TOL
+    assert np.abs(outs[0][1] - outs[1][1]).max() <= TOL
+
+
+@pytest.mark.parametrize("model_type", ["vit_b", "vit_h"])
+def test_sam_vit_matches_official_with_random_weights(model_type, astronaut):
+    segment_anything = import_official("segment_anything")
+    official = randomize_(segment_anything.sam_model_registry[model_type](), seed=1).eval()
+    ours = build_sam(model_type)
+    ours.load_state_dict(official.state_dict(), strict=True)
+    prompts = _prompts(*astronaut.shape[:2])[2:]  # vit_h on 2 cores: one forward each, few prompts
+    with torch.inference_mode():
+        ours_out = _predictor_outputs(SamPredictor(ours), astronaut, prompts)
+        official_out = _predictor_outputs(segment_anything.SamPredictor(official), astronaut, prompts)
+    _assert_parity(ours_out, official_out)
+    del official, ours
+
+
+def test_decoder_returns_transformer_tokens_equal_to_official(vit_t, official_vit_t, astronaut):
+    predictor = SamPredictor(vit_t)
+    predictor.set_image(astronaut)
+    emb = predictor.get_image_embedding()
+    coords = torch.tensor([[[300.0, 200.0], [500.0, 700.0]], [[100.0, 100.0], [800.0, 600.0]]])
+    labels = torch.tensor([[1, 0], [1, 1]])
+    with torch.inference_mode():
+        sparse, dense = vit_t.prompt_encoder((coords, labels), None, None)
+        pe = vit_t.prompt_encoder.get_dense_pe()
+        masks, iou, tokens = vit_t.mask_decoder(emb, pe, sparse, dense, True, return_tokens=True)
+        masks2, iou2 = vit_t.mask_decoder(emb, pe, sparse, dense, True)
+        # The oracle: the official transformer on explicitly repeated image tokens.
+        dec = official_vit_t.mask_decoder
+        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        q = torch.cat([out_tokens[None].expand(2, -1, -1), sparse], dim=1)
+        src = torch.repeat_interleave(emb, 2, dim=0) + dense
+        hs, _ = dec.transformer(src, torch.repeat_interleave(pe, 2, dim=0), q)
+    assert tokens.shape == (2, 1 + 4 + 3, 256)  # iou token, 4 mask tokens, 2 points + padding
+    assert (tokens - hs).abs().max().item() <= TOL
+    assert torch.equal(masks, masks2) and torch.equal(iou, iou2)
+
+
+def test_batched_prompts_equal_one_by_one(vit_t, astronaut):
+    predictor = SamPredictor(vit_t)
+    predictor.set_image(astronaut)
+    boxes = np.array([[50, 20, 300, 400], [200, 100, 480, 500], [10, 300, 200, 510]], dtype=float)
+    masks, iou, low_res = predictor.predict(box=boxes, multimask_output=True)
+    assert masks.shape == (3, 3, *astronaut.shape[:2]) and iou.shape == (3, 3)
+    for i, box in enumerate(boxes):
+        m, s, lr = predictor.predict(box=box)
+        assert np.abs(lr - low_res[i]).max() <= TOL
+        assert np.abs(s - iou[i]).max() <= TOL
+        assert (m != masks[i]).mean() < 1e-4
+
+
+def test_saved_checkpoint_loads_in_official_code_and_ours(vit_t, tmp_path):
+    mobile_sam = import_official("mobile_sam")
+    path = save_checkpoint(vit_t, tmp_path / "student.pt")
+    sd = torch.load(path, weights_only=True)
+    assert len(sd) == 439
+    official = mobile_sam.sam_model_registry["vit_t"]()
+    official.load_state_dict(sd, strict=True)
+    again = build_sam("vit_t", str(path))
+    for k, v in vit_t.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
