@@ -1,0 +1,41 @@
+"""Mask encodings: COCO RLE (pycocotools) and SAM's uncompressed RLE, with bbox and area."""
+
+from typing import Any, Dict, List
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+def mask_to_coco_rle(mask: np.ndarray) -> Dict[str, Any]:
+    """Binary HxW mask -> COCO RLE {"size": [h, w], "counts": str} (JSON-serialisable)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def coco_rle_to_mask(rle: Dict[str, Any]) -> np.ndarray:
+    """COCO RLE (counts as str or bytes) -> boolean HxW mask."""
+    counts = rle["counts"]
+    rle = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def mask_to_uncompressed_rle(mask: np.ndarray) -> Dict[str, Any]:
+    """Binary HxW mask -> {"size": [h, w], "counts": [run lengths]} in column-major order, starting with 0s."""
+    h, w = mask.shape
+    flat = mask.astype(bool).flatten(order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts: List[int] = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"size": [h, w], "counts": counts}
+
+
+def mask_bbox_xywh(mask: np.ndarray) -> List[int]:
+    """Tight XYWH box of a binary mask ([0, 0, 0, 0] when empty)."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    if ys.size == 0:
+        return [0, 0, 0, 0]
+    return [int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)]
