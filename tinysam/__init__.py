@@ -13,6 +13,7 @@ from .build_sam import (
     build_sam_vit_t,
     sam_model_registry,
 )
+from .everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
 from .predictor import SamPredictor
 from .weights import KNOWN_CHECKPOINTS, CheckpointError, load_checkpoint, save_checkpoint
 
@@ -22,6 +23,8 @@ __all__ = [
     "MODEL_CONFIGS",
     "KNOWN_CHECKPOINTS",
     "CheckpointError",
+    "SamAutomaticMaskGenerator",
+    "SamHierarchicalMaskGenerator",
     "SamPredictor",
     "build_sam",
     "build_sam_vit_b",

@@ -62,21 +62,40 @@ class MLP(nn.Module):
         return torch.sigmoid(x) if self.sigmoid_output else x
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention on (B, heads, N, d) tensors, through PyTorch's fused kernel.
 
-    Keys and values may have batch 1 while queries have batch B (the decoder's image tokens are
-    shared by every prompt of an image): then the query batch is folded into the token axis, so
-    the shared keys are projected and stored once instead of once per prompt.
+    Keys and values may have a smaller batch n than the queries' B (n divides B): query b then
+    uses key batch b // (B / n). This is how the decoder shares an image's tokens among all of
+    its prompts: each group of queries is folded into the token axis, so the shared keys are
+    projected and stored once per image instead of once per prompt.
     """
-    if k.shape[0] == 1 and q.shape[0] > 1 and bias is None:
-        b, h, n, d = q.shape
-        q_folded = q.transpose(0, 1).reshape(1, h, b * n, d)
-        out = F.scaled_dot_product_attention(q_folded, k, v)
-        return out.reshape(h, b, n, -1).transpose(0, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    n, b = k.shape[0], q.shape[0]
+    if n == b:
+        return F.scaled_dot_product_attention(q, k, v)
+    if b % n:
+        raise ValueError(f"query batch {b} is not a multiple of key batch {n}")
+    _, h, t, d = q.shape
+    g = b // n
+    q_folded = q.view(n, g, h, t, d).transpose(1, 2).reshape(n, h, g * t, d)
+    out = F.scaled_dot_product_attention(q_folded, k, v)
+    return out.view(n, h, g, t, -1).transpose(1, 2).reshape(b, h, t, -1)
+
+
+def expand_groups(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """View an (n, ...) per-image tensor as (batch, ...) with each row repeated batch / n times."""
+    n = x.shape[0]
+    if n == batch:
+        return x
+    return x.unsqueeze(1).expand(n, batch // n, *x.shape[1:]).reshape(batch, *x.shape[1:])
+
+
+def add_groups(shared: torch.Tensor, per_item: torch.Tensor) -> torch.Tensor:
+    """shared (n, ...) + per_item (B, ...), item b paired with shared row b // (B / n), no copy of shared."""
+    n, b = shared.shape[0], per_item.shape[0]
+    if n == b:
+        return shared + per_item
+    return (per_item.view(n, b // n, *per_item.shape[1:]) + shared.unsqueeze(1)).view(per_item.shape)
 
 
 def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

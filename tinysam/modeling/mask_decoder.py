@@ -6,7 +6,7 @@ from typing import Tuple, Type, Union
 import torch
 from torch import nn
 
-from .common import MLP, LayerNorm2d
+from .common import MLP, LayerNorm2d, add_groups
 
 
 class MaskDecoder(nn.Module):
@@ -51,7 +51,8 @@ class MaskDecoder(nn.Module):
         """Predict masks for B prompts.
 
         Args:
-          image_embeddings: (1, C, 64, 64), shared by all prompts, or (B, C, 64, 64), one per prompt.
+          image_embeddings: (n, C, 64, 64) with n dividing B: prompt b belongs to image b // (B / n)
+            (n = 1: one image, all prompts; n = B: one image per prompt).
           image_pe: (1, C, 64, 64).
           sparse_prompt_embeddings: (B, N, C).
           dense_prompt_embeddings: (B, C, 64, 64) or (1, C, 64, 64).
@@ -78,17 +79,16 @@ class MaskDecoder(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All 4 masks, all 4 IoU predictions and the output tokens."""
         b = sparse_prompt_embeddings.shape[0]
-        if image_embeddings.shape[0] not in (1, b):
-            raise ValueError(
-                f"image_embeddings has batch {image_embeddings.shape[0]}; expected 1 (shared) or {b} (one per prompt)"
-            )
+        n = image_embeddings.shape[0]
+        if n == 0 or b % n:
+            raise ValueError(f"{b} prompts cannot be split evenly among {n} image embeddings")
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
 
         dense = dense_prompt_embeddings
         if dense.shape[0] > 1 and dense.stride(0) == 0:
-            dense = dense[:1]  # an expanded "no mask" embedding: keep the image shared
-        src = image_embeddings + dense
+            dense = dense[:1]  # an expanded "no mask" embedding: keep the images shared
+        src = image_embeddings + dense if dense.shape[0] in (1, n) else add_groups(image_embeddings, dense)
         hs, src = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]

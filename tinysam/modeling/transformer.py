@@ -5,7 +5,7 @@ from typing import Tuple, Type
 import torch
 from torch import Tensor, nn
 
-from .common import MLPBlock, attention
+from .common import MLPBlock, add_groups, attention, expand_groups
 
 
 class TwoWayTransformer(nn.Module):
@@ -40,8 +40,8 @@ class TwoWayTransformer(nn.Module):
     def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> Tuple[Tensor, Tensor]:
         """
         Args:
-          image_embedding: (B or 1, C, h, w). With batch 1 it is shared by all B prompts and its
-            projections are computed once (the first layer), not once per prompt.
+          image_embedding: (n, C, h, w) with n dividing B: prompt b belongs to image b // (B / n).
+            A shared image's projections in the first layer are computed once, not once per prompt.
           image_pe: (1, C, h, w) positional encoding of the image grid.
           point_embedding: (B, N, C) prompt and output tokens.
         Returns:
@@ -54,9 +54,7 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, point_embedding, key_pe)
         attn_out = self.final_attn_token_to_image(q=queries + point_embedding, k=keys + key_pe, v=keys)
         queries = self.norm_final_attn(queries + attn_out)
-        if keys.shape[0] != queries.shape[0]:  # depth 0: still the shared embedding
-            keys = keys.expand(queries.shape[0], -1, -1)
-        return queries, keys
+        return queries, expand_groups(keys, queries.shape[0])
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -95,7 +93,7 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm3(queries + self.mlp(queries))
 
         attn_out = self.cross_attn_image_to_token(q=k, k=queries + query_pe, v=queries)
-        keys = self.norm4(keys + attn_out)
+        keys = self.norm4(add_groups(keys, attn_out))
         return queries, keys
 
 
@@ -122,8 +120,8 @@ class Attention(nn.Module):
         q = self._separate_heads(self.q_proj(q))
         k = self._separate_heads(self.k_proj(k))
         v = self._separate_heads(self.v_proj(v))
-        if q.shape[0] == 1 and k.shape[0] > 1:  # shared image queries against per-prompt tokens
-            q = q.expand(k.shape[0], -1, -1, -1)
+        if q.shape[0] < k.shape[0]:  # an image's shared tokens querying each of its prompts
+            q = expand_groups(q, k.shape[0])
         out = attention(q, k, v)
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))

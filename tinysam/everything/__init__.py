@@ -1,0 +1,6 @@
+"""Everything mode: dense (SAM-compatible) and hierarchical automatic mask generation."""
+
+from .generator import SamAutomaticMaskGenerator
+from .hierarchical import SamHierarchicalMaskGenerator
+
+__all__ = ["SamAutomaticMaskGenerator", "SamHierarchicalMaskGenerator"]

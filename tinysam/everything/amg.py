@@ -1,0 +1,102 @@
+"""Mask utilities of everything mode: point grids, crops, stability, boxes, small regions.
+
+Semantics follow the official automatic mask generator (its outputs are our reference), with
+functions written for the batched, filter-early pipeline of `generator.py`.
+"""
+
+import math
+from itertools import product
+from typing import List, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+
+def build_point_grid(n_per_side: int) -> np.ndarray:
+    """(n*n, 2) XY points at the cell centres (k + 0.5) / n of the unit square, row by row."""
+    side = (np.arange(n_per_side) + 0.5) / n_per_side
+    xs, ys = np.meshgrid(side, side)
+    return np.stack([xs.ravel(), ys.ravel()], axis=-1)
+
+
+def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> List[np.ndarray]:
+    """One grid per crop layer, `scale_per_layer` times sparser per side at each deeper layer."""
+    return [build_point_grid(int(n_per_side / (scale_per_layer ** i))) for i in range(n_layers + 1)]
+
+
+def generate_crop_boxes(
+    im_size: Tuple[int, int], n_layers: int, overlap_ratio: float
+) -> Tuple[List[List[int]], List[int]]:
+    """XYXY crop boxes: the whole image, then (2**i)**2 overlapping crops for each layer i >= 1."""
+    im_h, im_w = im_size
+    short_side = min(im_h, im_w)
+    boxes, layers = [[0, 0, im_w, im_h]], [0]
+    for i in range(n_layers):
+        n = 2 ** (i + 1)
+        overlap = int(overlap_ratio * short_side * (2 / n))
+        crop_w = int(math.ceil((overlap * (n - 1) + im_w) / n))
+        crop_h = int(math.ceil((overlap * (n - 1) + im_h) / n))
+        x0s = [int((crop_w - overlap) * k) for k in range(n)]
+        y0s = [int((crop_h - overlap) * k) for k in range(n)]
+        for x0, y0 in product(x0s, y0s):
+            boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
+            layers.append(i + 1)
+    return boxes, layers
+
+
+def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
+    """IoU of the masks thresholded at +offset and -offset around the mask threshold, per mask."""
+    inter = (logits > (mask_threshold + offset)).flatten(1).sum(-1, dtype=torch.int32)
+    union = (logits > (mask_threshold - offset)).flatten(1).sum(-1, dtype=torch.int32)
+    return inter / union
+
+
+def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N, 4) XYXY with inclusive max coordinates; [0, 0, 0, 0] for empty masks."""
+    n, h, w = masks.shape
+    if n == 0:
+        return torch.zeros(0, 4, dtype=torch.long)
+    rows, cols = masks.any(dim=2), masks.any(dim=1)
+    ar_h, ar_w = torch.arange(h, device=masks.device), torch.arange(w, device=masks.device)
+    bottom = (rows * ar_h).amax(-1)
+    top = torch.where(rows, ar_h, h).amin(-1)
+    right = (cols * ar_w).amax(-1)
+    left = torch.where(cols, ar_w, w).amin(-1)
+    boxes = torch.stack([left, top, right, bottom], dim=-1)
+    empty = (right < left) | (bottom < top)
+    return boxes * (~empty)[:, None]
+
+
+def is_box_near_crop_edge(boxes: torch.Tensor, crop_box: List[int], orig_box: List[int], atol: float = 20.0) -> torch.Tensor:
+    """Boxes (in crop coordinates) touching a crop edge that is not also an image edge."""
+    crop = torch.as_tensor(crop_box, dtype=torch.float)
+    orig = torch.as_tensor(orig_box, dtype=torch.float)
+    boxes = (boxes + torch.tensor([crop_box[0], crop_box[1], crop_box[0], crop_box[1]])).float()
+    near_crop = torch.isclose(boxes, crop[None], atol=atol, rtol=0)
+    near_image = torch.isclose(boxes, orig[None], atol=atol, rtol=0)
+    return (near_crop & ~near_image).any(dim=1)
+
+
+def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tuple[np.ndarray, bool]:
+    """Fill holes ("holes") or drop islands ("islands") smaller than `area_thresh`; says if it changed."""
+    if mode not in ("holes", "islands"):
+        raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}")
+    holes = mode == "holes"
+    working = (holes ^ mask).astype(np.uint8)
+    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, 8)
+    sizes = stats[1:, -1]
+    small = [i + 1 for i, s in enumerate(sizes) if s < area_thresh]
+    if not small:
+        return mask, False
+    fill = [0] + small
+    if not holes:
+        fill = [i for i in range(n_labels) if i not in fill]
+        if not fill:
+            fill = [int(np.argmax(sizes)) + 1]
+    return np.isin(regions, fill), True
+
+
+def box_xyxy_to_xywh(box: List[float]) -> List[float]:
+    x0, y0, x1, y1 = box
+    return [x0, y0, x1 - x0, y1 - y0]

@@ -1,0 +1,308 @@
+"""Automatic mask generation ("segment everything"), SAM-compatible and fast.
+
+Same parameters, defaults and output records as the official `SamAutomaticMaskGenerator`; the work
+is reorganised so that it costs less and holds less:
+- the decoder shares each image's tokens among its prompts (see `modeling/transformer.py`), and
+  takes the prompts of several images in one call;
+- masks are filtered on the predicted IoU before anything is upsampled, and only the survivors
+  are upsampled to full resolution, in small chunks, to compute stability, boxes and RLEs;
+- full-resolution logits never exist for a whole point batch, and kept masks are stored as
+  compressed COCO RLE, so memory stays bounded whatever the number of points.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torchvision.ops.boxes import batched_nms, box_area
+
+from ..modeling import Sam
+from ..transforms import prepare_image, to_rgb_uint8
+from ..utils.rle import mask_to_uncompressed_rle
+from .amg import (
+    box_xyxy_to_xywh,
+    build_all_layer_point_grids,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    masks_to_boxes_xyxy,
+    remove_small_regions,
+    stability_score,
+)
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+@dataclass
+class HighConfidenceArea:
+    """Pixels of a crop already covered with confidence: logits above `threshold` in a kept mask."""
+
+    area: np.ndarray  # (h, w) bool, crop coordinates
+    threshold: float
+
+
+@dataclass
+class MaskSet:
+    """Kept masks of one image (or crop) as compressed RLE plus their scores, before the final NMS."""
+
+    rles: List[Dict[str, Any]] = field(default_factory=list)
+    boxes: List[torch.Tensor] = field(default_factory=list)  # (k, 4) XYXY in image coordinates
+    iou_preds: List[torch.Tensor] = field(default_factory=list)
+    stability: List[torch.Tensor] = field(default_factory=list)
+    points: List[torch.Tensor] = field(default_factory=list)  # (k, 2) XY in image coordinates
+    crop_boxes: List[torch.Tensor] = field(default_factory=list)
+
+    def cat(self) -> Dict[str, Any]:
+        def stack(xs, shape):
+            return torch.cat(xs) if xs else torch.zeros(shape)
+
+        return {
+            "rles": self.rles,
+            "boxes": stack(self.boxes, (0, 4)),
+            "iou_preds": stack(self.iou_preds, (0,)),
+            "stability": stack(self.stability, (0,)),
+            "points": stack(self.points, (0, 2)),
+            "crop_boxes": stack(self.crop_boxes, (0, 4)),
+        }
+
+
+def _select(data: Dict[str, Any], keep: torch.Tensor) -> Dict[str, Any]:
+    idx = keep.tolist()
+    return {k: ([v[i] for i in idx] if isinstance(v, list) else v[keep]) for k, v in data.items()}
+
+
+def _merge(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    return {k: (sum((p[k] for p in parts), []) if k == "rles" else torch.cat([p[k] for p in parts])) for k in parts[0]}
+
+
+class SamAutomaticMaskGenerator:
+    def __init__(
+        self,
+        model: Sam,
+        points_per_side: Optional[int] = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Optional[List[np.ndarray]] = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+        upsample_chunk: int = 16,
+    ) -> None:
+        """Arguments as the official generator's (see its docs); `upsample_chunk` bounds how many
+        masks are held at full resolution at once."""
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("exactly one of points_per_side and point_grids must be given")
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
+        if points_per_side is not None:
+            point_grids = build_all_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
+        if len(point_grids) != crop_n_layers + 1:
+            raise ValueError(f"{len(point_grids)} point grids given for {crop_n_layers + 1} crop layers")
+        self.model = model
+        self.point_grids = point_grids
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+        self.upsample_chunk = upsample_chunk
+        self.last_stats: Dict[str, int] = {}
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+        """Masks for everything in one HxWx3 image, as a list of SAM records."""
+        return self.generate_batch([image])[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, images: Sequence[np.ndarray]) -> List[List[Dict[str, Any]]]:
+        """Masks for several images; their crops share encoder batches and decoder calls."""
+        images = [to_rgb_uint8(im, f"image {i}") for i, im in enumerate(images)]
+        self.last_stats = {"points": 0, "decoded_points": 0}
+        jobs = []  # (image index, crop box, layer index)
+        for i, image in enumerate(images):
+            boxes, layers = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
+            jobs += [(i, box, layer) for box, layer in zip(boxes, layers)]
+        crops = [images[i][box[1]:box[3], box[0]:box[2]] for i, box, _ in jobs]
+        crop_results = self._process_crops(crops, jobs, [images[i].shape[:2] for i, _, _ in jobs])
+        per_image: List[List[Dict[str, Any]]] = []
+        for i in range(len(images)):
+            parts = [r for (j, _, _), r in zip(jobs, crop_results) if j == i]
+            data = _merge(parts)
+            if len(parts) > 1 and len(data["rles"]):
+                scores = 1 / box_area(data["crop_boxes"].float())
+                keep = batched_nms(data["boxes"].float(), scores, torch.zeros(len(scores)), self.crop_nms_thresh)
+                data = _select(data, keep)
+            if self.min_mask_region_area > 0:
+                data = self._remove_small_regions(data)
+            per_image.append(self._to_records(data))
+        return per_image
+
+    # ---- stages ------------------------------------------------------------------------------
+
+    def _encode(self, crops: Sequence[np.ndarray]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+        prepared = [prepare_image(c) for c in crops]
+        x = torch.stack([p.tensor for p in prepared]).to(self.model.device)
+        return self.model.image_encoder(x), [p.input_size for p in prepared]
+
+    def _process_crops(self, crops, jobs, orig_sizes) -> List[Dict[str, Any]]:
+        """Dense grid of each crop -> filtered, NMS-ed masks of that crop in image coordinates."""
+        embeddings, input_sizes = self._encode(crops)
+        points = [self.point_grids[layer] * np.array(c.shape[:2])[None, ::-1] for c, (_, _, layer) in zip(crops, jobs)]
+        sets = self._decode_and_filter(embeddings, input_sizes, crops, jobs, orig_sizes, points)
+        return [self._crop_nms(s.cat()) for s in sets]
+
+    def _crop_nms(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        if len(data["rles"]) == 0:
+            return data
+        keep = batched_nms(data["boxes"].float(), data["iou_preds"], torch.zeros(len(data["rles"])), self.box_nms_thresh)
+        return _select(data, keep)
+
+    def _decode_and_filter(self, embeddings, input_sizes, crops, jobs, orig_sizes, points, high_conf=None):
+        """Decode every crop's points in shared batches and keep the masks that pass the filters.
+
+        `high_conf`, when given, holds one `HighConfidenceArea` per crop, into which the pixels
+        of each kept mask whose full-resolution logits exceed its threshold are OR-ed
+        (round 1 of the hierarchical strategy).
+        """
+        sets = [MaskSet() for _ in crops]
+        n_batches = max((len(p) + self.points_per_batch - 1) // self.points_per_batch for p in points)
+        for b in range(n_batches):
+            active = [i for i, p in enumerate(points) if b * self.points_per_batch < len(p)]
+            chunks = [points[i][b * self.points_per_batch:(b + 1) * self.points_per_batch] for i in active]
+            sizes = [len(c) for c in chunks]
+            width = max(sizes)
+            padded = np.stack([np.concatenate([c, np.repeat(c[-1:], width - len(c), 0)]) for c in chunks])
+            coords = torch.as_tensor(self._to_input_frame(padded, [crops[i].shape[:2] for i in active]),
+                                     dtype=torch.float32, device=self.model.device)
+            low_res, iou = self._decode(embeddings[active], coords.reshape(-1, 1, 2))
+            low_res = low_res.view(len(active), width * 3, *low_res.shape[-2:])
+            iou = iou.view(len(active), width * 3)
+            for k, i in enumerate(active):
+                n = sizes[k] * 3
+                self.last_stats["decoded_points"] += sizes[k]
+                _, crop_box, _ = jobs[i]
+                self._filter_batch(
+                    sets[i], low_res[k, :n], iou[k, :n], np.repeat(chunks[k], 3, axis=0), input_sizes[i],
+                    crops[i].shape[:2], crop_box, orig_sizes[i], None if high_conf is None else high_conf[i],
+                )
+        return sets
+
+    @staticmethod
+    def _to_input_frame(points: np.ndarray, sizes: Sequence[Tuple[int, int]]) -> np.ndarray:
+        """Scale (n, P, 2) crop-pixel points into each crop's resized 1024 frame."""
+        out = points.astype(np.float64).copy()
+        for k, (h, w) in enumerate(sizes):
+            scale = 1024.0 / max(h, w)
+            nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+            out[k, :, 0] *= nw / w
+            out[k, :, 1] *= nh / h
+        return out
+
+    def _decode(self, embeddings: torch.Tensor, coords: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
+        sparse, dense = self.model.prompt_encoder((coords, labels), None, None)
+        low_res, iou = self.model.mask_decoder(
+            embeddings, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True
+        )
+        return low_res.flatten(0, 1), iou.flatten(0, 1)
+
+    def _filter_batch(self, out: MaskSet, low_res, iou, points, input_size, crop_size, crop_box, orig_size,
+                      high_conf=None) -> None:
+        """IoU filter on low-res outputs, then stability/box/edge filters on full-res chunks."""
+        keep = torch.arange(len(iou))
+        if self.pred_iou_thresh > 0.0:
+            keep = keep[iou > self.pred_iou_thresh]
+        orig_h, orig_w = orig_size
+        x0, y0 = crop_box[0], crop_box[1]
+        offset = torch.tensor([x0, y0, x0, y0])
+        for start in range(0, len(keep), self.upsample_chunk):
+            idx = keep[start:start + self.upsample_chunk]
+            logits = self.model.postprocess_masks(low_res[idx][:, None], input_size, crop_size)[:, 0]
+            stab = stability_score(logits, self.model.mask_threshold, self.stability_score_offset)
+            ok = stab >= self.stability_score_thresh if self.stability_score_thresh > 0.0 else torch.ones_like(stab, dtype=torch.bool)
+            if not ok.any():
+                continue
+            idx, logits, stab = idx[ok], logits[ok], stab[ok]
+            masks = logits > self.model.mask_threshold
+            boxes = masks_to_boxes_xyxy(masks)
+            ok = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+            if not ok.any():
+                continue
+            idx, logits, masks, boxes, stab = idx[ok], logits[ok], masks[ok], boxes[ok], stab[ok]
+            if high_conf is not None:
+                high_conf.area |= (logits > high_conf.threshold).any(dim=0).cpu().numpy()
+            out.rles += _encode_rles(masks, crop_box, orig_size)
+            out.boxes.append(boxes.cpu() + offset)
+            out.iou_preds.append(iou[idx].float().cpu())
+            out.stability.append(stab.float().cpu())
+            out.points.append(torch.as_tensor(points[idx.numpy()], dtype=torch.float64) + torch.tensor([x0, y0]))
+            out.crop_boxes.append(torch.tensor([crop_box] * len(idx)))
+
+    def _remove_small_regions(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        """Fill small holes and drop small islands, then NMS again preferring unchanged masks."""
+        if len(data["rles"]) == 0:
+            return data
+        masks, scores = [], []
+        for rle in data["rles"]:
+            mask = mask_utils.decode(rle).astype(bool)
+            mask, changed_holes = remove_small_regions(mask, self.min_mask_region_area, "holes")
+            mask, changed_islands = remove_small_regions(mask, self.min_mask_region_area, "islands")
+            masks.append(mask)
+            scores.append(0.0 if (changed_holes or changed_islands) else 1.0)
+        boxes = masks_to_boxes_xyxy(torch.as_tensor(np.stack(masks)))
+        keep = batched_nms(boxes.float(), torch.tensor(scores), torch.zeros(len(boxes)),
+                           max(self.box_nms_thresh, self.crop_nms_thresh))
+        data = dict(data, rles=list(data["rles"]), boxes=data["boxes"].clone())
+        for i in keep.tolist():
+            if scores[i] == 0.0:
+                data["rles"][i] = _encode_rle(masks[i])
+                data["boxes"][i] = boxes[i]
+        return _select(data, keep)
+
+    def _to_records(self, data: Dict[str, Any]) -> List[Dict[str, Any]]:
+        records = []
+        for i, rle in enumerate(data["rles"]):
+            if self.output_mode == "coco_rle":
+                seg: Any = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+            else:
+                mask = mask_utils.decode(rle).astype(bool)
+                seg = mask if self.output_mode == "binary_mask" else mask_to_uncompressed_rle(mask)
+            records.append({
+                "segmentation": seg,
+                "area": int(mask_utils.area(rle)),
+                "bbox": box_xyxy_to_xywh(data["boxes"][i].tolist()),
+                "predicted_iou": float(data["iou_preds"][i]),
+                "point_coords": [data["points"][i].tolist()],
+                "stability_score": float(data["stability"][i]),
+                "crop_box": box_xyxy_to_xywh(data["crop_boxes"][i].tolist()),
+            })
+        return records
+
+
+def _encode_rle(mask: np.ndarray) -> Dict[str, Any]:
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
+def _encode_rles(masks: torch.Tensor, crop_box: List[int], orig_size: Tuple[int, int]) -> List[Dict[str, Any]]:
+    """Compressed COCO RLEs of (k, h, w) crop masks placed in the full image."""
+    arr = masks.cpu().numpy().astype(np.uint8)
+    x0, y0, x1, y1 = crop_box
+    h, w = orig_size
+    if (x0, y0, x1, y1) != (0, 0, w, h):
+        arr = np.pad(arr, ((0, 0), (y0, h - y1), (x0, w - x1)))
+    # pycocotools wants (h, w, k) in Fortran order: one transpose for the whole chunk.
+    return mask_utils.encode(np.asfortranarray(arr.transpose(1, 2, 0)))
