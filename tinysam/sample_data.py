@@ -17,7 +17,7 @@ import numpy as np
 
 from .weights import cache_dir
 
-SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left")
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 _STARDIST = "stardist==0.9.2"
 _BBBC038_MEMBERS = {"image": "stardist/data/images/img2d.tif", "mask": "stardist/data/images/mask2d.tif"}
 

@@ -94,9 +94,11 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         upsample_chunk: int = 16,
+        fast_upscaling: bool = True,
     ) -> None:
-        """Arguments as the official generator's (see its docs); `upsample_chunk` bounds how many
-        masks are held at full resolution at once."""
+        """Arguments as the official generator's (see its docs), plus: `upsample_chunk` bounds how
+        many masks are held at full resolution at once; `fast_upscaling` selects the decoder's
+        channels-last upscaling (see `MaskDecoder.forward`)."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side and point_grids must be given")
         if output_mode not in OUTPUT_MODES:
@@ -118,6 +120,7 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self.upsample_chunk = upsample_chunk
+        self.fast_upscaling = fast_upscaling
         self.last_stats: Dict[str, int] = {}
 
     # ---- public API -------------------------------------------------------------------------
@@ -131,7 +134,7 @@ class SamAutomaticMaskGenerator:
     def generate_batch(self, images: Sequence[np.ndarray]) -> List[List[Dict[str, Any]]]:
         """Masks for several images; their crops share encoder batches and decoder calls."""
         images = [to_rgb_uint8(im, f"image {i}") for i, im in enumerate(images)]
-        self.last_stats = {"points": 0, "decoded_points": 0}
+        self.last_stats = {"decoded_points": 0}
         jobs = []  # (image index, crop box, layer index)
         for i, image in enumerate(images):
             boxes, layers = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
@@ -216,7 +219,8 @@ class SamAutomaticMaskGenerator:
         labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
         sparse, dense = self.model.prompt_encoder((coords, labels), None, None)
         low_res, iou = self.model.mask_decoder(
-            embeddings, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True
+            embeddings, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True,
+            fast_upscaling=self.fast_upscaling,
         )
         return low_res.flatten(0, 1), iou.flatten(0, 1)
 

@@ -1,0 +1,92 @@
+"""Everything mode against the official generator, with the real MobileSAM weights on real photos."""
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from tinysam import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+
+from .conftest import import_official
+
+
+def best_match_ious(reference, predicted) -> np.ndarray:
+    """For each reference mask, the best IoU among the predicted masks."""
+    if not predicted:
+        return np.zeros(len(reference))
+    a = np.stack([m.reshape(-1) for m in reference]).astype(np.float32)
+    b = np.stack([m.reshape(-1) for m in predicted]).astype(np.float32)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return (inter / np.maximum(union, 1)).max(axis=1)
+
+
+def _assert_same_masks(ours, official):
+    assert abs(len(ours) - len(official)) <= max(1, 0.02 * len(official))
+    ious = best_match_ious([r["segmentation"] for r in official], [r["segmentation"] for r in ours])
+    assert ious.min() >= 0.95, f"{(ious < 0.95).sum()} official masks without a match"
+
+
+@pytest.fixture(scope="module")
+def official_generator_cls():
+    return import_official("mobile_sam").SamAutomaticMaskGenerator
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee"])
+def test_dense_mode_gives_the_official_masks(name, vit_t, official_vit_t, official_generator_cls, photos):
+    image = photos[name]
+    ours = SamAutomaticMaskGenerator(vit_t, points_per_side=16).generate(image)
+    official = official_generator_cls(official_vit_t, points_per_side=16).generate(image)
+    assert len(official) >= 5
+    _assert_same_masks(ours, official)
+    # The records carry the official fields with the official conventions.
+    by_area = sorted(ours, key=lambda r: r["area"])
+    ref_by_area = sorted(official, key=lambda r: r["area"])
+    assert set(ours[0]) == set(official[0])
+    assert by_area[-1]["bbox"] == ref_by_area[-1]["bbox"]
+    assert by_area[-1]["crop_box"] == [0, 0, image.shape[1], image.shape[0]]
+
+
+def test_crop_layers_and_small_region_removal_match_official(vit_t, official_vit_t, official_generator_cls, photos):
+    image = photos["chelsea"]
+    kwargs = dict(points_per_side=8, crop_n_layers=1, min_mask_region_area=200)
+    ours = SamAutomaticMaskGenerator(vit_t, **kwargs).generate(image)
+    official = official_generator_cls(official_vit_t, **kwargs).generate(image)
+    _assert_same_masks(ours, official)
+    assert {tuple(r["crop_box"]) for r in ours} == {tuple(r["crop_box"]) for r in official}
+
+
+def test_rle_output_modes_decode_to_the_binary_masks(vit_t, photos):
+    image = photos["coffee"][:300, :400]
+    binary = SamAutomaticMaskGenerator(vit_t, points_per_side=8).generate(image)
+    coco = SamAutomaticMaskGenerator(vit_t, points_per_side=8, output_mode="coco_rle").generate(image)
+    raw = SamAutomaticMaskGenerator(vit_t, points_per_side=8, output_mode="uncompressed_rle").generate(image)
+    assert len(binary) == len(coco) == len(raw) > 0
+    for b, c, r in zip(binary, coco, raw):
+        assert isinstance(c["segmentation"]["counts"], str)  # JSON-serialisable
+        decoded = mask_utils.decode({"size": c["segmentation"]["size"], "counts": c["segmentation"]["counts"].encode()})
+        assert decoded.shape == (300, 400) and np.array_equal(decoded.astype(bool), b["segmentation"])
+        from_raw = mask_utils.decode(mask_utils.frPyObjects(r["segmentation"], 300, 400))
+        assert np.array_equal(from_raw.astype(bool), b["segmentation"])
+        assert c["area"] == int(b["segmentation"].sum())
+
+
+def test_several_images_in_one_call_equal_one_by_one(vit_t, photos):
+    images = [photos["astronaut"], photos["coffee"][:, :500]]
+    gen = SamAutomaticMaskGenerator(vit_t, points_per_side=8, output_mode="coco_rle")
+    together = gen.generate_batch(images)
+    for image, got in zip(images, together):
+        alone = gen.generate(image)
+        assert [r["segmentation"] for r in got] == [r["segmentation"] for r in alone]
+        assert np.allclose([r["predicted_iou"] for r in got], [r["predicted_iou"] for r in alone], atol=1e-4)
+
+
+def test_hierarchical_mode_skips_most_round_two_points(vit_t, photos):
+    image = photos["astronaut"]
+    gen = SamHierarchicalMaskGenerator(vit_t)  # 8x8 then 32x32, tau 8.5
+    masks = gen.generate(image)
+    stats = gen.last_stats
+    print(f"hierarchical on astronaut: {stats}")
+    assert stats["round1_points"] == 64 and stats["round2_grid_points"] == 1024
+    assert stats["skipped_points"] >= 512
+    assert stats["decoded_points"] == 64 + stats["round2_points"]
+    assert len(masks) > 0
