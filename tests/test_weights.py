@@ -4,11 +4,7 @@ import functools
 import hashlib
 import http.server
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,8 @@ import torch
 
 from tinysam import weights
 from tinysam.weights import CheckpointError, KnownCheckpoint, load_checkpoint, read_state_dict, resolve_checkpoint
+
+from .conftest import s3_env
 
 
 @pytest.fixture
@@ -145,40 +143,10 @@ def test_training_checkpoint_wrapper_is_unwrapped(tmp_path):
     assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A local S3-compatible server (moto) on the loopback interface."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("local S3 server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
 def test_s3_checkpoint_is_fetched_through_fsspec(cache, s3_endpoint, tmp_path, monkeypatch):
     import s3fs
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint,
-                       "AWS_ENDPOINT_URL_S3": s3_endpoint}.items():
+    for key, value in s3_env(s3_endpoint).items():
         monkeypatch.setenv(key, value)
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("weights")

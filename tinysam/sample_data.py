@@ -39,7 +39,7 @@ def write_sample_photos(folder: Path, names: Tuple[str, ...] = SAMPLE_PHOTOS) ->
         path = folder / f"{name}.jpg"
         if not path.exists():
             tmp = folder / f".{name}.jpg.part"
-            Image.fromarray(img).save(tmp, quality=95)
+            Image.fromarray(img).save(tmp, format="JPEG", quality=95)
             os.replace(tmp, path)
         paths.append(path)
     return paths

@@ -1,0 +1,199 @@
+"""The precompute job on a local Ray with the real vit_t as teacher, on real photos."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinysam import SamPredictor
+from tinysam.sample_data import write_sample_photos
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "precompute_embeddings.py"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    write_sample_photos(folder, ("astronaut", "coffee", "chelsea"))
+    return folder
+
+
+def _job_env():
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos_dir, tmp_path, vit_t,
+                                                               mobile_sam_path):
+    from pipelines.embeddings import load_embeddings, precompute_embeddings
+    from pipelines.parquet import read_table
+    from PIL import Image
+
+    out = tmp_path / "emb"
+    summary = precompute_embeddings(str(photos_dir), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path),
+                                    batch_size=2)
+    assert (summary.written, summary.failed, summary.skipped) == (3, 0, 0)
+    ids, stored = load_embeddings(str(out))
+    assert stored.shape == (3, 256, 64, 64) and stored.dtype == torch.float16
+    table = read_table(str(out))
+    sources = dict(zip(table["image_id"].to_pylist(), table["source"].to_pylist()))
+    assert set(table["teacher"].to_pylist()) == {"vit_t"}
+    predictor = SamPredictor(vit_t)
+    for image_id, emb in zip(ids, stored):
+        predictor.set_image(np.array(Image.open(sources[image_id]).convert("RGB")))
+        ref = predictor.get_image_embedding()[0]
+        # fp16 storage: within half an fp16 ulp of the fp32 embedding (plus batch-order noise).
+        assert ((emb.float() - ref).abs() <= ref.abs() * 2.0 ** -11 + 1e-4).all()
+    mib = summary.bytes_written / 3 / 2**20
+    assert mib < 2.1, f"{mib:.2f} MiB per image"
+
+    again = precompute_embeddings(str(photos_dir), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path))
+    assert (again.written, again.skipped) == (0, 3)
+    assert read_table(str(out)).num_rows == 3
+
+
+def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, tmp_path, mobile_sam_path):
+    from pipelines.embeddings import precompute_embeddings
+    from pipelines.parquet import read_errors, read_table
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(photos_dir, corpus)
+    good = (corpus / "coffee.jpg").read_bytes()
+    (corpus / "truncated.jpg").write_bytes(good[: len(good) // 4])
+    (corpus / "notes.png").write_text("this is a text file with an image name\n")
+    (corpus / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "emb"
+    summary = precompute_embeddings(str(corpus), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path),
+                                    batch_size=3)
+    assert (summary.written, summary.failed) == (3, 3)
+    assert read_table(str(out)).num_rows == 3
+    errors = read_errors(str(out)).to_pylist()
+    reasons = {Path(e["source"]).name: e["reason"] for e in errors}
+    assert set(reasons) == {"truncated.jpg", "notes.png", "empty.jpg"}
+    for name, reason in reasons.items():
+        assert name in reason
+    assert "empty" in reasons["empty.jpg"]
+
+
+def test_unreadable_checkpoint_fails_before_any_work(tmp_path, photos_dir):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    out = tmp_path / "emb"
+    done = subprocess.run([sys.executable, str(JOB), "--input", str(photos_dir), "--output", str(out),
+                           "--teacher", "vit_t", "--checkpoint", str(bad), "--num-cpus", "2"],
+                          capture_output=True, text=True, env=_job_env(), timeout=300)
+    assert done.returncode == 2
+    assert "broken.pth" in done.stderr and "corrupt" in done.stderr
+    assert not out.exists()
+
+
+def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir, mobile_sam_path):
+    from pipelines.parquet import read_table
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(photos_dir, corpus)
+    write_sample_photos(corpus, ("rocket", "camera"))
+    out = tmp_path / "emb"
+    cmd = [sys.executable, str(JOB), "--input", str(corpus), "--output", str(out), "--teacher", "vit_t",
+           "--checkpoint", str(mobile_sam_path), "--batch-size", "1", "--num-cpus", "2"]
+    proc = subprocess.Popen(cmd, env=_job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("part-*.parquet")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    written_before = len(list(out.glob("part-*.parquet")))
+    assert 1 <= written_before < 5, "the kill should land mid-run"
+    rerun = subprocess.run(cmd, env=_job_env(), capture_output=True, text=True, timeout=600,
+                           start_new_session=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"already present {written_before}" in rerun.stdout
+    ids = read_table(str(out), columns=["image_id"])["image_id"].to_pylist()
+    assert len(ids) == 5 and len(set(ids)) == 5
+
+
+def test_s3_round_trip(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
+    import s3fs
+
+    from pipelines.embeddings import load_embeddings, precompute_embeddings
+
+    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("corpus")
+    for name in ("astronaut.jpg", "coffee.jpg"):
+        fs.put(str(photos_dir / name), f"corpus/images/{name}")
+    summary = precompute_embeddings("s3://corpus/images", "s3://corpus/embeddings", teacher="vit_t",
+                                    checkpoint=str(mobile_sam_path), batch_size=2, storage_options=options)
+    assert (summary.written, summary.failed) == (2, 0)
+    files = fs.find("corpus/embeddings")
+    assert files and all(f.endswith(".parquet") for f in files)
+    ids, emb = load_embeddings("s3://corpus/embeddings", storage_options=options)
+    assert len(ids) == 2 and emb.shape == (2, 256, 64, 64)
+    assert all(i.startswith(("astronaut-", "coffee-")) for i in ids)
+
+
+def test_ray_job_submit_against_a_local_head(tmp_path, photos_dir, mobile_sam_path):
+    from pipelines.parquet import read_table
+
+    from .conftest import free_port
+
+    env = _job_env()
+    port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats",
+         # Own ports for every agent, so that another Ray on this machine cannot take them first.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", dash), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        out = tmp_path / "emb"
+        submit = ["ray", "job", "submit", f"--address={address}", "--working-dir", str(REPO),
+                  "--runtime-env-json", '{"excludes": [".venv", ".cache", ".git", "demo_output"]}', "--",
+                  "python", "jobs/precompute_embeddings.py", "--input", str(photos_dir), "--output", str(out),
+                  "--teacher", "vit_t", "--checkpoint", str(mobile_sam_path), "--batch-size", "2"]
+        for _ in range(60):  # the head's job agent comes up a little after its dashboard
+            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in done.stderr + done.stdout:
+                break
+            time.sleep(2)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "written 3" in done.stdout
+        assert read_table(str(out)).num_rows == 3
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # this head's process group only, never a bare `ray stop`
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
