@@ -197,3 +197,39 @@ def test_ray_job_submit_against_a_local_head(tmp_path, photos_dir, mobile_sam_pa
         os.killpg(head.pid, signal.SIGKILL)  # this head's process group only, never a bare `ray stop`
         head.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_sa1b_tar_shard_keeps_ids_and_annotations(ray_local, photos_dir, tmp_path, mobile_sam_path):
+    import io
+    import json
+    import tarfile
+
+    from pipelines.embeddings import precompute_embeddings
+    from pipelines.parquet import read_table
+    from tinysam.utils.rle import mask_to_coco_rle
+
+    shard = tmp_path / "sa_000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for n, name in ((7, "coffee.jpg"), (3, "chelsea.jpg")):
+            data = (photos_dir / name).read_bytes()
+            mask = np.zeros((300, 451), bool) if name == "chelsea.jpg" else np.zeros((400, 600), bool)
+            mask[50:120, 60:200] = True
+            ann = {"image": {"image_id": n, "width": mask.shape[1], "height": mask.shape[0], "file_name": f"sa_{n}.jpg"},
+                   "annotations": [{"id": 1, "segmentation": mask_to_coco_rle(mask), "bbox": [60, 50, 140, 70],
+                                    "area": int(mask.sum()), "point_coords": [[100, 80]], "predicted_iou": 0.9,
+                                    "stability_score": 0.95, "crop_box": [0, 0, mask.shape[1], mask.shape[0]]}]}
+            for member, payload in ((f"sa_{n}.jpg", data), (f"sa_{n}.json", json.dumps(ann).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "emb"
+    first = precompute_embeddings(str(shard), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path), limit=1)
+    assert first.written == 1
+    assert read_table(str(out))["image_id"].to_pylist() == ["3"]  # sorted by source: sa_3 before sa_7
+    precompute_embeddings(str(shard), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path))
+    table = read_table(str(out)).to_pylist()
+    assert sorted(r["image_id"] for r in table) == ["3", "7"]
+    for row in table:
+        ann = json.loads(row["annotations"])
+        assert ann["image"]["image_id"] == int(row["image_id"])
+        assert ann["annotations"][0]["segmentation"]["size"] == [row["orig_h"], row["orig_w"]]

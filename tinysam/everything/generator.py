@@ -94,10 +94,12 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         upsample_chunk: int = 16,
+        decoder_chunk: int = 32,
         fast_upscaling: bool = True,
     ) -> None:
         """Arguments as the official generator's (see its docs), plus: `upsample_chunk` bounds how
-        many masks are held at full resolution at once; `fast_upscaling` selects the decoder's
+        many masks are held at full resolution at once, `decoder_chunk` how many prompts go through
+        the decoder at once (its activations dominate peak memory); `fast_upscaling` selects the decoder's
         channels-last upscaling (see `MaskDecoder.forward`)."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side and point_grids must be given")
@@ -121,6 +123,7 @@ class SamAutomaticMaskGenerator:
         self.output_mode = output_mode
         self.upsample_chunk = upsample_chunk
         self.fast_upscaling = fast_upscaling
+        self.decoder_chunk = decoder_chunk
         self.last_stats: Dict[str, int] = {}
 
     # ---- public API -------------------------------------------------------------------------
@@ -216,13 +219,24 @@ class SamAutomaticMaskGenerator:
         return out
 
     def _decode(self, embeddings: torch.Tensor, coords: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode (n * P) single-point prompts, P per image, in chunks of at most `decoder_chunk`
+        prompts: the decoder's activations grow with the chunk, not with the point batch."""
+        n, per_image = embeddings.shape[0], coords.shape[0] // embeddings.shape[0]
         labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
-        sparse, dense = self.model.prompt_encoder((coords, labels), None, None)
-        low_res, iou = self.model.mask_decoder(
-            embeddings, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True,
-            fast_upscaling=self.fast_upscaling,
-        )
-        return low_res.flatten(0, 1), iou.flatten(0, 1)
+        pe = self.model.prompt_encoder.get_dense_pe()
+        step = max(1, self.decoder_chunk // n) if n <= self.decoder_chunk else per_image
+        low_parts, iou_parts = [], []
+        for start in range(0, per_image, step):
+            sel = torch.cat([torch.arange(i * per_image + start, i * per_image + min(start + step, per_image))
+                             for i in range(n)])
+            sparse, dense = self.model.prompt_encoder((coords[sel], labels[sel]), None, None)
+            low_res, iou = self.model.mask_decoder(embeddings, pe, sparse, dense, multimask_output=True,
+                                                   fast_upscaling=self.fast_upscaling)
+            low_parts.append(low_res.view(n, -1, *low_res.shape[1:]))
+            iou_parts.append(iou.view(n, -1, iou.shape[-1]))
+        low_res = torch.cat(low_parts, dim=1).flatten(0, 2)
+        iou = torch.cat(iou_parts, dim=1).flatten(0, 2)
+        return low_res, iou
 
     def _filter_batch(self, out: MaskSet, low_res, iou, points, input_size, crop_size, crop_box, orig_size,
                       high_conf=None) -> None:
