@@ -11,7 +11,6 @@ image, measured in a fresh process.
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from tinysam.transforms import IMAGE_SIZE, normalize_and_pad, resize_longest_sid
 from tinysam.weights import resolve_checkpoint, sha256_file
 
 from .parquet import ERRORS_DIR, ensure_writable, existing_ids, tensor_column, write_table_atomic
-from .sources import ImageRef, decode_image, list_images, read_bytes
+from .sources import decode_image, list_images, read_bytes
 
 EMBEDDING_SHAPE = (256, 64, 64)
 
@@ -73,7 +73,7 @@ class TeacherEncoder:
         if ok.any():
             # Normalise the resized image, then zero-pad: padding is zero after normalisation.
             x = torch.stack([
-                normalize_and_pad(torch.from_numpy(batch["pixels"][i, :h, :w]).to(self.device).permute(2, 0, 1),
+                normalize_and_pad(torch.from_numpy(np.array(batch["pixels"][i, :h, :w])).to(self.device).permute(2, 0, 1),
                                   IMAGE_SIZE, self.mean, self.std)
                 for i, h, w in zip(np.flatnonzero(ok), batch["input_h"][ok], batch["input_w"][ok])
             ])
@@ -225,13 +225,14 @@ def precompute_embeddings(
 def load_embeddings(output: str, image_ids: Optional[List[str]] = None,
                     storage_options: Optional[dict] = None) -> Tuple[List[str], torch.Tensor]:
     """Read stored embeddings back as (ids, tensor (N, 256, 64, 64)), zero-copy from Arrow where it can."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from .parquet import read_table
 
     table = read_table(output, columns=["image_id", "embedding"], storage_options=storage_options)
     if image_ids is not None:
-        table = table.filter(pc.is_in(table["image_id"], value_set=__import__("pyarrow").array(image_ids)))
+        table = table.filter(pc.is_in(table["image_id"], value_set=pa.array(image_ids)))
     column = table["embedding"].combine_chunks()
     array = column.to_numpy_ndarray()  # a view of the Arrow buffer, no copy
     if not array.flags.writeable:  # torch wants writable memory; this is the one copy

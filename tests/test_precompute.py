@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -157,7 +156,7 @@ def test_s3_round_trip(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
 def test_ray_job_submit_against_a_local_head(tmp_path, photos_dir, mobile_sam_path):
     from pipelines.parquet import read_table
 
-    from .conftest import free_port
+    from .conftest import free_port, wait_for_port
 
     env = _job_env()
     port, dash = free_port(), free_port()
@@ -173,13 +172,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, photos_dir, mobile_sam_pa
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", dash), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+        assert wait_for_port(dash, 120), "the Ray head's dashboard did not start"
         out = tmp_path / "emb"
         submit = ["ray", "job", "submit", f"--address={address}", "--working-dir", str(REPO),
                   "--runtime-env-json", '{"excludes": [".venv", ".cache", ".git", "demo_output"]}', "--",

@@ -1,7 +1,6 @@
 """Real-data checks: real weights segment real nuclei; random weights do not."""
 
 import numpy as np
-import pytest
 
 from tinysam import SamPredictor, build_sam
 from tinysam.sample_data import instance_masks

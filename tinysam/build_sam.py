@@ -4,7 +4,7 @@
 anything `tinysam.weights.load_checkpoint` accepts (a known name, a path, an http(s) or s3 URL).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, Mapping, Optional, Tuple
 

@@ -9,7 +9,6 @@ Both rounds' masks are merged, NMS-ed and post-processed as in dense mode.
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-from torch import Tensor
 
 from ..modeling import Sam
 from .amg import build_point_grid

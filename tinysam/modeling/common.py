@@ -1,6 +1,6 @@
 """Small building blocks shared by the encoders and the decoder."""
 
-from typing import Optional, Type
+from typing import Type
 
 import torch
 import torch.nn.functional as F

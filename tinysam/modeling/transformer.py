@@ -2,7 +2,6 @@
 
 from typing import Tuple, Type
 
-import torch
 from torch import Tensor, nn
 
 from .common import MLPBlock, add_groups, attention, expand_groups
