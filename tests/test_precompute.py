@@ -94,6 +94,22 @@ def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, 
         assert name in reason
     assert "empty" in reasons["empty.jpg"]
 
+    from pipelines.embeddings import TooManyFailures
+
+    with pytest.raises(TooManyFailures, match="more than --max-failures 0"):
+        precompute_embeddings(str(corpus), str(tmp_path / "strict"), teacher="vit_t",
+                              checkpoint=str(mobile_sam_path), batch_size=6, max_failures=0)
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path, photos_dir, mobile_sam_path):
+    from pipelines.embeddings import precompute_embeddings
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="a-file/out: output location is not writable"):
+        precompute_embeddings(str(photos_dir), str(blocker / "out"), teacher="vit_t",
+                              checkpoint=str(mobile_sam_path))
+
 
 def test_unreadable_checkpoint_fails_before_any_work(tmp_path, photos_dir):
     bad = tmp_path / "broken.pth"
