@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 weights: venv
-	$(PY) -m tinysam.weights mobile_sam
+	$(PY) -m tinysam.fetch_weights mobile_sam
 
 demo: weights
 	$(PY) jobs/predict_demo.py --output $(DEMO_OUTPUT)

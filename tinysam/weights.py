@@ -254,21 +254,3 @@ def save_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike]) -> Pa
             tmp.unlink()
     return path
 
-
-def main(argv: Optional[list] = None) -> None:
-    """`python -m tinysam.weights NAME...`: fetch and verify known checkpoints into the cache."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("names", nargs="*", default=["mobile_sam"], help=f"any of {', '.join(KNOWN_CHECKPOINTS)}")
-    args = parser.parse_args(argv)
-    for name in args.names:
-        try:
-            path = resolve_checkpoint(name)
-        except CheckpointError as e:
-            raise SystemExit(f"error: {e}")
-        print(f"{name}: {path}")
-
-
-if __name__ == "__main__":
-    main()
