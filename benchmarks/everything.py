@@ -22,18 +22,11 @@ import torch
 
 from tinysam import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator, build_sam
 from tinysam.sample_data import bbbc038, instance_masks, sample_images
+from tinysam.utils.metrics import best_match_ious
 
 
 def best_match_miou(reference, predicted) -> float:
-    if not reference:
-        return float("nan")
-    if not predicted:
-        return 0.0
-    a = np.stack([m.reshape(-1) for m in reference]).astype(np.float32)
-    b = np.stack([m.reshape(-1) for m in predicted]).astype(np.float32)
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
-    return float((inter / np.maximum(union, 1)).max(axis=1).mean())
+    return float(best_match_ious(reference, predicted).mean()) if len(reference) else float("nan")
 
 
 def load_images(names):

@@ -5,19 +5,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from tinysam import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+from tinysam.utils.metrics import best_match_ious
 
 from .conftest import import_official
-
-
-def best_match_ious(reference, predicted) -> np.ndarray:
-    """For each reference mask, the best IoU among the predicted masks."""
-    if not predicted:
-        return np.zeros(len(reference))
-    a = np.stack([m.reshape(-1) for m in reference]).astype(np.float32)
-    b = np.stack([m.reshape(-1) for m in predicted]).astype(np.float32)
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
-    return (inter / np.maximum(union, 1)).max(axis=1)
 
 
 def _assert_same_masks(ours, official):

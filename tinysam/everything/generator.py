@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 from torchvision.ops.boxes import batched_nms, box_area
 
 from ..modeling import Sam
-from ..transforms import prepare_image, to_rgb_uint8
+from ..transforms import ResizeLongestSide, prepare_image, to_rgb_uint8
 from ..utils.rle import mask_to_uncompressed_rle
 from .amg import (
     box_xyxy_to_xywh,
@@ -110,6 +110,7 @@ class SamAutomaticMaskGenerator:
         if len(point_grids) != crop_n_layers + 1:
             raise ValueError(f"{len(point_grids)} point grids given for {crop_n_layers + 1} crop layers")
         self.model = model
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.point_grids = point_grids
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -207,16 +208,9 @@ class SamAutomaticMaskGenerator:
                 )
         return sets
 
-    @staticmethod
-    def _to_input_frame(points: np.ndarray, sizes: Sequence[Tuple[int, int]]) -> np.ndarray:
-        """Scale (n, P, 2) crop-pixel points into each crop's resized 1024 frame."""
-        out = points.astype(np.float64).copy()
-        for k, (h, w) in enumerate(sizes):
-            scale = 1024.0 / max(h, w)
-            nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
-            out[k, :, 0] *= nw / w
-            out[k, :, 1] *= nh / h
-        return out
+    def _to_input_frame(self, points: np.ndarray, sizes: Sequence[Tuple[int, int]]) -> np.ndarray:
+        """Scale (n, P, 2) crop-pixel points into each crop's resized frame (the predictor's transform)."""
+        return np.stack([self.transform.apply_coords(p, size) for p, size in zip(points, sizes)])
 
     def _decode(self, embeddings: torch.Tensor, coords: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Decode (n * P) single-point prompts, P per image, in chunks of at most `decoder_chunk`

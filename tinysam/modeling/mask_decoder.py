@@ -60,9 +60,9 @@ class MaskDecoder(nn.Module):
           multimask_output: the 3 disambiguating masks, or the single-mask output.
           return_tokens: also return the transformer's output tokens (B, 1 + 4 + N, C), the
             distillation target of TinySAM's token loss.
-          fast_upscaling: run the upscaling path channels-last with fused LayerNorm: about 1.8x
-            faster for large prompt batches on CPU, logits within ~2e-4 of the default path
-            (fp32 rounding). Everything mode uses it; the default matches the official rounding.
+          fast_upscaling: run the upscaling path channels-last with fused LayerNorm: faster for
+            large prompt batches on CPU, logits within ~2e-4 of the default path (fp32 rounding).
+            Everything mode uses it; the default matches the official rounding.
         Returns:
           masks (B, 3 or 1, 256, 256) logits, iou_pred (B, 3 or 1)[, tokens].
         """
