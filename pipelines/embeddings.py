@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from tinysam.build_sam import build_sam
+from tinysam.build_sam import build_sam, check_checkpoint
 from tinysam.transforms import IMAGE_SIZE, normalize_and_pad, resize_longest_side, to_rgb_uint8
 from tinysam.weights import resolve_checkpoint, sha256_file
 
@@ -96,8 +97,6 @@ def write_batch(batch: Dict[str, np.ndarray], output: str, teacher: str, checkpo
     name = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
     written = 0
     if ok.any():
-        import pyarrow as pa
-
         table = pa.table({
             "image_id": pa.array(np.asarray(ids)[ok].tolist(), pa.string()),
             "source": pa.array([str(s) for s in batch["source"][ok]], pa.string()),
@@ -112,8 +111,6 @@ def write_batch(batch: Dict[str, np.ndarray], output: str, teacher: str, checkpo
         })
         written = write_table_atomic(table, output, f"part-{name}.parquet", storage_options)
     if (~ok).any():
-        import pyarrow as pa
-
         errors = pa.table({
             "image_id": pa.array(np.asarray(ids)[~ok].tolist(), pa.string()),
             "source": pa.array([str(s) for s in batch["source"][~ok]], pa.string()),
@@ -173,7 +170,7 @@ def precompute_embeddings(
     # Fail before any work: an unreadable checkpoint or output location stops here.
     checkpoint_sha = sha256_file(resolve_checkpoint(checkpoint)) if checkpoint else "random-init"
     if checkpoint:
-        build_sam(teacher, checkpoint)  # strict load: a checkpoint of the wrong type stops here too
+        check_checkpoint(teacher, checkpoint)  # a file of the wrong model type stops here too
     ensure_writable(output, storage_options)
 
     refs = list_images(input, limit=limit, storage_options=storage_options)
@@ -225,7 +222,6 @@ def precompute_embeddings(
 def load_embeddings(output: str, image_ids: Optional[List[str]] = None,
                     storage_options: Optional[dict] = None) -> Tuple[List[str], torch.Tensor]:
     """Read stored embeddings back as (ids, tensor (N, 256, 64, 64)), zero-copy from Arrow where it can."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     from .parquet import read_table

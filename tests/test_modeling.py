@@ -159,3 +159,11 @@ def test_saved_checkpoint_loads_in_official_code_and_ours(vit_t, tmp_path):
     again = build_sam("vit_t", str(path))
     for k, v in vit_t.state_dict().items():
         assert torch.equal(v, again.state_dict()[k])
+
+
+def test_checkpoint_preflight_checks_layout_without_building_weights(mobile_sam_path):
+    from tinysam.build_sam import check_checkpoint
+
+    check_checkpoint("vit_t", str(mobile_sam_path))
+    with pytest.raises(CheckpointError, match=r"mobile_sam\.pt \(vit_h\).*look like 'vit_t'"):
+        check_checkpoint("vit_h", str(mobile_sam_path))

@@ -101,10 +101,20 @@ def build_sam(model_type: str, checkpoint: Optional[str] = None) -> Sam:
     return sam.eval()
 
 
-def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], label: str = "checkpoint") -> None:
+def check_checkpoint(model_type: str, checkpoint: str) -> None:
+    """Read `checkpoint` and check that it loads strictly into `model_type`, without allocating or
+    initialising the model's weights (it is built on the meta device): a cheap pre-flight for jobs."""
+    state_dict = load_checkpoint(checkpoint)
+    with torch.device("meta"):
+        model = build_sam(model_type)
+    load_into(model, state_dict, label=f"{checkpoint} ({model_type})", assign=True)
+
+
+def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], label: str = "checkpoint",
+              assign: bool = False) -> None:
     """`load_state_dict(strict=True)` with an error that names the file and the likely model type."""
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=assign)
     except RuntimeError as e:
         guess = infer_model_type(state_dict)
         hint = f"; its keys look like {guess!r}" if guess else ""
