@@ -7,83 +7,46 @@ Stages, top to bottom:
   write_batch (CPU)      -> one atomic Parquet file per batch; bad images to the errors table
 """
 
-import hashlib
-import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from tinysam.build_sam import build_sam, check_checkpoint
-from tinysam.transforms import IMAGE_SIZE, normalize_and_pad, resize_longest_side, to_rgb_uint8
-from tinysam.weights import resolve_checkpoint, sha256_file
-
-from .parquet import ERRORS_DIR, ensure_writable, existing_ids, tensor_column, write_table_atomic
-from .sources import decode_image, list_images, read_bytes
+from .parquet import tensor_column, write_table_atomic
+from .stages import (  # noqa: F401  (TooManyFailures and prepare_images are part of this module's API)
+    JobSummary,
+    SamActor,
+    TooManyFailures,
+    batch_file_name,
+    image_pipeline,
+    ok_rows,
+    pending_images,
+    preflight,
+    prepare_images,
+    run_to_output,
+    write_errors,
+)
 
 EMBEDDING_SHAPE = (256, 64, 64)
 
 
-def prepare_images(batch: Dict[str, np.ndarray], storage_options: Optional[dict] = None) -> Dict[str, Any]:
-    """Read, decode, convert and resize each image; a bad one becomes a row with `error` set.
-
-    Pixels travel as padded 1024x1024x3 uint8 (a quarter of float32); normalisation happens on the
-    encoder's device.
-    """
-    n = len(batch["image_id"])
-    pixels = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    out = {k: [] for k in ("orig_h", "orig_w", "input_h", "input_w", "error", "annotations")}
-    for i, source in enumerate(batch["source"]):
-        try:
-            data, annotations = read_bytes(str(source), storage_options)
-            rgb = to_rgb_uint8(decode_image(data, str(source)), str(source))
-            resized = resize_longest_side(rgb)
-            pixels[i, : resized.shape[0], : resized.shape[1]] = resized
-            values = (rgb.shape[0], rgb.shape[1], resized.shape[0], resized.shape[1], "",
-                      json.dumps(annotations) if annotations else "")
-        except Exception as e:  # one bad image must not stop the corpus
-            reason = str(e) if str(source) in str(e) else f"{source}: {type(e).__name__}: {e}"
-            values = (0, 0, 0, 0, reason, "")
-        for key, value in zip(out, values):
-            out[key].append(value)
-    return {"image_id": batch["image_id"], "source": batch["source"], "pixels": pixels,
-            **{k: np.array(v) for k, v in out.items()}}
-
-
-class TeacherEncoder:
-    """Ray actor: loads the teacher's image encoder once, encodes batches of prepared images."""
+class TeacherEncoder(SamActor):
+    """Ray actor: loads the teacher once, encodes batches of prepared images."""
 
     def __init__(self, model_type: str, checkpoint: Optional[str], dtype: str = "float16",
                  device: Optional[str] = None, cpu_threads: Optional[int] = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if cpu_threads:  # Ray pins worker processes to one thread unless told otherwise
-            torch.set_num_threads(cpu_threads)
-        sam = build_sam(model_type, checkpoint)
-        self.encoder = sam.image_encoder.to(self.device).eval()
-        self.mean, self.std = sam.pixel_mean.to(self.device), sam.pixel_std.to(self.device)
+        super().__init__(model_type, checkpoint, device, cpu_threads)
+        self.sam.prompt_encoder = self.sam.mask_decoder = None  # only the encoder is used
         self.out_dtype = np.float16 if dtype == "float16" else np.float32
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
 
     @torch.inference_mode()
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
-        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        ok = ok_rows(batch)
         emb = np.zeros((len(ok), *EMBEDDING_SHAPE), self.out_dtype)
         if ok.any():
-            # Normalise the resized image, then zero-pad: padding is zero after normalisation.
-            x = torch.stack([
-                normalize_and_pad(torch.from_numpy(np.array(batch["pixels"][i, :h, :w])).to(self.device).permute(2, 0, 1),
-                                  IMAGE_SIZE, self.mean, self.std)
-                for i, h, w in zip(np.flatnonzero(ok), batch["input_h"][ok], batch["input_w"][ok])
-            ])
-            if self.autocast is not None:
-                with self.autocast:
-                    y = self.encoder(x)
-            else:
-                y = self.encoder(x)
-            emb[ok] = y.float().cpu().numpy().astype(self.out_dtype)
+            emb[ok] = self.encode(batch, np.flatnonzero(ok)).cpu().numpy().astype(self.out_dtype)
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["embedding"] = emb
         return out
@@ -92,9 +55,9 @@ class TeacherEncoder:
 def write_batch(batch: Dict[str, np.ndarray], output: str, teacher: str, checkpoint_sha256: str,
                 storage_options: Optional[dict] = None) -> Dict[str, Any]:
     """Write the batch's good rows as one Parquet file and its bad rows to the errors table."""
-    ok = np.array([not e for e in batch["error"]], dtype=bool)
+    ok = ok_rows(batch)
     ids = [str(i) for i in batch["image_id"]]
-    name = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
+    name = batch_file_name(ids)
     written = 0
     if ok.any():
         table = pa.table({
@@ -110,41 +73,19 @@ def write_batch(batch: Dict[str, np.ndarray], output: str, teacher: str, checkpo
             "annotations": pa.array([str(a) for a in batch["annotations"][ok]], pa.string()),
         })
         written = write_table_atomic(table, output, f"part-{name}.parquet", storage_options)
-    if (~ok).any():
-        errors = pa.table({
-            "image_id": pa.array(np.asarray(ids)[~ok].tolist(), pa.string()),
-            "source": pa.array([str(s) for s in batch["source"][~ok]], pa.string()),
-            "reason": pa.array([str(r) for r in batch["error"][~ok]], pa.string()),
-        })
-        write_table_atomic(errors, output, f"{ERRORS_DIR}/errors-{name}.parquet", storage_options)
+    write_errors(batch, ok, output, name, storage_options)
     per_row = np.where(ok, written // max(1, int(ok.sum())), 0)
     return {"image_id": np.asarray(ids), "ok": ok, "bytes": per_row}
 
 
 @dataclass
-class PrecomputeSummary:
-    images: int = 0  # inputs listed
-    skipped: int = 0  # already in the output
-    written: int = 0
-    failed: int = 0
-    bytes_written: int = 0
-    seconds: float = 0.0
-    failures: List[str] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        return (self.written + self.failed) / self.seconds if self.seconds else 0.0
-
+class PrecomputeSummary(JobSummary):
     @property
     def mib_per_image(self) -> float:
         return self.bytes_written / max(1, self.written) / 2**20
 
     def as_dict(self) -> Dict[str, Any]:
-        return {**asdict(self), "images_per_second": self.images_per_second, "mib_per_image": self.mib_per_image}
-
-
-class TooManyFailures(RuntimeError):
-    pass
+        return {**super().as_dict(), "mib_per_image": self.mib_per_image}
 
 
 def precompute_embeddings(
@@ -163,60 +104,18 @@ def precompute_embeddings(
     storage_options: Optional[dict] = None,
 ) -> PrecomputeSummary:
     """Embed every image of `input` not yet in `output`. Ray must be initialised by the caller."""
-    import ray
-
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
-    # Fail before any work: an unreadable checkpoint or output location stops here.
-    checkpoint_sha = sha256_file(resolve_checkpoint(checkpoint)) if checkpoint else "random-init"
-    if checkpoint:
-        check_checkpoint(teacher, checkpoint)  # a file of the wrong model type stops here too
-    ensure_writable(output, storage_options)
-
-    refs = list_images(input, limit=limit, storage_options=storage_options)
-    done = existing_ids(output, storage_options=storage_options)
-    todo = [r for r in refs if r.image_id not in done]
+    checkpoint_sha = preflight(teacher, checkpoint, output, storage_options)
+    refs, todo = pending_images(input, output, limit, storage_options)
     summary = PrecomputeSummary(images=len(refs), skipped=len(refs) - len(todo))
     if not todo:
         return summary
-
-    start = time.perf_counter()
-    ds = ray.data.from_items([{"image_id": r.image_id, "source": r.source} for r in todo],
-                             override_num_blocks=max(1, min(len(todo), 64)))
-    # Decoding runs in its own tasks (0.5 CPU: it mostly waits on I/O), not fused into the actors.
-    ds = ds.map_batches(prepare_images, batch_size=batch_size, num_cpus=0.5,
-                        fn_kwargs={"storage_options": storage_options})
-    ds = ds.map_batches(
-        TeacherEncoder,
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_gpus=num_gpus_per_actor,
-        num_cpus=num_cpus_per_actor,
-        fn_constructor_kwargs={"model_type": teacher, "checkpoint": checkpoint, "dtype": dtype,
-                               "cpu_threads": None if num_gpus_per_actor else num_cpus_per_actor},
-    )
-    ds = ds.map_batches(
-        write_batch,
-        batch_size=rows_per_file or batch_size,
-        num_cpus=0.5,
-        fn_kwargs={"output": output, "teacher": teacher, "checkpoint_sha256": checkpoint_sha,
-                   "storage_options": storage_options},
-    )
-    sources = {r.image_id: r.source for r in todo}
-    for result in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for image_id, ok, nbytes in zip(result["image_id"], result["ok"], result["bytes"]):
-            if ok:
-                summary.written += 1
-                summary.bytes_written += int(nbytes)
-            else:
-                summary.failed += 1
-                summary.failures.append(sources.get(str(image_id), str(image_id)))
-        if max_failures is not None and summary.failed > max_failures:
-            summary.seconds = time.perf_counter() - start
-            raise TooManyFailures(f"{summary.failed} images failed (more than --max-failures {max_failures}); "
-                                  f"see {output}/{ERRORS_DIR}")
-    summary.seconds = time.perf_counter() - start
-    return summary
+    ds = image_pipeline(
+        todo, TeacherEncoder, {"model_type": teacher, "checkpoint": checkpoint, "dtype": dtype},
+        write_batch, {"output": output, "teacher": teacher, "checkpoint_sha256": checkpoint_sha},
+        batch_size, concurrency, num_gpus_per_actor, num_cpus_per_actor, rows_per_file, storage_options)
+    return run_to_output(ds, summary, {r.image_id: r.source for r in todo}, output, max_failures)
 
 
 def load_embeddings(output: str, image_ids: Optional[List[str]] = None,

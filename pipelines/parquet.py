@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .sources import filesystem
+from .sources import filesystem, url_for
 
 ERRORS_DIR = "_errors"
 
@@ -35,13 +35,18 @@ def ensure_writable(output: str, storage_options: Optional[Dict[str, Any]] = Non
 def write_table_atomic(table: pa.Table, output: str, name: str,
                        storage_options: Optional[Dict[str, Any]] = None) -> int:
     """Write `table` as `<output>/<name>` so that no partial file is ever visible; returns bytes written."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return write_bytes_atomic(sink.getvalue().to_pybytes(), output, name, storage_options)
+
+
+def write_bytes_atomic(data: bytes, output: str, name: str,
+                       storage_options: Optional[Dict[str, Any]] = None) -> int:
+    """Write `data` as `<output>/<name>`, visible only once complete; returns bytes written."""
     fs, path = filesystem(output, storage_options)
     final = f"{path.rstrip('/')}/{name}"
     fs.makedirs(os.path.dirname(final), exist_ok=True)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    data = sink.getvalue().to_pybytes()
-    if "file" in fs.protocol or "local" in fs.protocol:
+    if _is_local(fs):
         tmp = f"{os.path.dirname(final)}/.{os.path.basename(final)}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -51,6 +56,10 @@ def write_table_atomic(table: pa.Table, output: str, name: str,
     else:  # a single object upload is atomic: readers see all of it or nothing
         fs.pipe_file(final, data)
     return len(data)
+
+
+def _is_local(fs) -> bool:
+    return "file" in fs.protocol or "local" in fs.protocol
 
 
 def existing_ids(output: str, column: str = "image_id",
@@ -64,6 +73,27 @@ def existing_ids(output: str, column: str = "image_id",
         return set()
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
     return set(dataset.to_table(columns=[column]).column(column).to_pylist())
+
+
+def parquet_files(output: str, storage_options: Optional[Dict[str, Any]] = None) -> List[str]:
+    """URLs of the complete Parquet files under `output`, sorted (errors and temporaries excluded)."""
+    fs, path = filesystem(output, storage_options)
+    files = sorted(f for f in fs.find(path) if f.endswith(".parquet") and not _hidden(f, path)) if fs.exists(path) else []
+    return [url_for(fs, f) for f in files]
+
+
+def ids_by_file(output: str, column: str = "image_id",
+                storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """{id: URL of the Parquet file holding it} for every complete file under `output`."""
+    files = parquet_files(output, storage_options)
+    if not files:
+        raise FileNotFoundError(f"{output}: no Parquet files")
+    found: Dict[str, str] = {}
+    for url in files:
+        fs, path = filesystem(url, storage_options)
+        for image_id in pq.read_table(path, columns=[column], filesystem=fs)[column].to_pylist():
+            found[image_id] = url
+    return found
 
 
 def _hidden(file: str, root: str) -> bool:

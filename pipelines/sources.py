@@ -29,7 +29,8 @@ def filesystem(path: str, storage_options: Optional[Dict[str, Any]] = None):
     return fs, stripped
 
 
-def _url(fs, path: str) -> str:
+def url_for(fs, path: str) -> str:
+    """The URL of a path of `fs` (plain path for local files)."""
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
@@ -55,9 +56,9 @@ def list_images(spec: str, limit: Optional[int] = None,
         raise FileNotFoundError(f"{spec}: no such file, folder or prefix")
     if fs.isdir(path):
         files = sorted(fs.find(path))
-        sources = [_url(fs, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        sources = [url_for(fs, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
         for shard in (f for f in files if f.lower().endswith(".tar")):
-            sources += _tar_members(_url(fs, shard), storage_options)
+            sources += _tar_members(url_for(fs, shard), storage_options)
     elif path.lower().endswith(".tar"):
         sources = _tar_members(spec, storage_options)
     elif path.lower().endswith((".txt", ".lst")):

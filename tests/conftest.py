@@ -1,10 +1,15 @@
 """Shared fixtures: the real MobileSAM weights, the official code as oracle, real images."""
 
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +70,16 @@ def photos():
 
 
 @pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory):
+    """A folder of three real photos as JPEG files: a tiny corpus for the jobs."""
+    from tinysam.sample_data import write_sample_photos
+
+    folder = tmp_path_factory.mktemp("photos")
+    write_sample_photos(folder, ("astronaut", "coffee", "chelsea"))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def astronaut(photos):
     return photos["astronaut"]
 
@@ -116,3 +131,60 @@ def s3_endpoint():
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def job_env() -> dict:
+    """Environment for job subprocesses: this venv's python first, no token auth, quiet Ray."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray in this process, shared by a test module."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A Ray head with a job server, started by the tests (own ports, own temp dir) and killed by its
+    process group at the end, never by a bare `ray stop`. Yields the dashboard address."""
+    env = job_env()
+    port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats",
+         # Own ports for every agent, so that another Ray on this machine cannot take them first.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        if not wait_for_port(dash, 120):
+            pytest.fail("the Ray head's dashboard did not start")
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit_job(address: str, entrypoint: list, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`ray job submit` of this repository as working dir; retried while the head's job agent starts."""
+    repo = Path(__file__).resolve().parents[1]
+    submit = ["ray", "job", "submit", f"--address={address}", "--working-dir", str(repo),
+              "--runtime-env-json", '{"excludes": [".venv", ".cache", ".git", "demo_output"]}', "--", *entrypoint]
+    for _ in range(60):  # the head's job agent comes up a little after its dashboard
+        done = subprocess.run(submit, env=job_env(), capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in done.stderr + done.stdout:
+            return done
+        time.sleep(2)
+    return done

@@ -80,3 +80,22 @@ def test_hierarchical_mode_skips_most_round_two_points(vit_t, photos):
     assert stats["skipped_points"] >= 512
     assert stats["decoded_points"] == 64 + stats["round2_points"]
     assert len(masks) > 0
+
+
+def test_stored_embeddings_give_the_same_masks_as_the_image(vit_t, photos):
+    from tinysam.transforms import prepare_image
+    from tinysam.utils.rle import coco_rle_to_mask
+
+    image = photos["coffee"]
+    gen = SamHierarchicalMaskGenerator(vit_t, points_per_side=8, output_mode="coco_rle")
+    from_image = gen.generate(image)
+    prepared = prepare_image(image)
+    embedding = vit_t.image_encoder(prepared.tensor[None]).detach().half()  # as the precompute job stores it
+    [from_embedding] = gen.generate_from_embeddings(embedding, [prepared.input_size], [image.shape[:2]])
+    assert len(from_embedding) == len(from_image) > 0
+    ious = best_match_ious([coco_rle_to_mask(r["segmentation"]) for r in from_image],
+                           [coco_rle_to_mask(r["segmentation"]) for r in from_embedding])
+    assert ious.min() >= 0.98
+    with pytest.raises(ValueError, match="crop layers"):
+        SamAutomaticMaskGenerator(vit_t, points_per_side=4, crop_n_layers=1).generate_from_embeddings(
+            embedding, [prepared.input_size], [image.shape[:2]])

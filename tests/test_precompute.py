@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,31 +15,10 @@ import torch
 from tinysam import SamPredictor
 from tinysam.sample_data import write_sample_photos
 
+from .conftest import job_env, submit_job
+
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "precompute_embeddings.py"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def photos_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    write_sample_photos(folder, ("astronaut", "coffee", "chelsea"))
-    return folder
-
-
-def _job_env():
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    return env
 
 
 def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos_dir, tmp_path, vit_t,
@@ -117,7 +95,7 @@ def test_unreadable_checkpoint_fails_before_any_work(tmp_path, photos_dir):
     out = tmp_path / "emb"
     done = subprocess.run([sys.executable, str(JOB), "--input", str(photos_dir), "--output", str(out),
                            "--teacher", "vit_t", "--checkpoint", str(bad), "--num-cpus", "2"],
-                          capture_output=True, text=True, env=_job_env(), timeout=300)
+                          capture_output=True, text=True, env=job_env(), timeout=300)
     assert done.returncode == 2
     assert "broken.pth" in done.stderr and "corrupt" in done.stderr
     assert not out.exists()
@@ -132,7 +110,7 @@ def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir,
     out = tmp_path / "emb"
     cmd = [sys.executable, str(JOB), "--input", str(corpus), "--output", str(out), "--teacher", "vit_t",
            "--checkpoint", str(mobile_sam_path), "--batch-size", "1", "--num-cpus", "2"]
-    proc = subprocess.Popen(cmd, env=_job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and not list(out.glob("part-*.parquet")):
@@ -141,7 +119,7 @@ def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir,
     proc.wait()
     written_before = len(list(out.glob("part-*.parquet")))
     assert 1 <= written_before < 5, "the kill should land mid-run"
-    rerun = subprocess.run(cmd, env=_job_env(), capture_output=True, text=True, timeout=600,
+    rerun = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=600,
                            start_new_session=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"already present {written_before}" in rerun.stdout
@@ -169,43 +147,16 @@ def test_s3_round_trip(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     assert all(i.startswith(("astronaut-", "coffee-")) for i in ids)
 
 
-def test_ray_job_submit_against_a_local_head(tmp_path, photos_dir, mobile_sam_path):
+def test_ray_job_submit_against_a_local_head(ray_head, tmp_path, photos_dir, mobile_sam_path):
     from pipelines.parquet import read_table
 
-    from .conftest import free_port, wait_for_port
-
-    env = _job_env()
-    port, dash = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats",
-         # Own ports for every agent, so that another Ray on this machine cannot take them first.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-         f"--ray-client-server-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        assert wait_for_port(dash, 120), "the Ray head's dashboard did not start"
-        out = tmp_path / "emb"
-        submit = ["ray", "job", "submit", f"--address={address}", "--working-dir", str(REPO),
-                  "--runtime-env-json", '{"excludes": [".venv", ".cache", ".git", "demo_output"]}', "--",
-                  "python", "jobs/precompute_embeddings.py", "--input", str(photos_dir), "--output", str(out),
-                  "--teacher", "vit_t", "--checkpoint", str(mobile_sam_path), "--batch-size", "2"]
-        for _ in range(60):  # the head's job agent comes up a little after its dashboard
-            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in done.stderr + done.stdout:
-                break
-            time.sleep(2)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "written 3" in done.stdout
-        assert read_table(str(out)).num_rows == 3
-    finally:
-        os.killpg(head.pid, signal.SIGKILL)  # this head's process group only, never a bare `ray stop`
-        head.wait(timeout=60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    out = tmp_path / "emb"
+    done = submit_job(ray_head, ["python", "jobs/precompute_embeddings.py", "--input", str(photos_dir),
+                                 "--output", str(out), "--teacher", "vit_t", "--checkpoint", str(mobile_sam_path),
+                                 "--batch-size", "2"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "written 3" in done.stdout
+    assert read_table(str(out)).num_rows == 3
 
 
 def test_sa1b_tar_shard_keeps_ids_and_annotations(ray_local, photos_dir, tmp_path, mobile_sam_path):

@@ -138,15 +138,40 @@ class SamAutomaticMaskGenerator:
     def generate_batch(self, images: Sequence[np.ndarray]) -> List[List[Dict[str, Any]]]:
         """Masks for several images; their crops share encoder batches and decoder calls."""
         images = [to_rgb_uint8(im, f"image {i}") for i, im in enumerate(images)]
-        self.last_stats = {"decoded_points": 0}
         jobs = []  # (image index, crop box, layer index)
         for i, image in enumerate(images):
             boxes, layers = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
             jobs += [(i, box, layer) for box, layer in zip(boxes, layers)]
         crops = [images[i][box[1]:box[3], box[0]:box[2]] for i, box, _ in jobs]
-        crop_results = self._process_crops(crops, jobs, [images[i].shape[:2] for i, _, _ in jobs])
+        embeddings, input_sizes = self._encode(crops)
+        return self._generate(embeddings, input_sizes, jobs, [im.shape[:2] for im in images])
+
+    @torch.inference_mode()
+    def generate_from_embeddings(self, embeddings: torch.Tensor, input_sizes: Sequence[Tuple[int, int]],
+                                 orig_sizes: Sequence[Tuple[int, int]]) -> List[List[Dict[str, Any]]]:
+        """Masks for images whose encoder output is known (e.g. stored by the precompute job).
+
+        `embeddings` (n, 256, 64, 64) in any float type, `input_sizes` the resized (h, w) the
+        encoder saw, `orig_sizes` the images' (h, w). Crop layers need the pixels: use `generate_batch`.
+        """
+        if self.crop_n_layers:
+            raise ValueError("crop layers encode crops of the image: use generate_batch with the images")
+        if not (len(embeddings) == len(input_sizes) == len(orig_sizes)):
+            raise ValueError(f"{len(embeddings)} embeddings for {len(input_sizes)} input and {len(orig_sizes)} image sizes")
+        jobs = [(i, [0, 0, int(w), int(h)], 0) for i, (h, w) in enumerate(orig_sizes)]
+        param = next(self.model.mask_decoder.parameters())
+        embeddings = embeddings.to(device=param.device, dtype=param.dtype)
+        sizes = [(int(h), int(w)) for h, w in orig_sizes]
+        return self._generate(embeddings, [(int(h), int(w)) for h, w in input_sizes], jobs, sizes)
+
+    def _generate(self, embeddings, input_sizes, jobs, image_sizes) -> List[List[Dict[str, Any]]]:
+        """Crops' embeddings -> records per image: decode and filter each crop, merge crops, post-process."""
+        self.last_stats = {"decoded_points": 0}
+        crop_sizes = [(box[3] - box[1], box[2] - box[0]) for _, box, _ in jobs]
+        orig_sizes = [image_sizes[i] for i, _, _ in jobs]
+        crop_results = self._process_crops(embeddings, input_sizes, crop_sizes, jobs, orig_sizes)
         per_image: List[List[Dict[str, Any]]] = []
-        for i in range(len(images)):
+        for i in range(len(image_sizes)):
             parts = [r for (j, _, _), r in zip(jobs, crop_results) if j == i]
             data = _merge(parts)
             if len(parts) > 1 and len(data["rles"]):
@@ -165,11 +190,10 @@ class SamAutomaticMaskGenerator:
         x = torch.stack([p.tensor for p in prepared]).to(self.model.device)
         return self.model.image_encoder(x), [p.input_size for p in prepared]
 
-    def _process_crops(self, crops, jobs, orig_sizes) -> List[Dict[str, Any]]:
+    def _process_crops(self, embeddings, input_sizes, crop_sizes, jobs, orig_sizes) -> List[Dict[str, Any]]:
         """Dense grid of each crop -> filtered, NMS-ed masks of that crop in image coordinates."""
-        embeddings, input_sizes = self._encode(crops)
-        points = [self.point_grids[layer] * np.array(c.shape[:2])[None, ::-1] for c, (_, _, layer) in zip(crops, jobs)]
-        sets = self._decode_and_filter(embeddings, input_sizes, crops, jobs, orig_sizes, points)
+        points = [self.point_grids[layer] * np.array(size)[None, ::-1] for size, (_, _, layer) in zip(crop_sizes, jobs)]
+        sets = self._decode_and_filter(embeddings, input_sizes, crop_sizes, jobs, orig_sizes, points)
         return [self._crop_nms(s.cat()) for s in sets]
 
     def _crop_nms(self, data: Dict[str, Any]) -> Dict[str, Any]:
@@ -178,14 +202,14 @@ class SamAutomaticMaskGenerator:
         keep = batched_nms(data["boxes"].float(), data["iou_preds"], torch.zeros(len(data["rles"])), self.box_nms_thresh)
         return _select(data, keep)
 
-    def _decode_and_filter(self, embeddings, input_sizes, crops, jobs, orig_sizes, points, high_conf=None):
+    def _decode_and_filter(self, embeddings, input_sizes, crop_sizes, jobs, orig_sizes, points, high_conf=None):
         """Decode every crop's points in shared batches and keep the masks that pass the filters.
 
         `high_conf`, when given, holds one `HighConfidenceArea` per crop, into which the pixels
         of each kept mask whose full-resolution logits exceed its threshold are OR-ed
         (round 1 of the hierarchical strategy).
         """
-        sets = [MaskSet() for _ in crops]
+        sets = [MaskSet() for _ in crop_sizes]
         n_batches = max((len(p) + self.points_per_batch - 1) // self.points_per_batch for p in points)
         for b in range(n_batches):
             active = [i for i, p in enumerate(points) if b * self.points_per_batch < len(p)]
@@ -193,7 +217,7 @@ class SamAutomaticMaskGenerator:
             sizes = [len(c) for c in chunks]
             width = max(sizes)
             padded = np.stack([np.concatenate([c, np.repeat(c[-1:], width - len(c), 0)]) for c in chunks])
-            coords = torch.as_tensor(self._to_input_frame(padded, [crops[i].shape[:2] for i in active]),
+            coords = torch.as_tensor(self._to_input_frame(padded, [crop_sizes[i] for i in active]),
                                      dtype=torch.float32, device=self.model.device)
             low_res, iou = self._decode(embeddings[active], coords.reshape(-1, 1, 2))
             low_res = low_res.view(len(active), width * 3, *low_res.shape[-2:])
@@ -204,7 +228,7 @@ class SamAutomaticMaskGenerator:
                 _, crop_box, _ = jobs[i]
                 self._filter_batch(
                     sets[i], low_res[k, :n], iou[k, :n], np.repeat(chunks[k], 3, axis=0), input_sizes[i],
-                    crops[i].shape[:2], crop_box, orig_sizes[i], None if high_conf is None else high_conf[i],
+                    crop_sizes[i], crop_box, orig_sizes[i], None if high_conf is None else high_conf[i],
                 )
         return sets
 

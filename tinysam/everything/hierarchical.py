@@ -36,16 +36,15 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         ]
         self.high_confidence_thresh = high_confidence_thresh
 
-    def _process_crops(self, crops, jobs, orig_sizes) -> List[Dict[str, Any]]:
-        embeddings, input_sizes = self._encode(crops)
-        scales = [np.array(c.shape[:2])[None, ::-1] for c in crops]
-        areas = [HighConfidenceArea(np.zeros(c.shape[:2], bool), self.high_confidence_thresh) for c in crops]
+    def _process_crops(self, embeddings, input_sizes, crop_sizes, jobs, orig_sizes) -> List[Dict[str, Any]]:
+        scales = [np.array(size)[None, ::-1] for size in crop_sizes]
+        areas = [HighConfidenceArea(np.zeros(size, bool), self.high_confidence_thresh) for size in crop_sizes]
         round1 = [self.round1_grids[layer] * s for (_, _, layer), s in zip(jobs, scales)]
-        first = self._decode_and_filter(embeddings, input_sizes, crops, jobs, orig_sizes, round1, high_conf=areas)
+        first = self._decode_and_filter(embeddings, input_sizes, crop_sizes, jobs, orig_sizes, round1, high_conf=areas)
 
         dense = [self.point_grids[layer] * s for (_, _, layer), s in zip(jobs, scales)]
         round2 = [pts[~_inside(pts, a.area)] for pts, a in zip(dense, areas)]
-        second = self._decode_and_filter(embeddings, input_sizes, crops, jobs, orig_sizes, round2)
+        second = self._decode_and_filter(embeddings, input_sizes, crop_sizes, jobs, orig_sizes, round2)
 
         n_dense, n_kept = sum(len(p) for p in dense), sum(len(p) for p in round2)
         self.last_stats.update(

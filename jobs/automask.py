@@ -1,0 +1,70 @@
+"""Bulk auto-masking: everything mode (hierarchical by default) over an image corpus, with Ray Data.
+
+    ray job submit --working-dir . -- python jobs/automask.py --input s3://bucket/images \
+        --output s3://bucket/masks --model vit_t --checkpoint mobile_sam --num-gpus-per-actor 1 --concurrency 8
+    python jobs/automask.py --input photos/ --output masks/ --checkpoint mobile_sam --coco-json masks/coco.json
+
+Output: Parquet under --output, one row per image (id, source, width, height, masks as COCO RLE with
+bbox, area, predicted_iou, stability_score, point_coords, crop_box); optionally SA-1B JSON per image
+(--sa1b-json), one COCO results file (--coco-json) and overlay PNGs of the first N images (--preview N).
+Reruns skip images already written; bad images go to <output>/_errors and are counted.
+Exit status: 0 all written, 1 some images failed, 2 stopped early (--max-failures) or bad arguments.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
+
+from pipelines.automask import GENERATORS, automask, generator_parameters
+from pipelines.cli import add_corpus_arguments, corpus_kwargs, run_job
+from pipelines.runtime import init_ray
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--input", help="folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)")
+    p.add_argument("--embeddings", help="a precompute job's output: reuse its embeddings instead of the encoder")
+    p.add_argument("--model", default="vit_t", help="model type (vit_t, vit_b, vit_l, vit_h)")
+    p.add_argument("--mode", choices=sorted(GENERATORS), default="hierarchical")
+    p.add_argument("--sa1b-json", action="store_true", help="also write <output>/sa1b/<id>.json per image")
+    p.add_argument("--coco-json", help="also write one COCO results file (and <name>_images.json) here")
+    p.add_argument("--preview", type=int, default=0, metavar="N", help="overlay PNGs of the first N images")
+    add_corpus_arguments(p, batch_size=2)
+    g = p.add_argument_group("everything-mode parameters (default: the generator's own)")
+    for name, default in generator_parameters().items():
+        # bool before int (bool is an int); the one None default is a point count
+        kind = _bool if isinstance(default, bool) else float if isinstance(default, float) else int
+        g.add_argument("--" + name.replace("_", "-"), dest=f"gen_{name}", type=kind, default=None,
+                       metavar=kind.__name__.strip("_").upper(), help="hierarchical mode: default points-per-side / 4" if default is None else f"default {default}")
+    args = p.parse_args(argv)
+    if not args.input and not args.embeddings:
+        p.error("give --input or --embeddings")
+    params = {k[4:]: v for k, v in vars(args).items() if k.startswith("gen_") and v is not None}
+
+    init_ray(args.num_cpus)
+
+    def report(s) -> None:
+        print(f"masks {s.masks} ({s.masks_per_image:.1f} per image), {s.images_per_second:.3f} images/s; "
+              f"actor time: encoder {s.encode_seconds:.1f} s, everything mode {s.generate_seconds:.1f} s")
+        if args.coco_json:
+            print(f"COCO results: {args.coco_json}")
+        if args.preview:
+            print(f"previews: {args.output.rstrip('/')}/previews/")
+
+    return run_job(lambda: automask(args.input, model=args.model, mode=args.mode, params=params,
+                                    embeddings=args.embeddings, sa1b_json=args.sa1b_json, coco_json=args.coco_json,
+                                    preview=args.preview, **corpus_kwargs(args)), report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

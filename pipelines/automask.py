@@ -1,0 +1,413 @@
+"""Bulk auto-masking with Ray Data: images -> everything-mode actors -> SA-1B-style masks in Parquet.
+
+Stages, top to bottom:
+  list images (driver)       -> skip ids already in the output
+  prepare_images (CPU)       -> the precompute job's reading and preprocessing (pipelines/stages.py);
+  or load_stored_embeddings  -> rows of a precompute job's output, when the encoder already ran
+  AutoMasker (pool)          -> the model loaded once per actor: encoder in batches, then hierarchical
+                                (default) or dense everything mode over the batch's images together
+  write_masks (CPU)          -> one atomic Parquet file per batch (+ SA-1B JSON per image); errors table
+After the run, from the Parquet output: a COCO results file (`coco_json`) and overlay PNGs (`preview`).
+"""
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from tinysam.everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+
+from .parquet import ids_by_file, parquet_files, read_table, write_bytes_atomic, write_table_atomic
+from .sources import decode_image, filesystem, read_bytes
+from .stages import (
+    JobSummary,
+    SamActor,
+    batch_file_name,
+    image_pipeline,
+    ok_rows,
+    pending_images,
+    preflight,
+    run_to_output,
+    write_errors,
+)
+
+GENERATORS = {"hierarchical": SamHierarchicalMaskGenerator, "dense": SamAutomaticMaskGenerator}
+SA1B_DIR = "sa1b"  # per-image SA-1B JSON files under the output
+PREVIEW_DIR = "previews"
+
+MASK_TYPE = pa.struct([
+    ("segmentation", pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])),
+    ("area", pa.int64()),
+    ("bbox", pa.list_(pa.float64())),  # XYWH
+    ("predicted_iou", pa.float64()),
+    ("stability_score", pa.float64()),
+    ("point_coords", pa.list_(pa.list_(pa.float64()))),
+    ("crop_box", pa.list_(pa.float64())),  # XYWH
+])
+
+
+def make_generator(sam, mode: str = "hierarchical", params: Optional[Dict[str, Any]] = None):
+    """The everything-mode generator of `mode` with `params` (the generator's keyword arguments),
+    producing COCO RLE records."""
+    if mode not in GENERATORS:
+        raise ValueError(f"mode must be one of {sorted(GENERATORS)}, got {mode!r}")
+    params = dict(params or {})
+    if params.get("output_mode", "coco_rle") != "coco_rle":
+        raise ValueError("the bulk job stores COCO RLE: output_mode cannot be changed")
+    params["output_mode"] = "coco_rle"
+    return GENERATORS[mode](sam, **params)
+
+
+def generator_parameters(mode: Optional[str] = None) -> Dict[str, Any]:
+    """{name: default} of the parameters a job may set: those of the generator of `mode` (of
+    both modes when None) and its base classes, except the model and the output mode."""
+    import inspect
+
+    found: Dict[str, Any] = {}
+    for cls in [GENERATORS[mode]] if mode else list(GENERATORS.values()):
+        for klass in cls.__mro__[:-1]:  # not object
+            if "__init__" not in vars(klass):
+                continue
+            for name, param in inspect.signature(klass.__init__).parameters.items():
+                if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and name not in _FIXED:
+                    found.setdefault(name, param.default)
+    return found
+
+
+_FIXED = {"self", "model", "point_grids", "output_mode"}
+
+
+def check_params(mode: str, params: Dict[str, Any]) -> None:
+    """Refuse an unknown mode or a parameter the generator of `mode` does not take."""
+    if mode not in GENERATORS:
+        raise ValueError(f"mode must be one of {sorted(GENERATORS)}, got {mode!r}")
+    accepted = generator_parameters(mode)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"{mode} mode has no parameter {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
+
+
+class AutoMasker(SamActor):
+    """Ray actor: the model and generator loaded once; masks for every image of a batch."""
+
+    def __init__(self, model_type: str, checkpoint: Optional[str], mode: str = "hierarchical",
+                 params: Optional[Dict[str, Any]] = None, device: Optional[str] = None,
+                 cpu_threads: Optional[int] = None) -> None:
+        super().__init__(model_type, checkpoint, device, cpu_threads)
+        self.generator = make_generator(self.sam, mode, params)
+
+    @torch.inference_mode()
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        ok = ok_rows(batch)
+        rows = np.flatnonzero(ok)
+        masks = [""] * len(ok)
+        encode_s = generate_s = 0.0
+        if rows.size:
+            start = time.perf_counter()
+            if self.generator.crop_n_layers:  # crops are encoded from the full-resolution image
+                records = self.generator.generate_batch([batch["image"][i] for i in rows])
+            else:
+                if "embedding" in batch:
+                    embeddings = torch.as_tensor(np.stack([batch["embedding"][i] for i in rows]))
+                else:
+                    embeddings = self.encode(batch, rows)
+                encode_s = time.perf_counter() - start
+                start = time.perf_counter()
+                records = self.generator.generate_from_embeddings(
+                    embeddings, list(zip(batch["input_h"][rows], batch["input_w"][rows])),
+                    list(zip(batch["orig_h"][rows], batch["orig_w"][rows])))
+            generate_s = time.perf_counter() - start
+            for i, recs in zip(rows, records):
+                masks[i] = json.dumps(recs)
+        out = {k: v for k, v in batch.items() if k in ("image_id", "source", "orig_h", "orig_w", "error")}
+        out["masks"] = np.array(masks, dtype=object)
+        share = np.where(ok, 1.0 / max(1, rows.size), 0.0)
+        out["encode_seconds"] = share * encode_s
+        out["generate_seconds"] = share * generate_s
+        return out
+
+
+def load_stored_embeddings(batch: Dict[str, np.ndarray], storage_options: Optional[dict] = None) -> Dict[str, Any]:
+    """Rows of a precompute job's output for the batch's ids (read from the files that hold them)."""
+    n = len(batch["image_id"])
+    out: Dict[str, Any] = {k: np.zeros(n, np.int64) for k in ("orig_h", "orig_w", "input_h", "input_w")}
+    embeddings: List[Optional[np.ndarray]] = [None] * n
+    errors = [""] * n
+    position = {str(i): k for k, i in enumerate(batch["image_id"])}
+    for file in sorted(set(str(f) for f in batch["embedding_file"])):
+        try:
+            fs, path = filesystem(file, storage_options)
+            table = pq.read_table(path, filesystem=fs)
+            table = table.filter(pc.is_in(table["image_id"], value_set=pa.array(list(position))))
+            stored = table["embedding"].combine_chunks().to_numpy_ndarray()
+            for j, image_id in enumerate(table["image_id"].to_pylist()):
+                k = position[image_id]
+                embeddings[k] = stored[j]
+                for key in ("orig_h", "orig_w", "input_h", "input_w"):
+                    out[key][k] = table[key][j].as_py()
+        except Exception as e:  # a damaged embeddings file fails its rows, not the run
+            for k, f in enumerate(batch["embedding_file"]):
+                if str(f) == file:
+                    errors[k] = f"{file}: stored embeddings unreadable ({type(e).__name__}: {e})"
+    shape = next((e.shape for e in embeddings if e is not None), (256, 64, 64))
+    for k, e in enumerate(embeddings):
+        if e is None and not errors[k]:
+            errors[k] = f"{batch['source'][k]}: no stored embedding for id {batch['image_id'][k]}"
+    out["embedding"] = np.stack([e if e is not None else np.zeros(shape, np.float16) for e in embeddings])
+    return {"image_id": batch["image_id"], "source": batch["source"], "error": np.array(errors), **out}
+
+
+def write_masks(batch: Dict[str, np.ndarray], output: str, model: str, checkpoint_sha256: str, mode: str,
+                params: str, sa1b_json: bool = False, storage_options: Optional[dict] = None) -> Dict[str, Any]:
+    """The batch's images as one Parquet file (one row per image, masks as a list of structs);
+    with `sa1b_json` also `<output>/sa1b/<id>.json` per image. Bad rows go to the errors table."""
+    ok = ok_rows(batch)
+    ids = [str(i) for i in batch["image_id"]]
+    name = batch_file_name(ids)
+    records = [json.loads(m) if good else [] for m, good in zip(batch["masks"], ok)]
+    written = 0
+    if ok.any():
+        if sa1b_json:  # before the Parquet row: a rerun redoes an image whose JSON may be missing
+            for i in np.flatnonzero(ok):
+                doc = sa1b_document(ids[i], str(batch["source"][i]), int(batch["orig_w"][i]), int(batch["orig_h"][i]),
+                                    records[i])
+                write_bytes_atomic(json.dumps(doc).encode(), output, f"{SA1B_DIR}/{ids[i]}.json", storage_options)
+        n = int(ok.sum())
+        good = np.flatnonzero(ok)
+        table = pa.table({
+            "image_id": pa.array([ids[i] for i in good], pa.string()),
+            "source": pa.array([str(batch["source"][i]) for i in good], pa.string()),
+            "width": pa.array(batch["orig_w"][ok], pa.int32()),
+            "height": pa.array(batch["orig_h"][ok], pa.int32()),
+            "num_masks": pa.array([len(records[i]) for i in good], pa.int32()),
+            "masks": pa.array([records[i] for i in good], pa.list_(MASK_TYPE)),
+            "model": pa.array([model] * n, pa.string()),
+            "checkpoint_sha256": pa.array([checkpoint_sha256] * n, pa.string()),
+            "mode": pa.array([mode] * n, pa.string()),
+            "params": pa.array([params] * n, pa.string()),
+            "encode_seconds": pa.array(batch["encode_seconds"][ok], pa.float64()),
+            "generate_seconds": pa.array(batch["generate_seconds"][ok], pa.float64()),
+        })
+        written = write_table_atomic(table, output, f"part-{name}.parquet", storage_options)
+    write_errors(batch, ok, output, name, storage_options)
+    return {
+        "image_id": np.asarray(ids), "ok": ok, "bytes": np.where(ok, written // max(1, int(ok.sum())), 0),
+        "num_masks": np.array([len(r) for r in records]),
+        "encode_seconds": batch["encode_seconds"], "generate_seconds": batch["generate_seconds"],
+    }
+
+
+def sa1b_document(image_id: str, source: str, width: int, height: int, records: List[dict]) -> Dict[str, Any]:
+    """One image's masks in SA-1B's per-image JSON layout."""
+    return {
+        "image": {"image_id": image_id, "width": width, "height": height, "file_name": source},
+        "annotations": [{"id": k, **r} for k, r in enumerate(records)],
+    }
+
+
+@dataclass
+class AutomaskSummary(JobSummary):
+    masks: int = 0
+    encode_seconds: float = 0.0  # summed over actors
+    generate_seconds: float = 0.0
+
+    @property
+    def masks_per_image(self) -> float:
+        return self.masks / self.written if self.written else 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {**super().as_dict(), "masks_per_image": self.masks_per_image}
+
+
+def automask(
+    input: Optional[str],
+    output: str,
+    model: str = "vit_t",
+    checkpoint: Optional[str] = None,
+    mode: str = "hierarchical",
+    params: Optional[Dict[str, Any]] = None,
+    embeddings: Optional[str] = None,
+    batch_size: int = 2,
+    concurrency: int = 1,
+    num_gpus_per_actor: float = 0.0,
+    num_cpus_per_actor: int = 1,
+    limit: Optional[int] = None,
+    max_failures: Optional[int] = None,
+    rows_per_file: Optional[int] = None,
+    sa1b_json: bool = False,
+    coco_json: Optional[str] = None,
+    preview: int = 0,
+    storage_options: Optional[dict] = None,
+) -> AutomaskSummary:
+    """Masks for every image of `input` not yet in `output` (or, with `embeddings`, for every image
+    of a precompute job's output). Ray must be initialised by the caller."""
+    params = dict(params or {})
+    check_params(mode, params)  # a typo fails here, not in every actor
+    checkpoint_sha = preflight(model, checkpoint, output, storage_options)
+    if embeddings:
+        if params.get("crop_n_layers"):
+            raise ValueError("crop layers need the images: run without --embeddings")
+        refs, todo, files = _pending_stored(embeddings, output, model, checkpoint_sha, limit, storage_options)
+    elif input:
+        refs, todo = pending_images(input, output, limit, storage_options)
+    else:
+        raise ValueError("give an input (images) or embeddings (a precompute job's output)")
+    summary = AutomaskSummary(images=len(refs), skipped=len(refs) - len(todo))
+    if todo:
+        actor_kwargs = {"model_type": model, "checkpoint": checkpoint, "mode": mode, "params": params}
+        write_kwargs = {"output": output, "model": model, "checkpoint_sha256": checkpoint_sha, "mode": mode,
+                        "params": json.dumps(params, sort_keys=True), "sa1b_json": sa1b_json}
+        if embeddings:
+            ds = _stored_pipeline(todo, files, actor_kwargs, write_kwargs, batch_size, concurrency,
+                                  num_gpus_per_actor, num_cpus_per_actor, rows_per_file, storage_options)
+        else:
+            ds = image_pipeline(todo, AutoMasker, actor_kwargs, write_masks, write_kwargs, batch_size, concurrency,
+                                num_gpus_per_actor, num_cpus_per_actor, rows_per_file, storage_options,
+                                keep_original=bool(params.get("crop_n_layers")))
+
+        def count(result: Dict[str, np.ndarray], i: int) -> None:
+            summary.masks += int(result["num_masks"][i])
+            summary.encode_seconds += float(result["encode_seconds"][i])
+            summary.generate_seconds += float(result["generate_seconds"][i])
+
+        run_to_output(ds, summary, {r.image_id: r.source for r in todo}, output, max_failures, on_row=count)
+    if coco_json:
+        write_coco_results(output, coco_json, storage_options)
+    if preview:
+        write_previews(output, preview, storage_options)
+    return summary
+
+
+def _pending_stored(embeddings: str, output: str, model: str, checkpoint_sha: str, limit: Optional[int],
+                    storage_options: Optional[dict]):
+    """Images of a precompute job's output not yet masked; refuses embeddings of another model."""
+    from .parquet import existing_ids
+    from .sources import ImageRef
+
+    meta = read_table(embeddings, columns=["image_id", "source", "teacher", "checkpoint_sha256"],
+                      storage_options=storage_options)
+    stored_by = set(zip(meta["teacher"].to_pylist(), meta["checkpoint_sha256"].to_pylist()))
+    if stored_by != {(model, checkpoint_sha)}:
+        raise ValueError(f"{embeddings}: embeddings were made by {sorted(stored_by)}, not by this job's model "
+                         f"({model}, checkpoint sha256 {checkpoint_sha}); the decoder must match the encoder")
+    refs = sorted((ImageRef(i, s) for i, s in zip(meta["image_id"].to_pylist(), meta["source"].to_pylist())),
+                  key=lambda r: r.source)
+    refs = refs[:limit] if limit is not None else refs
+    done = existing_ids(output, storage_options=storage_options)
+    return refs, [r for r in refs if r.image_id not in done], ids_by_file(embeddings, storage_options=storage_options)
+
+
+def _stored_pipeline(todo, files, actor_kwargs, write_kwargs, batch_size, concurrency, num_gpus_per_actor,
+                     num_cpus_per_actor, rows_per_file, storage_options):
+    import ray
+
+    ds = ray.data.from_items([{"image_id": r.image_id, "source": r.source, "embedding_file": files[r.image_id]}
+                              for r in todo], override_num_blocks=max(1, min(len(todo), 64)))
+    ds = ds.map_batches(load_stored_embeddings, batch_size=batch_size, num_cpus=0.5,
+                        fn_kwargs={"storage_options": storage_options})
+    ds = ds.map_batches(AutoMasker, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
+                        num_gpus=num_gpus_per_actor, num_cpus=num_cpus_per_actor,
+                        fn_constructor_kwargs={**actor_kwargs,
+                                               "cpu_threads": None if num_gpus_per_actor else num_cpus_per_actor})
+    return ds.map_batches(write_masks, batch_size=rows_per_file or batch_size, num_cpus=0.5,
+                          fn_kwargs={**write_kwargs, "storage_options": storage_options})
+
+
+def iter_results(output: str, image_ids: Optional[set] = None,
+                 storage_options: Optional[dict] = None) -> Iterator[Dict[str, Any]]:
+    """Rows of the job's output (image_id, source, width, height, masks), file by file, optionally
+    only those of `image_ids`; memory holds one file's rows at a time."""
+    for file in parquet_files(output, storage_options):
+        fs, path = filesystem(file, storage_options)
+        table = pq.read_table(path, filesystem=fs, columns=["image_id", "source", "width", "height", "masks"])
+        if image_ids is not None:
+            table = table.filter(pc.is_in(table["image_id"], value_set=pa.array(sorted(image_ids), pa.string())))
+        yield from table.to_pylist()
+
+
+def coco_image_ids(image_ids: List[str]) -> Dict[str, int]:
+    """COCO needs integer ids: SA-1B's own numeric ids when every id is one, else 1..N in sorted order."""
+    if image_ids and all(i.isdigit() for i in image_ids):
+        return {i: int(i) for i in image_ids}
+    return {i: k + 1 for k, i in enumerate(sorted(image_ids))}
+
+
+def write_coco_results(output: str, path: str, storage_options: Optional[dict] = None) -> Dict[str, str]:
+    """One COCO results file for the whole output (a list of {image_id, category_id, segmentation,
+    score, bbox, area}) at `path`, plus `<path stem>_images.json`, a COCO dataset of the images
+    (ids, file names, sizes) to load the results against. Streamed through a local temporary
+    file, then put in place in one step."""
+    ids = read_table(output, columns=["image_id"], storage_options=storage_options)["image_id"].to_pylist()
+    numeric = coco_image_ids(ids)
+    images_path = (path[:-5] if path.endswith(".json") else path) + "_images.json"
+    images = []
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
+        tmp.write("[")
+        first = True
+        for row in iter_results(output, storage_options=storage_options):
+            coco_id = numeric[row["image_id"]]
+            images.append({"id": coco_id, "file_name": row["source"], "width": row["width"],
+                           "height": row["height"], "tinysam_image_id": row["image_id"]})
+            for mask in row["masks"]:
+                ann = {"image_id": coco_id, "category_id": 1, "segmentation": mask["segmentation"],
+                       "score": mask["predicted_iou"], "bbox": mask["bbox"], "area": mask["area"],
+                       "stability_score": mask["stability_score"], "point_coords": mask["point_coords"]}
+                tmp.write(("" if first else ",\n") + json.dumps(ann))
+                first = False
+        tmp.write("]\n")
+    try:
+        images.sort(key=lambda im: im["id"])
+        dataset = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "object"}]}
+        _put(json.dumps(dataset).encode(), images_path, storage_options)
+        _put(tmp.name, path, storage_options)
+    finally:
+        os.unlink(tmp.name)
+    return {"results": path, "images": images_path}
+
+
+def _put(data_or_file, url: str, storage_options: Optional[dict]) -> None:
+    """Bytes or a local file to `url`, visible only once complete."""
+    folder, name = posixpath.split(url.rstrip("/"))
+    if isinstance(data_or_file, bytes):
+        write_bytes_atomic(data_or_file, folder or ".", name, storage_options)
+        return
+    fs, target = filesystem(url, storage_options)
+    fs.makedirs(posixpath.dirname(target) or ".", exist_ok=True)
+    if "file" in fs.protocol or "local" in fs.protocol:
+        shutil.copyfile(data_or_file, target + ".tmp")
+        os.replace(target + ".tmp", target)
+    else:  # one upload: visible when it completes
+        fs.put_file(data_or_file, target)
+
+
+def write_previews(output: str, n: int, storage_options: Optional[dict] = None) -> List[str]:
+    """Overlay PNGs of the first `n` images (by id) to `<output>/previews/<id>.png`."""
+    import cv2
+
+    from tinysam.transforms import to_rgb_uint8
+    from tinysam.utils.rle import coco_rle_to_mask
+    from tinysam.visualize import overlay_masks
+
+    ids = read_table(output, columns=["image_id"], storage_options=storage_options)["image_id"].to_pylist()
+    first = set(sorted(ids)[:n])
+    written = []
+    for row in sorted(iter_results(output, first, storage_options), key=lambda r: r["image_id"]):
+        image = to_rgb_uint8(decode_image(read_bytes(row["source"], storage_options)[0], row["source"]), row["source"])
+        overlay = overlay_masks(image, [coco_rle_to_mask(m["segmentation"]) for m in row["masks"]])
+        ok, png = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise OSError(f"{row['source']}: could not encode the preview PNG")
+        name = f"{PREVIEW_DIR}/{row['image_id']}.png"
+        write_bytes_atomic(png.tobytes(), output, name, storage_options)
+        written.append(f"{output.rstrip('/')}/{name}")
+    return written

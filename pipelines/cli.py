@@ -1,0 +1,50 @@
+"""Command-line pieces shared by the batch jobs: the corpus/cluster arguments, exit codes, summaries.
+
+Exit status of every job: 0 all written, 1 some images failed, 2 stopped early (--max-failures)
+or refused before any work (bad arguments, checkpoint or output).
+"""
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Dict
+
+from tinysam.weights import CheckpointError
+
+from .stages import JobSummary, TooManyFailures
+
+
+def add_corpus_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """--output, --checkpoint, batching, actors, limits: the same in every job."""
+    p.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet files")
+    p.add_argument("--checkpoint", help="known name, path, http(s):// or s3:// (default: random weights, for tests)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per actor call")
+    p.add_argument("--concurrency", type=int, default=1, help="model actors")
+    p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--num-cpus-per-actor", type=int, default=1, help="CPUs (and torch threads on CPU) per actor")
+    p.add_argument("--limit", type=int, help="only the first N images (in sorted order)")
+    p.add_argument("--max-failures", type=int, help="stop once more than N images failed")
+    p.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default: --batch-size)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored when joining a cluster)")
+
+
+def corpus_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The keyword arguments of `add_corpus_arguments` for a pipeline function."""
+    return {k: getattr(args, k) for k in ("output", "checkpoint", "batch_size", "concurrency", "num_gpus_per_actor",
+                                          "num_cpus_per_actor", "limit", "max_failures", "rows_per_file")}
+
+
+def run_job(run: Callable[[], JobSummary], report: Callable[[JobSummary], None]) -> int:
+    """Run a pipeline, print its summary (and a machine-readable SUMMARY line), return the exit status."""
+    try:
+        summary = run()
+    except (CheckpointError, FileNotFoundError, PermissionError, ValueError, KeyError, TooManyFailures) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = summary
+    print(f"images {s.images}: written {s.written}, already present {s.skipped}, failed {s.failed}")
+    report(s)
+    for source in s.failures:
+        print(f"  failed: {source}")
+    print("SUMMARY " + json.dumps(s.as_dict()))
+    return 1 if s.failed else 0

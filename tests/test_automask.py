@@ -1,0 +1,198 @@
+"""The bulk auto-masking job on a local Ray with the real vit_t, on real photos.
+
+Everything mode runs at 8x8 points (2x2 in round 1) to keep the suite short; the code path is the
+default one (hierarchical, encoder in the actor, decoder batched over the batch's images).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinysam import SamHierarchicalMaskGenerator
+from tinysam.sample_data import write_sample_photos
+from tinysam.utils.metrics import best_match_ious
+from tinysam.utils.rle import coco_rle_to_mask
+
+from .conftest import job_env, submit_job
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "automask.py"
+PARAMS = {"points_per_side": 8}
+
+
+def _rows(output, storage_options=None):
+    from pipelines.automask import iter_results
+
+    return {r["image_id"]: r for r in iter_results(str(output), storage_options=storage_options)}
+
+
+def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_path, vit_t, mobile_sam_path):
+    from pycocotools.coco import COCO
+
+    from pipelines.automask import automask
+
+    out = tmp_path / "masks"
+    summary = automask(str(photos_dir), str(out), model="vit_t", checkpoint=str(mobile_sam_path), params=PARAMS,
+                       batch_size=2, num_cpus_per_actor=2, sa1b_json=True, coco_json=str(out / "coco.json"),
+                       preview=2)
+    assert (summary.written, summary.failed, summary.skipped) == (3, 0, 0)
+    rows = _rows(out)
+    assert summary.masks == sum(len(r["masks"]) for r in rows.values()) > 0
+    generator = SamHierarchicalMaskGenerator(vit_t, output_mode="coco_rle", **PARAMS)
+    for image_id, row in rows.items():
+        image = np.array(Image.open(row["source"]).convert("RGB"))
+        assert (row["height"], row["width"]) == image.shape[:2]
+        expected = generator.generate(image)
+        got = row["masks"]
+        assert len(got) == len(expected) > 0, image_id
+        for mask in got:  # every RLE decodes with pycocotools to the image size
+            assert coco_rle_to_mask(mask["segmentation"]).shape == image.shape[:2]
+        ious = best_match_ious([coco_rle_to_mask(r["segmentation"]) for r in expected],
+                               [coco_rle_to_mask(m["segmentation"]) for m in got])
+        assert ious.min() >= 0.99, f"{image_id}: {np.sort(ious)[:3]}"
+        same = sum(m["segmentation"] == r["segmentation"] for m, r in zip(got, expected))
+        assert same >= 0.9 * len(got), f"{image_id}: {same} of {len(got)} RLEs identical"
+        for m, r in zip(got, expected):
+            assert m["bbox"] == pytest.approx(r["bbox"], abs=1) and m["crop_box"] == r["crop_box"]
+            assert m["predicted_iou"] == pytest.approx(r["predicted_iou"], abs=1e-3)
+        # SA-1B per-image JSON holds the same masks
+        doc = json.loads((out / "sa1b" / f"{image_id}.json").read_text())
+        assert doc["image"] == {"image_id": image_id, "width": row["width"], "height": row["height"],
+                                "file_name": row["source"]}
+        assert [a["segmentation"] for a in doc["annotations"]] == [m["segmentation"] for m in got]
+
+    coco = COCO(str(out / "coco_images.json"))
+    results = coco.loadRes(str(out / "coco.json"))
+    assert len(results.anns) == summary.masks and len(coco.imgs) == 3
+    previews = sorted((out / "previews").glob("*.png"))
+    assert [p.stem for p in previews] == sorted(rows)[:2]
+    assert Image.open(previews[0]).size == (rows[previews[0].stem]["width"], rows[previews[0].stem]["height"])
+
+    again = automask(str(photos_dir), str(out), model="vit_t", checkpoint=str(mobile_sam_path), params=PARAMS)
+    assert (again.written, again.skipped) == (0, 3)
+
+
+def test_bad_inputs_are_reported_and_skipped(ray_local, photos_dir, tmp_path, mobile_sam_path):
+    from pipelines.automask import automask
+    from pipelines.parquet import read_errors
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(photos_dir, corpus)
+    good = (corpus / "coffee.jpg").read_bytes()
+    (corpus / "corrupt.jpg").write_bytes(good[: len(good) // 3])
+    (corpus / "readme.png").write_text("not an image\n")
+    out = tmp_path / "masks"
+    summary = automask(str(corpus), str(out), model="vit_t", checkpoint=str(mobile_sam_path),
+                       params={"points_per_side": 4}, batch_size=5)
+    assert (summary.written, summary.failed) == (3, 2)
+    assert len(_rows(out)) == 3
+    reasons = {Path(e["source"]).name: e["reason"] for e in read_errors(str(out)).to_pylist()}
+    assert set(reasons) == {"corrupt.jpg", "readme.png"}
+    assert all(name in reason for name, reason in reasons.items())
+
+
+def test_stored_embeddings_replace_the_encoder(ray_local, photos_dir, tmp_path, mobile_sam_path):
+    from pipelines.automask import automask
+    from pipelines.embeddings import precompute_embeddings
+
+    emb = tmp_path / "emb"
+    precompute_embeddings(str(photos_dir), str(emb), teacher="vit_t", checkpoint=str(mobile_sam_path), limit=2)
+    from_images = tmp_path / "from-images"
+    automask(str(photos_dir), str(from_images), checkpoint=str(mobile_sam_path), params=PARAMS, limit=2)
+    from_stored = tmp_path / "from-stored"
+    summary = automask(None, str(from_stored), checkpoint=str(mobile_sam_path), params=PARAMS,
+                       embeddings=str(emb))
+    assert (summary.written, summary.failed) == (2, 0)
+    assert summary.encode_seconds < 0.2  # the encoder did not run (it takes over a second per image here)
+    a, b = _rows(from_images), _rows(from_stored)
+    assert set(a) == set(b)
+    for image_id in a:  # fp16 storage of the embedding: the same masks up to a few border pixels
+        ious = best_match_ious([coco_rle_to_mask(m["segmentation"]) for m in a[image_id]["masks"]],
+                               [coco_rle_to_mask(m["segmentation"]) for m in b[image_id]["masks"]])
+        assert ious.min() >= 0.98
+    with pytest.raises(ValueError, match="decoder must match the encoder"):
+        automask(None, str(tmp_path / "other"), checkpoint=None, params=PARAMS, embeddings=str(emb))
+
+
+def test_bad_parameters_fail_before_any_work(tmp_path, photos_dir):
+    from pipelines.automask import automask
+
+    with pytest.raises(ValueError, match="no parameter point_per_side"):
+        automask(str(photos_dir), str(tmp_path / "a"), params={"point_per_side": 8})
+    with pytest.raises(ValueError, match="no parameter round1_points_per_side"):
+        automask(str(photos_dir), str(tmp_path / "b"), mode="dense", params={"round1_points_per_side": 4})
+    done = subprocess.run([sys.executable, str(JOB), "--input", str(photos_dir), "--output", str(tmp_path / "c"),
+                           "--mode", "sparse"], capture_output=True, text=True, env=job_env(), timeout=120)
+    assert done.returncode == 2 and "invalid choice: 'sparse'" in done.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir, mobile_sam_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(photos_dir, corpus)
+    write_sample_photos(corpus, ("rocket", "camera"))
+    out = tmp_path / "masks"
+    cmd = [sys.executable, str(JOB), "--input", str(corpus), "--output", str(out), "--checkpoint",
+           str(mobile_sam_path), "--points-per-side", "8", "--batch-size", "1", "--num-cpus", "2"]
+    proc = subprocess.Popen(cmd, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("part-*.parquet")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    written_before = len(list(out.glob("part-*.parquet")))
+    assert 1 <= written_before < 5, "the kill should land mid-run"
+    rerun = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"already present {written_before}" in rerun.stdout
+    rows = _rows(out)
+    assert len(rows) == 5 and len(list(out.glob("part-*.parquet"))) == 5  # one image per file: no duplicate
+
+
+def test_s3_in_and_out(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
+    import s3fs
+    from pycocotools.coco import COCO
+
+    from pipelines.automask import automask
+
+    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("automask")
+    for name in ("astronaut.jpg", "chelsea.jpg"):
+        fs.put(str(photos_dir / name), f"automask/images/{name}")
+    summary = automask("s3://automask/images", "s3://automask/masks", checkpoint=str(mobile_sam_path),
+                       params={"points_per_side": 4}, coco_json="s3://automask/masks/coco.json", preview=1,
+                       storage_options=options)
+    assert (summary.written, summary.failed) == (2, 0)
+    rows = _rows("s3://automask/masks", options)
+    assert {r["source"] for r in rows.values()} == {"s3://automask/images/astronaut.jpg",
+                                                   "s3://automask/images/chelsea.jpg"}
+    assert len(fs.glob("automask/masks/previews/*.png")) == 1
+    with fs.open("automask/masks/coco_images.json") as f:
+        images = json.load(f)
+    with fs.open("automask/masks/coco.json") as f:
+        results = json.load(f)
+    coco = COCO()
+    coco.dataset = images
+    coco.createIndex()
+    assert len(coco.loadRes(results).anns) == summary.masks
+
+
+def test_ray_job_submit_against_a_local_head(ray_head, tmp_path, photos_dir, mobile_sam_path):
+    out = tmp_path / "masks"
+    done = submit_job(ray_head, ["python", "jobs/automask.py", "--input", str(photos_dir), "--output", str(out),
+                                 "--checkpoint", str(mobile_sam_path), "--points-per-side", "4",
+                                 "--coco-json", str(out / "coco.json")])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "written 3" in done.stdout and "masks " in done.stdout
+    assert len(_rows(out)) == 3 and (out / "coco.json").exists()
