@@ -10,8 +10,9 @@ TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 export TINYSAM_CACHE ?= $(CURDIR)/.cache/tinysam
 export RAY_USAGE_STATS_ENABLED ?= 0
 DEMO_OUTPUT ?= demo_output
+DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: demo test venv weights clean
+.PHONY: demo predictor-demo test venv weights clean
 
 venv: $(VENV)/.installed
 
@@ -24,8 +25,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 weights: venv
 	$(PY) -m tinysam.fetch_weights mobile_sam
 
+# The main job on the embedded default: a local Ray in-process, the real MobileSAM weights, the
+# sample photos; a rerun skips the images already done. One actor with all cores (and logical
+# CPUs to spare for the read and write tasks).
 demo: weights
-	$(PY) jobs/predict_demo.py --output $(DEMO_OUTPUT)
+	$(PY) -m tinysam.sample_data $(DEMO_OUTPUT)/images > /dev/null
+	$(PY) jobs/automask.py --input $(DEMO_OUTPUT)/images --output $(DEMO_OUTPUT)/masks \
+		--model vit_t --checkpoint mobile_sam --preview 5 --coco-json $(DEMO_OUTPUT)/masks/coco.json \
+		--num-cpus $$(( $(DEMO_THREADS) + 2 )) --num-cpus-per-actor $(DEMO_THREADS)
+
+# Prompted segmentation (points and boxes) on the sample photos, with SamPredictor.
+predictor-demo: weights
+	$(PY) jobs/predict_demo.py --output $(DEMO_OUTPUT)/predictor
 
 test: weights
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

@@ -19,7 +19,7 @@ from pipelines.embeddings import precompute_embeddings
 from pipelines.runtime import init_ray
 from pipelines.sources import decode_image, list_images, read_bytes
 from tinysam import build_sam
-from tinysam.sample_data import SAMPLE_PHOTOS, write_sample_photos
+from tinysam.sample_data import write_sample_corpus
 from tinysam.transforms import prepare_image
 
 
@@ -48,11 +48,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
-        photos = write_sample_photos(work / "src", SAMPLE_PHOTOS)
-        folder = work / "images"
-        folder.mkdir()
-        for i in range(args.images):
-            shutil.copy(photos[i % len(photos)], folder / f"img{i:04d}.jpg")
+        folder = write_sample_corpus(work, args.images)
         loop_ips = bare_loop(folder, args.teacher, args.checkpoint, args.batch_size)
         init_ray(num_cpus=args.threads + 2)
         # Model loading is paid once per actor; warm the pool's cache of weights first.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
-from pipelines.automask import GENERATORS, automask, generator_parameters
+from pipelines.automask import MODES, automask, generator_parameters
 from pipelines.cli import add_corpus_arguments, corpus_kwargs, run_job
 from pipelines.runtime import init_ray
 
@@ -35,11 +35,11 @@ def main(argv=None) -> int:
     p.add_argument("--input", help="folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)")
     p.add_argument("--embeddings", help="a precompute job's output: reuse its embeddings instead of the encoder")
     p.add_argument("--model", default="vit_t", help="model type (vit_t, vit_b, vit_l, vit_h)")
-    p.add_argument("--mode", choices=sorted(GENERATORS), default="hierarchical")
+    p.add_argument("--mode", choices=MODES, default="hierarchical")
     p.add_argument("--sa1b-json", action="store_true", help="also write <output>/sa1b/<id>.json per image")
     p.add_argument("--coco-json", help="also write one COCO results file (and <name>_images.json) here")
     p.add_argument("--preview", type=int, default=0, metavar="N", help="overlay PNGs of the first N images")
-    add_corpus_arguments(p, batch_size=2)
+    add_corpus_arguments(p, batch_size=1)  # CPU: no gain from batching (benchmarks/automask.py); GPUs: raise it
     g = p.add_argument_group("everything-mode parameters (default: the generator's own)")
     for name, default in generator_parameters().items():
         # bool before int (bool is an int); the one None default is a point count

@@ -8,6 +8,9 @@ Stages, top to bottom:
                                 (default) or dense everything mode over the batch's images together
   write_masks (CPU)          -> one atomic Parquet file per batch (+ SA-1B JSON per image); errors table
 After the run, from the Parquet output: a COCO results file (`coco_json`) and overlay PNGs (`preview`).
+
+Torch and the models are imported inside the actor: the read and write workers import this
+module too and should not pay for them (see pipelines/stages.py).
 """
 
 import json
@@ -23,9 +26,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
-
-from tinysam.everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
 
 from .parquet import ids_by_file, parquet_files, read_table, write_bytes_atomic, write_table_atomic
 from .sources import decode_image, filesystem, read_bytes
@@ -41,7 +41,7 @@ from .stages import (
     write_errors,
 )
 
-GENERATORS = {"hierarchical": SamHierarchicalMaskGenerator, "dense": SamAutomaticMaskGenerator}
+MODES = ("hierarchical", "dense")
 SA1B_DIR = "sa1b"  # per-image SA-1B JSON files under the output
 PREVIEW_DIR = "previews"
 
@@ -56,16 +56,24 @@ MASK_TYPE = pa.struct([
 ])
 
 
+def generator_class(mode: str) -> type:
+    """The everything-mode generator of `mode`."""
+    from tinysam.everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return SamHierarchicalMaskGenerator if mode == "hierarchical" else SamAutomaticMaskGenerator
+
+
 def make_generator(sam, mode: str = "hierarchical", params: Optional[Dict[str, Any]] = None):
     """The everything-mode generator of `mode` with `params` (the generator's keyword arguments),
     producing COCO RLE records."""
-    if mode not in GENERATORS:
-        raise ValueError(f"mode must be one of {sorted(GENERATORS)}, got {mode!r}")
+    cls = generator_class(mode)
     params = dict(params or {})
     if params.get("output_mode", "coco_rle") != "coco_rle":
         raise ValueError("the bulk job stores COCO RLE: output_mode cannot be changed")
     params["output_mode"] = "coco_rle"
-    return GENERATORS[mode](sam, **params)
+    return cls(sam, **params)
 
 
 def generator_parameters(mode: Optional[str] = None) -> Dict[str, Any]:
@@ -74,7 +82,7 @@ def generator_parameters(mode: Optional[str] = None) -> Dict[str, Any]:
     import inspect
 
     found: Dict[str, Any] = {}
-    for cls in [GENERATORS[mode]] if mode else list(GENERATORS.values()):
+    for cls in [generator_class(m) for m in ([mode] if mode else MODES)]:
         for klass in cls.__mro__[:-1]:  # not object
             if "__init__" not in vars(klass):
                 continue
@@ -89,9 +97,7 @@ _FIXED = {"self", "model", "point_grids", "output_mode"}
 
 def check_params(mode: str, params: Dict[str, Any]) -> None:
     """Refuse an unknown mode or a parameter the generator of `mode` does not take."""
-    if mode not in GENERATORS:
-        raise ValueError(f"mode must be one of {sorted(GENERATORS)}, got {mode!r}")
-    accepted = generator_parameters(mode)
+    accepted = generator_parameters(mode)  # an unknown mode raises here
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(f"{mode} mode has no parameter {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
@@ -106,8 +112,15 @@ class AutoMasker(SamActor):
         super().__init__(model_type, checkpoint, device, cpu_threads)
         self.generator = make_generator(self.sam, mode, params)
 
-    @torch.inference_mode()
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        import torch
+
+        with torch.inference_mode():
+            return self._masks(batch)
+
+    def _masks(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        import torch
+
         ok = ok_rows(batch)
         rows = np.flatnonzero(ok)
         masks = [""] * len(ok)
@@ -237,7 +250,7 @@ def automask(
     mode: str = "hierarchical",
     params: Optional[Dict[str, Any]] = None,
     embeddings: Optional[str] = None,
-    batch_size: int = 2,
+    batch_size: int = 1,
     concurrency: int = 1,
     num_gpus_per_actor: float = 0.0,
     num_cpus_per_actor: int = 1,

@@ -8,11 +8,10 @@ Stages, top to bottom:
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from .parquet import tensor_column, write_table_atomic
 from .stages import (  # noqa: F401  (TooManyFailures and prepare_images are part of this module's API)
@@ -29,6 +28,9 @@ from .stages import (  # noqa: F401  (TooManyFailures and prepare_images are par
     write_errors,
 )
 
+if TYPE_CHECKING:  # torch is imported where used: the write workers import this module
+    import torch
+
 EMBEDDING_SHAPE = (256, 64, 64)
 
 
@@ -41,12 +43,14 @@ class TeacherEncoder(SamActor):
         self.sam.prompt_encoder = self.sam.mask_decoder = None  # only the encoder is used
         self.out_dtype = np.float16 if dtype == "float16" else np.float32
 
-    @torch.inference_mode()
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        import torch
+
         ok = ok_rows(batch)
         emb = np.zeros((len(ok), *EMBEDDING_SHAPE), self.out_dtype)
         if ok.any():
-            emb[ok] = self.encode(batch, np.flatnonzero(ok)).cpu().numpy().astype(self.out_dtype)
+            with torch.inference_mode():
+                emb[ok] = self.encode(batch, np.flatnonzero(ok)).cpu().numpy().astype(self.out_dtype)
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["embedding"] = emb
         return out
@@ -119,9 +123,10 @@ def precompute_embeddings(
 
 
 def load_embeddings(output: str, image_ids: Optional[List[str]] = None,
-                    storage_options: Optional[dict] = None) -> Tuple[List[str], torch.Tensor]:
+                    storage_options: Optional[dict] = None) -> Tuple[List[str], "torch.Tensor"]:
     """Read stored embeddings back as (ids, tensor (N, 256, 64, 64)), zero-copy from Arrow where it can."""
     import pyarrow.compute as pc
+    import torch
 
     from .parquet import read_table
 

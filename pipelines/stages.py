@@ -6,24 +6,28 @@
   SamActor         -> a model loaded once per actor; encodes prepared images on its device
   write_errors     -> bad rows to the output's errors table
   run_to_output    -> drive the dataset, count results, stop after too many failures
+
+Module level imports stay light (numpy, PIL, pyarrow): Ray's decoding and writing workers import
+this module, and on a small machine torch's import would compete with the model for the cores.
+Torch and the models are imported where they are used.
 """
 
 import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from tinysam.build_sam import build_sam, check_checkpoint
 from tinysam.transforms import IMAGE_SIZE, normalize_and_pad, resize_longest_side, to_rgb_uint8
-from tinysam.weights import resolve_checkpoint, sha256_file
 
 from .parquet import ERRORS_DIR, ensure_writable, existing_ids, write_table_atomic
 from .sources import ImageRef, decode_image, list_images, read_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TooManyFailures(RuntimeError):
@@ -52,6 +56,9 @@ def preflight(model_type: str, checkpoint: Optional[str], output: str,
               storage_options: Optional[dict] = None) -> str:
     """Fail before any work on an unreadable checkpoint, one of the wrong model type, or an
     unwritable output; returns the checkpoint's SHA-256 ("random-init" without one) for provenance."""
+    from tinysam.build_sam import check_checkpoint
+    from tinysam.weights import resolve_checkpoint, sha256_file
+
     checkpoint_sha = sha256_file(resolve_checkpoint(checkpoint)) if checkpoint else "random-init"
     if checkpoint:
         check_checkpoint(model_type, checkpoint)
@@ -131,6 +138,10 @@ class SamActor:
 
     def __init__(self, model_type: str, checkpoint: Optional[str], device: Optional[str] = None,
                  cpu_threads: Optional[int] = None) -> None:
+        import torch
+
+        from tinysam.build_sam import build_sam
+
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if cpu_threads:  # Ray pins worker processes to one thread unless told otherwise
             torch.set_num_threads(cpu_threads)
@@ -138,8 +149,10 @@ class SamActor:
         self.mean, self.std = self.sam.pixel_mean, self.sam.pixel_std
         self.autocast = self.device.type == "cuda"
 
-    def encode(self, batch: Dict[str, np.ndarray], rows: np.ndarray) -> torch.Tensor:
+    def encode(self, batch: Dict[str, np.ndarray], rows: np.ndarray) -> "torch.Tensor":
         """Image embeddings (len(rows), 256, 64, 64) of the prepared rows `rows`."""
+        import torch
+
         # Normalise the resized image, then zero-pad: padding is zero after normalisation.
         x = torch.stack([
             normalize_and_pad(torch.from_numpy(np.array(batch["pixels"][i, :h, :w])).to(self.device).permute(2, 0, 1),

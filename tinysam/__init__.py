@@ -4,18 +4,34 @@ Drop-in for the official packages: `from tinysam import sam_model_registry, SamP
 Importing this package never imports Ray; the distributed pipelines live in `pipelines/`.
 """
 
-from .build_sam import (
-    MODEL_CONFIGS,
-    build_sam,
-    build_sam_vit_b,
-    build_sam_vit_h,
-    build_sam_vit_l,
-    build_sam_vit_t,
-    sam_model_registry,
-)
-from .everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
-from .predictor import SamPredictor
-from .weights import KNOWN_CHECKPOINTS, CheckpointError, load_checkpoint, save_checkpoint
+from typing import Any
+
+# Names resolve on first use (PEP 562), so that `import tinysam.transforms` in a data-loading
+# worker does not pay for torch, torchvision and the models.
+_EXPORTS = {
+    "MODEL_CONFIGS": "build_sam", "build_sam": "build_sam", "build_sam_vit_b": "build_sam",
+    "build_sam_vit_h": "build_sam", "build_sam_vit_l": "build_sam", "build_sam_vit_t": "build_sam",
+    "sam_model_registry": "build_sam",
+    "SamAutomaticMaskGenerator": "everything", "SamHierarchicalMaskGenerator": "everything",
+    "SamPredictor": "predictor",
+    "KNOWN_CHECKPOINTS": "weights", "CheckpointError": "weights", "load_checkpoint": "weights",
+    "save_checkpoint": "weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

@@ -45,6 +45,18 @@ def write_sample_photos(folder: Path, names: Tuple[str, ...] = SAMPLE_PHOTOS) ->
     return paths
 
 
+def write_sample_corpus(folder: Path, n: int) -> Path:
+    """A corpus of `n` image files in `folder` cycling through the sample photos (benchmarks)."""
+    import shutil
+
+    photos = write_sample_photos(Path(folder) / ".src")
+    corpus = Path(folder) / "images"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        shutil.copy(photos[i % len(photos)], corpus / f"img{i:04d}.jpg")
+    return corpus
+
+
 def _bbbc038_dir() -> Path:
     return cache_dir() / "data" / "bbbc038"
 
@@ -76,3 +88,43 @@ def instance_masks(labels: np.ndarray) -> Iterator[np.ndarray]:
     for value in np.unique(labels):
         if value != 0:
             yield labels == value
+
+
+def bbbc038_coco(folder: Path) -> Tuple[Path, Path]:
+    """The BBBC038 image as an 8-bit PNG and its 125 nuclei as a COCO ground-truth file in
+    `folder`; returns (annotations json, images folder). Idempotent."""
+    import json
+
+    from PIL import Image
+
+    from .transforms import to_rgb_uint8
+    from .utils.rle import mask_bbox_xywh, mask_to_coco_rle
+
+    folder = Path(folder)
+    images, gt_path = folder / "images", folder / "bbbc038_coco.json"
+    if gt_path.exists() and (images / "bbbc038.png").exists():
+        return gt_path, images
+    images.mkdir(parents=True, exist_ok=True)
+    image, labels = bbbc038()
+    Image.fromarray(to_rgb_uint8(image, "BBBC038")).save(images / "bbbc038.png")
+    anns = []
+    for k, mask in enumerate(instance_masks(labels), start=1):
+        anns.append({"id": k, "image_id": 1, "category_id": 1, "segmentation": mask_to_coco_rle(mask),
+                     "bbox": mask_bbox_xywh(mask), "area": int(mask.sum()), "iscrowd": 0})
+    doc = {"images": [{"id": 1, "file_name": "bbbc038.png", "height": int(labels.shape[0]),
+                       "width": int(labels.shape[1])}],
+           "annotations": anns, "categories": [{"id": 1, "name": "nucleus"}]}
+    tmp = gt_path.with_suffix(".part")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, gt_path)
+    return gt_path, images
+
+
+if __name__ == "__main__":  # python -m tinysam.sample_data FOLDER: the sample photos as a tiny corpus
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the real sample photos into a folder.")
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args()
+    for path in write_sample_photos(args.folder):
+        print(path)

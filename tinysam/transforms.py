@@ -6,12 +6,13 @@ Matching PIL exactly is what makes stored embeddings equal the official predicto
 """
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where it is used: decoding workers need only numpy and PIL
+    import torch
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -68,12 +69,15 @@ def resize_longest_side(image: np.ndarray, long_side_length: int = IMAGE_SIZE) -
 
 
 def normalize_and_pad(
-    x: torch.Tensor,
+    x: "torch.Tensor",
     size: int = IMAGE_SIZE,
-    mean: Union[Sequence[float], torch.Tensor] = PIXEL_MEAN,
-    std: Union[Sequence[float], torch.Tensor] = PIXEL_STD,
-) -> torch.Tensor:
+    mean: Union[Sequence[float], "torch.Tensor"] = PIXEL_MEAN,
+    std: Union[Sequence[float], "torch.Tensor"] = PIXEL_STD,
+) -> "torch.Tensor":
     """(..., 3, h, w) 0..255 pixels -> normalised and zero-padded (..., 3, size, size) floats."""
+    import torch
+    import torch.nn.functional as F
+
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     x = (x.to(torch.float32) - mean_t) / std_t
@@ -85,13 +89,15 @@ def normalize_and_pad(
 class PreparedImage:
     """An image ready for the encoder, with the sizes needed to map prompts and masks back."""
 
-    tensor: torch.Tensor  # (3, size, size) float32, normalised and padded
+    tensor: "torch.Tensor"  # (3, size, size) float32, normalised and padded
     original_size: Tuple[int, int]  # (H, W) of the input image
     input_size: Tuple[int, int]  # (h, w) after resizing, before padding
 
 
 def prepare_image(image: np.ndarray, size: int = IMAGE_SIZE, name: str = "image") -> PreparedImage:
     """Convert, resize, normalise and pad one image: the CPU half of the encoder's work."""
+    import torch
+
     rgb = to_rgb_uint8(image, name)
     resized = resize_longest_side(rgb, size)
     x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)
@@ -118,7 +124,9 @@ class ResizeLongestSide:
     def apply_boxes(self, boxes: np.ndarray, original_size: Tuple[int, ...]) -> np.ndarray:
         return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
-    def apply_coords_torch(self, coords: torch.Tensor, original_size: Tuple[int, ...]) -> torch.Tensor:
+    def apply_coords_torch(self, coords: "torch.Tensor", original_size: Tuple[int, ...]) -> "torch.Tensor":
+        import torch
+
         old_h, old_w = original_size
         new_h, new_w = get_preprocess_shape(old_h, old_w, self.target_length)
         coords = coords.to(torch.float32).clone()
@@ -126,7 +134,7 @@ class ResizeLongestSide:
         coords[..., 1] = coords[..., 1] * (new_h / old_h)
         return coords
 
-    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: Tuple[int, ...]) -> torch.Tensor:
+    def apply_boxes_torch(self, boxes: "torch.Tensor", original_size: Tuple[int, ...]) -> "torch.Tensor":
         return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
     @staticmethod

@@ -9,8 +9,7 @@ from pycocotools import mask as mask_utils
 def mask_to_coco_rle(mask: np.ndarray) -> Dict[str, Any]:
     """Binary HxW mask -> COCO RLE {"size": [h, w], "counts": str} (JSON-serialisable)."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def coco_rle_to_mask(rle: Dict[str, Any]) -> np.ndarray:

@@ -1,0 +1,90 @@
+"""Throughput of the bulk auto-masking job vs the in-process generator loop, side by side in one run.
+
+Both read and decode the same real photos, run the same model (same weights, same threads) and
+hierarchical everything mode with the same parameters. The loop keeps the records in memory; the
+job pays for Ray, actor start and model load, batching, Parquet writes. Goal: job / loop >= 0.9
+images/s with one actor on CPU. Also prints masks per image and where the loop's time goes.
+
+    python benchmarks/automask.py [--images 6] [--points-per-side 32] [--mode hierarchical]
+"""
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.automask import automask, make_generator
+from pipelines.runtime import init_ray
+from pipelines.sources import decode_image, list_images, read_bytes
+from tinysam import build_sam
+from tinysam.sample_data import write_sample_corpus
+from tinysam.transforms import prepare_image, to_rgb_uint8
+
+
+def in_process_loop(folder: Path, model_type: str, checkpoint: str, mode: str, params: dict) -> dict:
+    """The generator called image by image, with the time split into read/decode, encoder and
+    everything mode (decoder + post-processing)."""
+    generator = make_generator(build_sam(model_type, checkpoint), mode, params)
+    times = {"read_decode": 0.0, "encoder": 0.0, "everything": 0.0}
+    masks = 0
+    refs = list_images(str(folder))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for ref in refs:
+            t0 = time.perf_counter()
+            image = to_rgb_uint8(decode_image(read_bytes(ref.source)[0], ref.source), ref.source)
+            t1 = time.perf_counter()
+            prepared = prepare_image(image)
+            embedding = generator.model.image_encoder(prepared.tensor[None])
+            t2 = time.perf_counter()
+            [records] = generator.generate_from_embeddings(embedding, [prepared.input_size], [image.shape[:2]])
+            t3 = time.perf_counter()
+            times["read_decode"] += t1 - t0
+            times["encoder"] += t2 - t1
+            times["everything"] += t3 - t2
+            masks += len(records)
+    seconds = time.perf_counter() - start
+    return {"images_per_second": len(refs) / seconds, "masks": masks, "seconds": seconds, **times}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--model", default="vit_t")
+    parser.add_argument("--checkpoint", default="mobile_sam")
+    parser.add_argument("--mode", default="hierarchical", choices=["hierarchical", "dense"])
+    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--num-gpus-per-actor", type=float, default=0.0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    params = {"points_per_side": args.points_per_side}
+
+    work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
+    try:
+        folder = write_sample_corpus(work, args.images)
+        loop = in_process_loop(folder, args.model, args.checkpoint, args.mode, params)
+        init_ray(num_cpus=args.threads + 2)  # room for the read and write tasks beside the actor
+        summary = automask(str(folder), str(work / "out"), model=args.model, checkpoint=args.checkpoint,
+                           mode=args.mode, params=params, batch_size=args.batch_size,
+                           num_cpus_per_actor=args.threads, num_gpus_per_actor=args.num_gpus_per_actor)
+        n = args.images
+        print(f"{n} images, {args.model}, {args.mode} {args.points_per_side}x{args.points_per_side}, "
+              f"job batch {args.batch_size}, {args.threads} threads")
+        print(f"  in-process loop: {loop['images_per_second']:.4f} images/s, {loop['masks'] / n:.1f} masks/image; "
+              f"per image: read+decode {loop['read_decode'] / n:.3f} s, encoder {loop['encoder'] / n:.2f} s, "
+              f"everything mode {loop['everything'] / n:.2f} s")
+        print(f"  Ray job        : {summary.images_per_second:.4f} images/s, {summary.masks_per_image:.1f} masks/image "
+              f"(incl. actor start and model load); actor time per image: encoder "
+              f"{summary.encode_seconds / n:.2f} s, everything mode {summary.generate_seconds / n:.2f} s")
+        print(f"ratio job / loop: {summary.images_per_second / loop['images_per_second']:.3f}  (goal >= 0.9)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
