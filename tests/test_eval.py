@@ -1,0 +1,137 @@
+"""The zero-shot evaluation protocols: synthetic cases with known answers, then the real vit_t on
+the real BBBC038 nuclei image (125 ground-truth masks) converted to a COCO file."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinysam import SamPredictor
+from tinysam.eval import (
+    CocoImages,
+    EvalConfig,
+    EverythingConfig,
+    aggregate,
+    coco_segm_stats,
+    evaluate_dataset,
+    first_point,
+    next_point,
+)
+from tinysam.sample_data import bbbc038_coco
+
+from .conftest import job_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _square(shape, x0, y0, side):
+    mask = np.zeros(shape, bool)
+    mask[y0:y0 + side, x0:x0 + side] = True
+    return mask
+
+
+def test_first_point_is_the_distance_transform_maximum():
+    assert first_point(_square((30, 40), 10, 5, 9)) == (14, 9)  # the centre of a 9x9 square
+    yy, xx = np.mgrid[:64, :64]
+    disk = (xx - 40) ** 2 + (yy - 22) ** 2 <= 12 ** 2
+    assert first_point(disk) == (40, 22)
+    # Touching the image border counts as boundary: the centre of the visible part, not the edge.
+    assert first_point(_square((20, 20), 0, 0, 7)) == (3, 3)
+    with pytest.raises(ValueError, match="empty"):
+        first_point(np.zeros((5, 5), bool))
+
+
+def test_next_point_goes_to_the_deepest_error():
+    gt = _square((60, 60), 5, 5, 15)
+    # A missed 7x7 core: a positive click at its centre.
+    pred = gt & ~_square((60, 60), 9, 9, 7)
+    assert next_point(gt, pred) == ((12, 12), 1)
+    # A large false positive beats a small miss: a negative click at the false positive's centre.
+    pred = (gt & ~_square((60, 60), 5, 5, 3)) | _square((60, 60), 35, 30, 11)
+    assert next_point(gt, pred) == ((40, 35), 0)
+    assert next_point(gt, gt.copy()) is None
+
+
+@pytest.fixture(scope="module")
+def bbbc038_gt(tmp_path_factory):
+    gt_path, images = bbbc038_coco(tmp_path_factory.mktemp("bbbc038"))
+    return CocoImages(str(gt_path), str(images))
+
+
+def test_real_vit_t_on_bbbc038_box_point_and_everything(vit_t, bbbc038_gt, tmp_path):
+    from pycocotools.cocoeval import COCOeval
+
+    config = EvalConfig(n_points=(1, 2, 3, 5), everything=[EverythingConfig("hierarchical", 8, 2)],
+                        max_dets=300, point_max_objects=40)
+    parts, errors = evaluate_dataset(SamPredictor(vit_t), bbbc038_gt, config)
+    assert errors == [] and len(parts) == 1 and parts[0]["objects"] == 125
+    summary = aggregate(parts, config, bbbc038_gt.coco)
+    print(json.dumps(summary, indent=1))
+
+    box = summary["box"]
+    assert box["mIoU"] >= 0.75
+    # The AP is pycocotools' own, from our results file: at COCO's 100 detections per image it
+    # equals what pycocotools' summarize prints; at 300 (all 125 nuclei count) it can only be higher.
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps(parts[0]["box"]["results"]))
+    evaluator = COCOeval(bbbc038_gt.coco, bbbc038_gt.coco.loadRes(str(results_file)), "segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    at_100 = coco_segm_stats(bbbc038_gt.coco, parts[0]["box"]["results"], max_dets=100)
+    assert [at_100[k] for k in ("AP", "AP50", "AP75", "AP_S", "AP_M")] == pytest.approx(list(evaluator.stats[:5]))
+    assert 0.3 < at_100["AP"] <= box["AP"] <= 1.0
+
+    point = summary["point"]
+    assert set(point) == {1, 2, 3, 5} and len(parts[0]["point"]["5"]) == 40
+    assert point[1] > 0.3
+    assert point[5] >= point[3] >= point[2] >= point[1]  # more points do not lower mIoU on average
+
+    [(name, everything)] = summary["everything"].items()
+    assert name == "hierarchical 2/8 tau 8.5"
+    # an 8x8 grid finds a fraction of 125 small nuclei (the full grid: README table)
+    assert 0.1 < everything["mIoU"] <= 1.0 and everything["masks_per_image"] >= 5 and everything["seconds_per_image"] > 0
+
+
+def test_evaluate_job_compares_models_locally_and_on_ray(bbbc038_gt, mobile_sam_path, tmp_path):
+    subset = json.loads(Path(bbbc038_gt.path).read_text())
+    subset["annotations"] = subset["annotations"][:30]  # 30 of the 125 nuclei keep the job test short
+    gt = tmp_path / "gt30.json"
+    gt.write_text(json.dumps(subset))
+    common = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--annotations", str(gt),
+              "--images", bbbc038_gt.images_dir, "--protocols", "box,point", "--points", "1,3",
+              "--point-max-objects", "10", "--model", "vit_t", "--checkpoint", str(mobile_sam_path),
+              "--label", "mobile_sam"]
+    local = subprocess.run(common + ["--model", "vit_t", "--checkpoint", "none", "--label", "random",
+                                     "--output", str(tmp_path / "local")],
+                           capture_output=True, text=True, env=job_env(), timeout=600)
+    assert local.returncode == 0, local.stderr[-3000:]
+    on_ray = subprocess.run(common + ["--output", str(tmp_path / "ray"), "--ray", "--num-cpus", "2"],
+                            capture_output=True, text=True, env=job_env(), timeout=600)
+    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
+    a = json.loads((tmp_path / "local" / "results.json").read_text())["models"]
+    b = json.loads((tmp_path / "ray" / "results.json").read_text())["models"]
+    # (>= 0.75 on all 125 nuclei is asserted above; this is a 30-nuclei subset)
+    assert a["mobile_sam"]["box"]["mIoU"] >= 0.7 and a["random"]["box"]["mIoU"] < 0.4
+    assert a["mobile_sam"]["point"]["3"] > a["random"]["point"]["3"]
+    # the Ray actors compute what the local loop computes
+    assert a["mobile_sam"]["box"]["AP"] == pytest.approx(b["mobile_sam"]["box"]["AP"], abs=1e-3)
+    assert a["mobile_sam"]["point"]["3"] == pytest.approx(b["mobile_sam"]["point"]["3"], abs=1e-3)
+    table = (tmp_path / "local" / "results.md").read_text()
+    assert "| mobile_sam |" in table and "| random |" in table and "3 pt" in table
+
+
+def test_bad_arguments_are_refused(tmp_path, bbbc038_gt):
+    job = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--images", bbbc038_gt.images_dir,
+           "--output", str(tmp_path)]
+    missing = subprocess.run(job + ["--annotations", str(tmp_path / "nope.json"), "--model", "vit_t",
+                                    "--checkpoint", "none"], capture_output=True, text=True, env=job_env())
+    assert missing.returncode == 2 and "nope.json" in missing.stderr
+    unpaired = subprocess.run(job + ["--annotations", bbbc038_gt.path, "--model", "vit_t"],
+                              capture_output=True, text=True, env=job_env())
+    assert unpaired.returncode == 2 and "one checkpoint per model" in unpaired.stderr
+    with pytest.raises(ValueError, match="hierarchical"):
+        EverythingConfig.parse("sparse:8")
