@@ -135,3 +135,20 @@ def test_bad_arguments_are_refused(tmp_path, bbbc038_gt):
     assert unpaired.returncode == 2 and "one checkpoint per model" in unpaired.stderr
     with pytest.raises(ValueError, match="hierarchical"):
         EverythingConfig.parse("sparse:8")
+
+
+def test_detection_boxes_are_the_prompts_and_their_scores_rank_the_masks(vit_t, bbbc038_gt):
+    from tinysam.eval import evaluate_image
+
+    image, anns, masks = bbbc038_gt.load(1)
+    # A detector's output: the first 10 nuclei's boxes, shifted by a pixel, with falling scores.
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [a["bbox"][0] + 1, a["bbox"][1], *a["bbox"][2:]],
+             "score": 1.0 - 0.05 * k} for k, a in enumerate(anns[:10])]
+    config = EvalConfig(protocols=("box",), detections={1: dets})
+    part = evaluate_image(SamPredictor(vit_t), 1, image, anns, masks, config)
+    results = part["box"]["results"]
+    assert len(results) == 10 and part["box"]["ious"] == []  # no GT pairing for detector boxes
+    for det, res in zip(dets, results):
+        assert 0 < res["score"] <= det["score"]  # detection score x predicted IoU
+    stats = aggregate([part], config, bbbc038_gt.coco)["box"]
+    assert 0 < stats["AP"] < 0.2  # 10 of 125 objects found: precision high, recall capped at 0.08
