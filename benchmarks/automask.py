@@ -5,7 +5,7 @@ hierarchical everything mode with the same parameters. The loop keeps the record
 job pays for Ray, actor start and model load, batching, Parquet writes. Goal: job / loop >= 0.9
 images/s with one actor on CPU. Also prints masks per image and where the loop's time goes.
 
-    python benchmarks/automask.py [--images 6] [--points-per-side 32] [--mode hierarchical]
+    python benchmarks/automask.py [--images 12] [--points-per-side 32] [--mode hierarchical]
 """
 
 import argparse
@@ -52,7 +52,7 @@ def in_process_loop(folder: Path, model_type: str, checkpoint: str, mode: str, p
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--model", default="vit_t")
     parser.add_argument("--checkpoint", default="mobile_sam")
     parser.add_argument("--mode", default="hierarchical", choices=["hierarchical", "dense"])
