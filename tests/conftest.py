@@ -188,3 +188,22 @@ def submit_job(address: str, entrypoint: list, timeout: float = 600) -> subproce
             return done
         time.sleep(2)
     return done
+
+
+def kill_midway_and_rerun(cmd: list, out: Path, total: int) -> int:
+    """Start a job, SIGKILL it (driver and the local Ray it started) once its first output file
+    appears, assert the kill landed mid-run, rerun it to the end; returns the files written before
+    the kill (the rerun must report them as already present)."""
+    proc = subprocess.Popen(cmd, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("part-*.parquet")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written_before = len(list(out.glob("part-*.parquet")))
+    assert 1 <= written_before < total, "the kill should land mid-run"
+    rerun = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"already present {written_before}" in rerun.stdout
+    return written_before

@@ -5,12 +5,9 @@ default one (hierarchical, encoder in the actor, decoder batched over the batch'
 """
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from tinysam.sample_data import write_sample_photos
 from tinysam.utils.metrics import best_match_ious
 from tinysam.utils.rle import coco_rle_to_mask
 
-from .conftest import job_env, submit_job
+from .conftest import job_env, kill_midway_and_rerun, submit_job
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "automask.py"
@@ -142,18 +139,7 @@ def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir,
     out = tmp_path / "masks"
     cmd = [sys.executable, str(JOB), "--input", str(corpus), "--output", str(out), "--checkpoint",
            str(mobile_sam_path), "--points-per-side", "4", "--batch-size", "1", "--num-cpus", "2"]
-    proc = subprocess.Popen(cmd, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(out.glob("part-*.parquet")):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
-    written_before = len(list(out.glob("part-*.parquet")))
-    assert 1 <= written_before < 4, "the kill should land mid-run"
-    rerun = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=600, start_new_session=True)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"already present {written_before}" in rerun.stdout
+    kill_midway_and_rerun(cmd, out, total=4)
     rows = _rows(out)
     assert len(rows) == 4 and len(list(out.glob("part-*.parquet"))) == 4  # one image per file: no duplicate
 

@@ -1,11 +1,8 @@
 """The precompute job on a local Ray with the real vit_t as teacher, on real photos."""
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import torch
 from tinysam import SamPredictor
 from tinysam.sample_data import write_sample_photos
 
-from .conftest import job_env, submit_job
+from .conftest import job_env, kill_midway_and_rerun, submit_job
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "precompute_embeddings.py"
@@ -110,19 +107,7 @@ def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir,
     out = tmp_path / "emb"
     cmd = [sys.executable, str(JOB), "--input", str(corpus), "--output", str(out), "--teacher", "vit_t",
            "--checkpoint", str(mobile_sam_path), "--batch-size", "1", "--num-cpus", "2"]
-    proc = subprocess.Popen(cmd, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(out.glob("part-*.parquet")):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
-    written_before = len(list(out.glob("part-*.parquet")))
-    assert 1 <= written_before < 5, "the kill should land mid-run"
-    rerun = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=600,
-                           start_new_session=True)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"already present {written_before}" in rerun.stdout
+    kill_midway_and_rerun(cmd, out, total=5)
     ids = read_table(str(out), columns=["image_id"])["image_id"].to_pylist()
     assert len(ids) == 5 and len(set(ids)) == 5
 
