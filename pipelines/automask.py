@@ -280,13 +280,10 @@ def automask(
         actor_kwargs = {"model_type": model, "checkpoint": checkpoint, "mode": mode, "params": params}
         write_kwargs = {"output": output, "model": model, "checkpoint_sha256": checkpoint_sha, "mode": mode,
                         "params": json.dumps(params, sort_keys=True), "sa1b_json": sa1b_json}
-        if embeddings:
-            ds = _stored_pipeline(todo, files, actor_kwargs, write_kwargs, batch_size, concurrency,
-                                  num_gpus_per_actor, num_cpus_per_actor, rows_per_file, storage_options)
-        else:
-            ds = image_pipeline(todo, AutoMasker, actor_kwargs, write_masks, write_kwargs, batch_size, concurrency,
-                                num_gpus_per_actor, num_cpus_per_actor, rows_per_file, storage_options,
-                                keep_original=bool(params.get("crop_n_layers")))
+        stored = {"read_fn": load_stored_embeddings, "extra_columns": {"embedding_file": files}} if embeddings else {}
+        ds = image_pipeline(todo, AutoMasker, actor_kwargs, write_masks, write_kwargs, batch_size, concurrency,
+                            num_gpus_per_actor, num_cpus_per_actor, rows_per_file, storage_options,
+                            keep_original=bool(params.get("crop_n_layers")), **stored)
 
         def count(result: Dict[str, np.ndarray], i: int) -> None:
             summary.masks += int(result["num_masks"][i])
@@ -318,22 +315,6 @@ def _pending_stored(embeddings: str, output: str, model: str, checkpoint_sha: st
     refs = refs[:limit] if limit is not None else refs
     done = existing_ids(output, storage_options=storage_options)
     return refs, [r for r in refs if r.image_id not in done], ids_by_file(embeddings, storage_options=storage_options)
-
-
-def _stored_pipeline(todo, files, actor_kwargs, write_kwargs, batch_size, concurrency, num_gpus_per_actor,
-                     num_cpus_per_actor, rows_per_file, storage_options):
-    import ray
-
-    ds = ray.data.from_items([{"image_id": r.image_id, "source": r.source, "embedding_file": files[r.image_id]}
-                              for r in todo], override_num_blocks=max(1, min(len(todo), 64)))
-    ds = ds.map_batches(load_stored_embeddings, batch_size=batch_size, num_cpus=0.5,
-                        fn_kwargs={"storage_options": storage_options})
-    ds = ds.map_batches(AutoMasker, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
-                        num_gpus=num_gpus_per_actor, num_cpus=num_cpus_per_actor,
-                        fn_constructor_kwargs={**actor_kwargs,
-                                               "cpu_threads": None if num_gpus_per_actor else num_cpus_per_actor})
-    return ds.map_batches(write_masks, batch_size=rows_per_file or batch_size, num_cpus=0.5,
-                          fn_kwargs={**write_kwargs, "storage_options": storage_options})
 
 
 def iter_results(output: str, image_ids: Optional[set] = None,

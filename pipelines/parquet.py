@@ -66,9 +66,7 @@ def existing_ids(output: str, column: str = "image_id",
                  storage_options: Optional[Dict[str, Any]] = None) -> Set[str]:
     """Ids already written under `output` (complete files only), to skip them on a rerun."""
     fs, path = filesystem(output, storage_options)
-    if not fs.exists(path):
-        return set()
-    files = [f for f in fs.find(path) if f.endswith(".parquet") and not _hidden(f, path)]
+    files = _complete_files(fs, path)
     if not files:
         return set()
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
@@ -78,8 +76,14 @@ def existing_ids(output: str, column: str = "image_id",
 def parquet_files(output: str, storage_options: Optional[Dict[str, Any]] = None) -> List[str]:
     """URLs of the complete Parquet files under `output`, sorted (errors and temporaries excluded)."""
     fs, path = filesystem(output, storage_options)
-    files = sorted(f for f in fs.find(path) if f.endswith(".parquet") and not _hidden(f, path)) if fs.exists(path) else []
-    return [url_for(fs, f) for f in files]
+    return [url_for(fs, f) for f in _complete_files(fs, path)]
+
+
+def _complete_files(fs, path: str) -> List[str]:
+    """Sorted paths of the Parquet files under `path` that readers should see."""
+    if not fs.exists(path):
+        return []
+    return sorted(f for f in fs.find(path) if f.endswith(".parquet") and not _hidden(f, path))
 
 
 def ids_by_file(output: str, column: str = "image_id",
@@ -110,7 +114,7 @@ def read_table(output: str, columns: Optional[List[str]] = None,
                storage_options: Optional[Dict[str, Any]] = None) -> pa.Table:
     """All complete Parquet files under `output` as one table (errors and temporaries excluded)."""
     fs, path = filesystem(output, storage_options)
-    files = sorted(f for f in fs.find(path) if f.endswith(".parquet") and not _hidden(f, path))
+    files = _complete_files(fs, path)
     if not files:
         raise FileNotFoundError(f"{output}: no Parquet files")
     return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)

@@ -70,15 +70,23 @@ def image_pipeline(todo: List[ImageRef], actor_cls: type, actor_kwargs: Dict[str
                    write_kwargs: Dict[str, Any], batch_size: int, concurrency: int = 1,
                    num_gpus_per_actor: float = 0.0, num_cpus_per_actor: int = 1,
                    rows_per_file: Optional[int] = None, storage_options: Optional[dict] = None,
-                   keep_original: bool = False):
-    """images -> prepare_images tasks -> an actor pool of `actor_cls` -> `write_fn` tasks (a lazy Dataset)."""
+                   keep_original: bool = False, read_fn: Optional[Callable] = None,
+                   extra_columns: Optional[Dict[str, Dict[str, Any]]] = None):
+    """images -> read tasks -> an actor pool of `actor_cls` -> `write_fn` tasks (a lazy Dataset).
+
+    The read stage is `prepare_images` unless `read_fn` replaces it (e.g. reading stored
+    embeddings); `extra_columns` ({column: {image_id: value}}) adds per-image inputs it needs.
+    """
     import ray
 
-    ds = ray.data.from_items([{"image_id": r.image_id, "source": r.source} for r in todo],
-                             override_num_blocks=max(1, min(len(todo), 64)))
-    # Decoding runs in its own tasks (0.5 CPU: it mostly waits on I/O), not fused into the actors.
-    ds = ds.map_batches(prepare_images, batch_size=batch_size, num_cpus=0.5,
-                        fn_kwargs={"storage_options": storage_options, "keep_original": keep_original})
+    extra_columns = extra_columns or {}
+    items = [{"image_id": r.image_id, "source": r.source, **{k: v[r.image_id] for k, v in extra_columns.items()}}
+             for r in todo]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(todo), 64)))
+    # Reading runs in its own tasks (0.5 CPU: it mostly waits on I/O), not fused into the actors.
+    read_kwargs = {"storage_options": storage_options} if read_fn else {"storage_options": storage_options,
+                                                                        "keep_original": keep_original}
+    ds = ds.map_batches(read_fn or prepare_images, batch_size=batch_size, num_cpus=0.5, fn_kwargs=read_kwargs)
     ds = ds.map_batches(
         actor_cls,
         batch_size=batch_size,
