@@ -56,7 +56,7 @@ def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
     """(N, H, W) bool -> (N, 4) XYXY with inclusive max coordinates; [0, 0, 0, 0] for empty masks."""
     n, h, w = masks.shape
     if n == 0:
-        return torch.zeros(0, 4, dtype=torch.long)
+        return torch.zeros(0, 4, dtype=torch.long, device=masks.device)
     rows, cols = masks.any(dim=2), masks.any(dim=1)
     ar_h, ar_w = torch.arange(h, device=masks.device), torch.arange(w, device=masks.device)
     bottom = (rows * ar_h).amax(-1)
@@ -70,9 +70,9 @@ def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
 
 def is_box_near_crop_edge(boxes: torch.Tensor, crop_box: List[int], orig_box: List[int], atol: float = 20.0) -> torch.Tensor:
     """Boxes (in crop coordinates) touching a crop edge that is not also an image edge."""
-    crop = torch.as_tensor(crop_box, dtype=torch.float)
-    orig = torch.as_tensor(orig_box, dtype=torch.float)
-    boxes = (boxes + torch.tensor([crop_box[0], crop_box[1], crop_box[0], crop_box[1]])).float()
+    crop = torch.as_tensor(crop_box, dtype=torch.float, device=boxes.device)
+    orig = torch.as_tensor(orig_box, dtype=torch.float, device=boxes.device)
+    boxes = boxes.float() + crop[[0, 1, 0, 1]]
     near_crop = torch.isclose(boxes, crop[None], atol=atol, rtol=0)
     near_image = torch.isclose(boxes, orig[None], atol=atol, rtol=0)
     return (near_crop & ~near_image).any(dim=1)

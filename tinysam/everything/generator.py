@@ -259,7 +259,7 @@ class SamAutomaticMaskGenerator:
     def _filter_batch(self, out: MaskSet, low_res, iou, points, input_size, crop_size, crop_box, orig_size,
                       high_conf=None) -> None:
         """IoU filter on low-res outputs, then stability/box/edge filters on full-res chunks."""
-        keep = torch.arange(len(iou))
+        keep = torch.arange(len(iou), device=iou.device)
         if self.pred_iou_thresh > 0.0:
             keep = keep[iou > self.pred_iou_thresh]
         orig_h, orig_w = orig_size
@@ -285,7 +285,7 @@ class SamAutomaticMaskGenerator:
             out.boxes.append(boxes.cpu() + offset)
             out.iou_preds.append(iou[idx].float().cpu())
             out.stability.append(stab.float().cpu())
-            out.points.append(torch.as_tensor(points[idx.numpy()], dtype=torch.float64) + torch.tensor([x0, y0]))
+            out.points.append(torch.as_tensor(points[idx.cpu().numpy()], dtype=torch.float64) + torch.tensor([x0, y0]))
             out.crop_boxes.append(torch.tensor([crop_box] * len(idx)))
 
     def _remove_small_regions(self, data: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,0 +1,255 @@
+"""The GPU path, checked and timed in one run on one card: encoders in fp32 vs bf16 autocast (speed,
+memory, embedding error), everything mode on the GPU (speed, masks from bf16 vs fp32 embeddings),
+and the two Ray jobs' GPU actor pools vs a bare loop on the same card (images/s, GPU utilisation).
+
+    python benchmarks/gpu_check.py [--vit-t-checkpoint mobile_sam] [--out DIR]
+
+Needs a CUDA GPU. SAM-H runs with random weights of the real shapes (its speed does not depend on
+the values). Each section reports its own failure and the run goes on; the summary comes last.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+import torch
+
+from pipelines.automask import automask, make_generator
+from pipelines.embeddings import precompute_embeddings
+from pipelines.runtime import init_ray
+from pipelines.sources import decode_image, list_images, read_bytes
+from tinysam import build_sam
+from tinysam.sample_data import sample_images, write_sample_corpus
+from tinysam.transforms import prepare_image, to_rgb_uint8
+from tinysam.utils.metrics import best_match_ious
+
+RESULTS: Dict[str, Any] = {}
+
+
+def section(name: str, fn: Callable[[], Dict[str, Any]]) -> None:
+    start = time.perf_counter()
+    try:
+        RESULTS[name] = fn()
+    except Exception as exc:  # one broken section must not hide the others' figures
+        RESULTS[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        print(RESULTS[name]["traceback"], flush=True)
+    RESULTS[name]["section_seconds"] = round(time.perf_counter() - start, 1)
+    print(name, json.dumps({k: v for k, v in RESULTS[name].items() if k != "traceback"}), flush=True)
+
+
+def median_seconds(fn: Callable[[], Any], iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def on_gpu(model_type: str, checkpoint):
+    with torch.device("cuda"):  # random init on the GPU: seconds instead of a minute for SAM-H
+        return build_sam(model_type, checkpoint).cuda().eval()
+
+
+def encode(model, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        return model.image_encoder(x).float()
+
+
+def real_batch(n: int) -> torch.Tensor:
+    images = [im for _, im in sample_images()] * n
+    return torch.stack([prepare_image(im).tensor for im in images[:n]]).cuda()
+
+
+def encoder_speed(model_type: str, checkpoint, batches: List[int], iters: int) -> Dict[str, Any]:
+    model = on_gpu(model_type, checkpoint)
+    out: Dict[str, Any] = {"checkpoint": "random-init" if checkpoint is None else "real"}
+    for b in batches:
+        x = real_batch(b)
+        for name, bf16 in (("fp32", False), ("bf16", True)):
+            torch.cuda.reset_peak_memory_stats()
+            s = median_seconds(lambda: encode(model, x, bf16), iters)
+            out[f"b{b}_{name}_images_per_s"] = round(b / s, 2)
+            out[f"b{b}_{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out[f"b{b}_bf16_speedup"] = round(out[f"b{b}_bf16_images_per_s"] / out[f"b{b}_fp32_images_per_s"], 2)
+    x = real_batch(3)
+    ref, low = encode(model, x, False), encode(model, x, True)
+    out["bf16_rel_error"] = float((low - ref).norm() / ref.norm())
+    return out
+
+
+def everything_on_gpu(checkpoint: str) -> Dict[str, Any]:
+    """Per-image time of dense and hierarchical everything mode on the GPU, and whether bf16
+    embeddings give the fp32 embeddings' masks."""
+    model = on_gpu("vit_t", checkpoint)
+    out: Dict[str, Any] = {}
+    images = [im for _, im in sample_images(("astronaut", "coffee", "chelsea", "rocket", "camera"))]
+    prepared = [prepare_image(im) for im in images]
+    for mode in ("dense", "hierarchical"):
+        gen = make_generator(model, mode, {"points_per_side": 32})
+        ious, counts, times = [], [], []
+        for im, p in zip(images, prepared):
+            x = p.tensor[None].cuda()
+            with torch.inference_mode():
+                ref = gen.generate_from_embeddings(encode(model, x, False), [p.input_size], [im.shape[:2]])[0]
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                low = gen.generate_from_embeddings(encode(model, x, True), [p.input_size], [im.shape[:2]])[0]
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            counts.append((len(ref), len(low)))
+            ious.extend(best_match_ious(decode(ref), decode(low)))
+        out[f"{mode}_seconds_per_image"] = round(statistics.median(times[1:]), 3)
+        out[f"{mode}_masks_fp32_vs_bf16"] = counts
+        out[f"{mode}_bf16_vs_fp32_mean_best_iou"] = round(float(np.mean(ious)), 4)
+        out[f"{mode}_bf16_vs_fp32_min_best_iou"] = round(float(np.min(ious)), 4)
+    # The same generator on the CPU, same weights and fp32 embeddings: the GPU path's masks must match.
+    cpu_model = build_sam("vit_t", checkpoint).eval()
+    gen_gpu = make_generator(model, "dense", {"points_per_side": 32})
+    gen_cpu = make_generator(cpu_model, "dense", {"points_per_side": 32})
+    with torch.inference_mode():
+        emb = encode(model, prepared[0].tensor[None].cuda(), False)
+        gpu = gen_gpu.generate_from_embeddings(emb, [prepared[0].input_size], [images[0].shape[:2]])[0]
+        cpu = gen_cpu.generate_from_embeddings(emb.cpu(), [prepared[0].input_size], [images[0].shape[:2]])[0]
+    ious = best_match_ious(decode(cpu), decode(gpu))
+    out["dense_gpu_vs_cpu_masks"] = [len(cpu), len(gpu)]
+    out["dense_gpu_vs_cpu_min_best_iou"] = round(float(np.min(ious)), 4) if len(ious) else None
+    return out
+
+
+def decode(records: List[dict]) -> List[np.ndarray]:
+    from pycocotools import mask as mask_utils
+
+    return [mask_utils.decode(r["segmentation"]) for r in records]
+
+
+class GpuSampler:
+    """GPU utilisation sampled every 0.2 s while a job runs (NVML)."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.samples: List[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.2):
+            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+
+    def __enter__(self) -> "GpuSampler":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self) -> Dict[str, float]:
+        busy = [s for s in self.samples if s > 0]
+        return {"gpu_util_mean": round(float(np.mean(self.samples or [0])), 1),
+                "gpu_util_mean_while_busy": round(float(np.mean(busy or [0])), 1)}
+
+
+def loop_images_per_s(folder: Path, run_batch: Callable[[List[np.ndarray]], Any], batch_size: int) -> float:
+    """Read, decode and run `run_batch` serially in this process (the job's baseline)."""
+    refs = list_images(str(folder))
+    run_batch([to_rgb_uint8(decode_image(read_bytes(refs[0].source)[0], "warm"), "warm")])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(refs), batch_size):
+        run_batch([to_rgb_uint8(decode_image(read_bytes(r.source)[0], r.source), r.source)
+                   for r in refs[i:i + batch_size]])
+    torch.cuda.synchronize()
+    return len(refs) / (time.perf_counter() - start)
+
+
+def precompute_on_gpu(work: Path, images: int, batch_size: int) -> Dict[str, Any]:
+    folder = write_sample_corpus(work / "teacher_in", images)
+    model = on_gpu("vit_h", None)
+
+    def run_batch(batch):
+        x = torch.stack([prepare_image(im).tensor for im in batch]).cuda()
+        return encode(model, x, True).half().cpu().numpy()
+
+    loop = loop_images_per_s(write_sample_corpus(work / "teacher_loop", min(images, 64)), run_batch, batch_size)
+    with GpuSampler() as gpu:
+        summary = precompute_embeddings(str(folder), str(work / "teacher_out"), teacher="vit_h", checkpoint=None,
+                                        batch_size=batch_size, num_gpus_per_actor=1, num_cpus_per_actor=4)
+    return {"images": images, "batch_size": batch_size, "loop_images_per_s": round(loop, 2),
+            "job_images_per_s_incl_start": round(summary.images_per_second, 2), "job_seconds": round(summary.seconds, 1),
+            "written": summary.written, "failed": summary.failed, **gpu.summary()}
+
+
+def automask_on_gpu(work: Path, checkpoint: str, images: int, batch_size: int) -> Dict[str, Any]:
+    folder = write_sample_corpus(work / "automask_in", images)
+    model = on_gpu("vit_t", checkpoint)
+    gen = make_generator(model, "hierarchical", {"points_per_side": 32})
+
+    def run_batch(batch):
+        prepared = [prepare_image(im) for im in batch]
+        emb = encode(model, torch.stack([p.tensor for p in prepared]).cuda(), True)
+        with torch.inference_mode():
+            return gen.generate_from_embeddings(emb, [p.input_size for p in prepared], [im.shape[:2] for im in batch])
+
+    loop = loop_images_per_s(folder, run_batch, batch_size)
+    with GpuSampler() as gpu:
+        summary = automask(str(folder), str(work / "automask_out"), model="vit_t", checkpoint=checkpoint,
+                           mode="hierarchical", params={"points_per_side": 32}, batch_size=batch_size,
+                           num_gpus_per_actor=1, num_cpus_per_actor=4)
+    return {"images": images, "batch_size": batch_size, "loop_images_per_s": round(loop, 2),
+            "job_images_per_s_incl_start": round(summary.images_per_second, 2), "job_seconds": round(summary.seconds, 1),
+            "masks_per_image": round(summary.masks_per_image, 1), "written": summary.written, **gpu.summary()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vit-t-checkpoint", default="mobile_sam")
+    parser.add_argument("--teacher-images", type=int, default=512)
+    parser.add_argument("--automask-images", type=int, default=48)
+    parser.add_argument("--out", default=None, help="folder for gpu_check.json")
+    parser.add_argument("--sections", default="encoders,everything,precompute,automask")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check needs a CUDA GPU; the CPU figures are in the other benchmarks")
+    RESULTS["env"] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    print(RESULTS["env"], flush=True)
+    work = Path(tempfile.mkdtemp(prefix="tinysam-gpu-"))
+    try:
+        wanted = args.sections.split(",")
+        if "encoders" in wanted:
+            section("encoder_vit_t", lambda: encoder_speed("vit_t", args.vit_t_checkpoint, [1, 8, 32], 10))
+            section("encoder_vit_h", lambda: encoder_speed("vit_h", None, [1, 8], 5))
+        if "everything" in wanted:
+            section("everything_vit_t", lambda: everything_on_gpu(args.vit_t_checkpoint))
+        if "precompute" in wanted:
+            init_ray()
+            section("precompute_job_vit_h", lambda: precompute_on_gpu(work, args.teacher_images, 8))
+        if "automask" in wanted:
+            init_ray()
+            section("automask_job_vit_t", lambda: automask_on_gpu(work, args.vit_t_checkpoint, args.automask_images, 4))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if args.out:
+            Path(args.out, "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))
+    print("\nsummary")
+    for name, res in RESULTS.items():
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in res.items() if k != "traceback"))
+
+
+if __name__ == "__main__":
+    main()
