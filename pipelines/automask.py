@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tinysam.utils.sa1b import sa1b_document
+
 from .parquet import ids_by_file, parquet_files, read_table, write_bytes_atomic, write_table_atomic
 from .sources import decode_image, filesystem, read_bytes
 from .stages import (
@@ -219,14 +221,6 @@ def write_masks(batch: Dict[str, np.ndarray], output: str, model: str, checkpoin
         "image_id": np.asarray(ids), "ok": ok, "bytes": np.where(ok, written // max(1, int(ok.sum())), 0),
         "num_masks": np.array([len(r) for r in records]),
         "encode_seconds": batch["encode_seconds"], "generate_seconds": batch["generate_seconds"],
-    }
-
-
-def sa1b_document(image_id: str, source: str, width: int, height: int, records: List[dict]) -> Dict[str, Any]:
-    """One image's masks in SA-1B's per-image JSON layout."""
-    return {
-        "image": {"image_id": image_id, "width": width, "height": height, "file_name": source},
-        "annotations": [{"id": k, **r} for k, r in enumerate(records)],
     }
 
 

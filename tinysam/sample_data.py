@@ -57,6 +57,34 @@ def write_sample_corpus(folder: Path, n: int) -> Path:
     return corpus
 
 
+def write_pseudo_labelled_shard(folder: Path, model, names: Tuple[str, ...] = SAMPLE_PHOTOS[:4],
+                                points_per_side: int = 16) -> Path:
+    """An SA-1B style tar shard of the sample photos whose labels are `model`'s everything-mode
+    masks (SA-1B itself is machine-made the same way): a small real training set for distillation.
+    Idempotent; returns the shard's path."""
+    import io
+
+    from PIL import Image
+
+    from .everything import SamAutomaticMaskGenerator
+    from .transforms import to_rgb_uint8
+    from .utils.sa1b import sa1b_document, write_sa1b_shard
+
+    shard = Path(folder) / "sa_000000.tar"
+    if shard.exists():
+        return shard
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    generator = SamAutomaticMaskGenerator(model, points_per_side=points_per_side, output_mode="coco_rle")
+    items = []
+    for n, (name, img) in enumerate(sample_images(names), start=1):
+        rgb = to_rgb_uint8(img, name)
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+        records = generator.generate(rgb)
+        items.append((n, buf.getvalue(), sa1b_document(str(n), f"sa_{n}.jpg", rgb.shape[1], rgb.shape[0], records)))
+    return write_sa1b_shard(shard, items)
+
+
 def _bbbc038_dir() -> Path:
     return cache_dir() / "data" / "bbbc038"
 
