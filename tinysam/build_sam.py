@@ -43,6 +43,9 @@ MODEL_CONFIGS: Dict[str, object] = {
     "vit_l": ViTConfig(1024, 24, 16, (5, 11, 17, 23)),
     "vit_b": ViTConfig(768, 12, 12, (2, 5, 8, 11)),
     "vit_t": TinyViTConfig(),
+    # A narrower, shallower TinyViT (2.4M parameters, most in the neck) for quick CPU distillation
+    # runs and tests. No official checkpoint exists for it.
+    "vit_t_mini": TinyViTConfig((16, 32, 64, 320), (1, 1, 1, 1), (1, 1, 2, 5), (7, 7, 14, 7)),
 }
 
 
