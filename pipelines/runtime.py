@@ -4,9 +4,10 @@ import os
 from typing import Optional
 
 
-def init_ray(num_cpus: Optional[int] = None) -> None:
+def init_ray(num_cpus: Optional[int] = None, dashboard: bool = False) -> None:
     """Join the cluster when there is one (inside `ray job submit`, or RAY_ADDRESS set), else start
-    a local Ray in this process. `num_cpus` applies to a local Ray only."""
+    a local Ray in this process. `num_cpus` and `dashboard` apply to a local Ray only (Ray Train
+    needs the dashboard's state API: without it its placement-group cleaner warns every second)."""
     import ray
 
     if ray.is_initialized():
@@ -15,4 +16,4 @@ def init_ray(num_cpus: Optional[int] = None) -> None:
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init()
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
