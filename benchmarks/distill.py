@@ -1,0 +1,79 @@
+"""Distillation on Ray Train vs the same `Distiller` loop in one process, side by side in one run.
+
+Both run the same steps (same student, teacher, prompts, threads) on the same real photos with
+pseudo labels from the real vit_t; the loop has its rows in memory, the Ray run pays for Ray Train
+(worker start, DDP wrapper, `ray.train.report` every step, checkpoints) and for being fed by Ray
+Data. Goal: overhead <= 10% per step. Also prints the share of step time spent waiting for data.
+
+    python benchmarks/distill.py [--steps 12] [--student vit_t_mini] [--threads 2]
+"""
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.distill import DistillJob, distill, label_rows
+from pipelines.embeddings import load_embeddings, precompute_embeddings
+from pipelines.parquet import read_table
+from pipelines.runtime import init_ray
+from tinysam import build_sam
+from tinysam.distill import DistillConfig, Distiller, init_student_decoder
+from tinysam.distill.distiller import match_embedding_statistics
+from tinysam.sample_data import write_pseudo_labelled_shard
+
+METHOD = {"lr": 5e-3, "warmup_steps": 2, "prompts": {"prompts_per_image": 16, "max_iterations": 3}}
+
+
+def in_process(embeddings: str, student_type: str, steps: int) -> dict:
+    table = read_table(embeddings, columns=["image_id", "source", "annotations"])
+    ids = table["image_id"].to_pylist()
+    batch = {k: np.asarray(table[k].to_pylist(), dtype=object) for k in ("image_id", "source", "annotations")}
+    stored_ids, stored = load_embeddings(embeddings)
+    batch["embedding"] = stored[[stored_ids.index(i) for i in ids]].numpy()
+    rows = label_rows(batch, ids, max_masks=64)
+    torch.manual_seed(0)
+    teacher = build_sam("vit_t", "mobile_sam")
+    student = build_sam(student_type)
+    init_student_decoder(student, teacher)
+    match_embedding_statistics(student, torch.as_tensor(rows["embedding"][:1]))
+    distiller = Distiller(student, teacher, DistillConfig.from_dict(METHOD), steps)
+    times = [distiller.train_step({k: v[i % len(ids):i % len(ids) + 1] for k, v in rows.items()})["step_seconds"]
+             for i in range(steps)]
+    return {"step_seconds": statistics.median(times[1:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--student", default="vit_t_mini")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
+    try:
+        shard = write_pseudo_labelled_shard(work / "sa1b", build_sam("vit_t", "mobile_sam"), points_per_side=8)
+        init_ray(num_cpus=args.threads + 2, dashboard=True)
+        precompute_embeddings(str(shard), str(work / "emb"), teacher="vit_t", checkpoint="mobile_sam", batch_size=4,
+                              num_cpus_per_actor=args.threads)
+        loop = in_process(str(work / "emb"), args.student, args.steps)
+        job = DistillJob(embeddings=str(work / "emb"), teacher_checkpoint="mobile_sam", student=args.student,
+                         num_workers=1, cpus_per_worker=args.threads, steps=args.steps, checkpoint_every=args.steps,
+                         storage_path=str(work / "runs"), name="bench", distill=METHOD)
+        summary = distill(job)
+        ray_step = 1 / summary.images_per_second  # median of (step + wait for data), one image per step
+        print(f"{args.steps} steps, {args.student} student, vit_t teacher, 1 worker, {args.threads} threads, batch 1")
+        print(f"  in-process loop : {loop['step_seconds']:.3f} s/step")
+        print(f"  Ray Train       : {ray_step:.3f} s/step (median, data wait included); "
+              f"data wait {100 * summary.data_wait_fraction:.1f}% of step time")
+        print(f"overhead Ray / loop: {100 * (ray_step / loop['step_seconds'] - 1):+.1f}%  (goal <= 10%)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
