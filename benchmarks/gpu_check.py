@@ -216,13 +216,51 @@ def automask_on_gpu(work: Path, checkpoint: str, images: int, batch_size: int) -
             "masks_per_image": round(summary.masks_per_image, 1), "written": summary.written, **gpu.summary()}
 
 
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "horse", "hubble_deep_field",
+          "immunohistochemistry", "brick", "grass", "gravel", "clock", "page", "text")
+
+
+def distill_on_gpu(work: Path, checkpoint: str, steps: int, student: str = "vit_t") -> Dict[str, Any]:
+    """The whole distillation path on the GPU: pseudo labels by the teacher's everything mode,
+    teacher embeddings by the precompute job, then Ray Train (1 GPU worker, bf16 autocast)."""
+    from pipelines.distill import DistillJob, distill
+    from tinysam.sample_data import write_pseudo_labelled_shard
+
+    names = []
+    for name in PHOTOS:  # whichever photos this scikit-image ships
+        try:
+            [(_, image)] = sample_images((name,))
+            to_rgb_uint8(image, name)
+            names.append(name)
+        except Exception:
+            pass
+    teacher = on_gpu("vit_t", checkpoint)
+    start = time.perf_counter()
+    shard = write_pseudo_labelled_shard(work / "sa1b", teacher, tuple(names), points_per_side=16)
+    label_s = time.perf_counter() - start
+    precompute_embeddings(str(shard), str(work / "distill_emb"), teacher="vit_t", checkpoint=checkpoint, batch_size=8,
+                          num_gpus_per_actor=1, num_cpus_per_actor=4)
+    job = DistillJob(embeddings=str(work / "distill_emb"), teacher_checkpoint=checkpoint, student=student,
+                     num_workers=1, use_gpu=True, cpus_per_worker=8, batch_size=4, steps=steps,
+                     checkpoint_every=max(1, steps // 5), storage_path=str(work / "runs"), name="gpu",
+                     val_fraction=0.2, distill={"lr": 2e-3, "warmup_steps": 10})
+    summary = distill(job)
+    print(summary.table, flush=True)
+    return {"images": len(names), "pseudo_label_seconds": round(label_s, 1), "steps": summary.steps,
+            "student": student, "images_per_s": round(summary.images_per_second, 2),
+            "data_wait_fraction": round(summary.data_wait_fraction, 3), "loss_start": round(summary.loss_start, 4),
+            "loss_end": round(summary.loss_end, 4), "miou_start": round(summary.miou_start, 4),
+            "miou_end": round(summary.miou_end, 4), "table": summary.table}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vit-t-checkpoint", default="mobile_sam")
     parser.add_argument("--teacher-images", type=int, default=512)
     parser.add_argument("--automask-images", type=int, default=48)
     parser.add_argument("--out", default=None, help="folder for gpu_check.json")
-    parser.add_argument("--sections", default="encoders,everything,precompute,automask")
+    parser.add_argument("--sections", default="encoders,everything,precompute,automask,distill")
+    parser.add_argument("--distill-steps", type=int, default=200)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA GPU; the CPU figures are in the other benchmarks")
@@ -242,6 +280,9 @@ def main() -> None:
         if "automask" in wanted:
             init_ray()
             section("automask_job_vit_t", lambda: automask_on_gpu(work, args.vit_t_checkpoint, args.automask_images, 4))
+        if "distill" in wanted:
+            init_ray()
+            section("distill_vit_t", lambda: distill_on_gpu(work, args.vit_t_checkpoint, args.distill_steps))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if args.out:

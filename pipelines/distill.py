@@ -214,6 +214,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                     json.dump(history, f)
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=report_checkpoint)
+            _fault_injection(distiller.step, rank)
             if rank == 0 and config.get("log", True):
                 print(f"step {distiller.step}/{total} loss {metrics['loss']:.4f} "
                       + " ".join(f"{k} {metrics[k]:.4f}" for k in ("embedding", "token", "output", "focal", "dice", "iou"))
@@ -221,6 +222,20 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                       + (f" mIoU(student, teacher) {metrics['miou_vs_teacher']:.4f}" if "miou_vs_teacher" in metrics else ""),
                       flush=True)
             last = time.perf_counter()
+
+
+def _fault_injection(step: int, rank: int) -> None:
+    """For failure tests: TINYSAM_KILL_WORKER_AT=<step>:<rank>:<marker file> makes that worker
+    SIGKILL itself once, right after that step's report (the marker keeps the restart alive)."""
+    spec = os.environ.get("TINYSAM_KILL_WORKER_AT")
+    if not spec:
+        return
+    at, who, marker = spec.split(":", 2)
+    if step == int(at) and rank == int(who) and not os.path.exists(marker):
+        open(marker, "w").close()
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _storage(job: DistillJob):
