@@ -84,9 +84,9 @@ def parse(argv=None) -> Tuple[DistillJob, Optional[int]]:
 def main(argv=None) -> int:
     job, num_cpus = parse(argv)
     try:
-        check_job(job)  # refusals come before Ray starts
+        checked = check_job(job)  # refusals come before Ray starts
         init_ray(num_cpus or job.num_workers * job.cpus_per_worker + 2, dashboard=True)
-        summary = distill(job)
+        summary = distill(job, checked)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -281,8 +281,9 @@ def check_job(job: DistillJob) -> Tuple[Dict[str, Any], List[str], List[str], in
     return info, train_ids, val_ids, per_epoch
 
 
-def distill(job: DistillJob) -> DistillSummary:
-    """Run (or, with `job.resume`, continue) a distillation run. Ray must be initialised by the caller."""
+def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], List[str], int]] = None) -> DistillSummary:
+    """Run (or, with `job.resume`, continue) a distillation run. Ray must be initialised by the caller.
+    `checked`: what `check_job(job)` returned, when the caller ran it already (it hashes the checkpoint)."""
     import ray
     import ray.data
     import torch
@@ -291,7 +292,7 @@ def distill(job: DistillJob) -> DistillSummary:
 
     from tinysam import build_sam
 
-    info, train_ids, val_ids, per_epoch = check_job(job)
+    info, train_ids, val_ids, per_epoch = checked or check_job(job)
     total = job.steps or job.epochs * per_epoch
     from .parquet import parquet_files
 
