@@ -7,7 +7,7 @@ prompt encoder and mask decoder (frozen) decode the same prompts on those embedd
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -18,8 +18,6 @@ from ..modeling import Sam
 from ..transforms import normalize_and_pad
 from .losses import LossWeights, mask_iou, prompt_losses, total_loss
 from .prompts import HardPromptSampler, PromptConfig, cells_to_points, sample_cells
-
-TERMS = ("embedding", "token", "output", "focal", "dice", "iou")
 
 
 @dataclass
@@ -34,9 +32,6 @@ class DistillConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     hard_prompt_sampling: bool = True  # False: points inside the label only, no iterations
     seed: int = 0
-
-    def as_dict(self) -> Dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "DistillConfig":
