@@ -1,6 +1,6 @@
 """Small building blocks shared by the encoders and the decoder."""
 
-from typing import Type
+from typing import Callable, Optional, Type
 
 import torch
 import torch.nn.functional as F
@@ -71,23 +71,26 @@ class MLP(nn.Module):
         return torch.sigmoid(x) if self.sigmoid_output else x
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention on (B, heads, N, d) tensors, through PyTorch's fused kernel.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              attend: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
+    """Scaled dot-product attention on (B, heads, N, d) tensors, through PyTorch's fused kernel
+    (or `attend(q, k, v)`, e.g. the quantized explicit form).
 
     Keys and values may have a smaller batch n than the queries' B (n divides B): query b then
     uses key batch b // (B / n). This is how the decoder shares an image's tokens among all of
     its prompts: each group of queries is folded into the token axis, so the shared keys are
     projected and stored once per image instead of once per prompt.
     """
+    attend = attend or F.scaled_dot_product_attention
     n, b = k.shape[0], q.shape[0]
     if n == b:
-        return F.scaled_dot_product_attention(q, k, v)
+        return attend(q, k, v)
     if b % n:
         raise ValueError(f"query batch {b} is not a multiple of key batch {n}")
     _, h, t, d = q.shape
     g = b // n
     q_folded = q.view(n, g, h, t, d).transpose(1, 2).reshape(n, h, g * t, d)
-    out = F.scaled_dot_product_attention(q_folded, k, v)
+    out = attend(q_folded, k, v)
     return out.view(n, h, g, t, -1).transpose(1, 2).reshape(b, h, t, -1)
 
 
@@ -116,3 +119,12 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     attn = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
     attn = attn.add_(bias).softmax(dim=-1)
     return torch.matmul(attn, v)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                       score: Callable = torch.matmul, value: Callable = torch.matmul) -> torch.Tensor:
+    """softmax(q.k^T / sqrt(d) [+ bias]) v with its two matmuls replaceable (quantized attention)."""
+    attn = score(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
+    if bias is not None:
+        attn = attn + bias  # not in place: calibration hooks the scores' gradient
+    return value(attn.softmax(dim=-1), v)

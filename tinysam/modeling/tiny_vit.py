@@ -6,13 +6,13 @@ the output stays 64x64, and a neck maps 320 -> 256 channels. The unused ImageNet
 """
 
 import itertools
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, biased_attention
+from .common import LayerNorm2d, biased_attention, explicit_attention
 
 
 class Conv2d_BN(nn.Sequential):
@@ -141,6 +141,8 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * key_dim * num_heads)
         self.proj = nn.Linear(key_dim * num_heads, dim)
+        # (scores, values) matmul modules set by quantization; None: the plain fast path.
+        self.matmuls: Optional[nn.ModuleList] = None
 
         points = list(itertools.product(range(resolution[0]), range(resolution[1])))
         offsets: dict = {}
@@ -161,7 +163,10 @@ class Attention(nn.Module):
         q, k, v = qkv.split(self.key_dim, dim=3)
         # Computed per call rather than cached at eval(): a cache goes stale when weights load later.
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
-        x = biased_attention(q, k, v, bias)
+        if self.matmuls is None:
+            x = biased_attention(q, k, v, bias)
+        else:
+            x = explicit_attention(q, k, v, bias, *self.matmuls)
         return self.proj(x.transpose(1, 2).reshape(b, n, -1))
 
 

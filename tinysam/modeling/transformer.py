@@ -1,10 +1,11 @@
 """SAM's two-way transformer: prompt tokens and image tokens attend to each other."""
 
-from typing import Tuple, Type
+from functools import partial
+from typing import Optional, Tuple, Type
 
 from torch import Tensor, nn
 
-from .common import MLPBlock, add_groups, attention, expand_groups
+from .common import MLPBlock, add_groups, attention, expand_groups, explicit_attention
 
 
 class TwoWayTransformer(nn.Module):
@@ -110,6 +111,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        # (scores, values) matmul modules set by quantization; None: PyTorch's fused attention.
+        self.matmuls: Optional[nn.ModuleList] = None
 
     def _separate_heads(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
@@ -121,6 +124,8 @@ class Attention(nn.Module):
         v = self._separate_heads(self.v_proj(v))
         if q.shape[0] < k.shape[0]:  # an image's shared tokens querying each of its prompts
             q = expand_groups(q, k.shape[0])
-        out = attention(q, k, v)
+        attend = None if self.matmuls is None else partial(explicit_attention, score=self.matmuls[0],
+                                                             value=self.matmuls[1])
+        out = attention(q, k, v, attend)
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
