@@ -1,0 +1,344 @@
+"""Quantized layers: every linear, convolution and attention matmul `O = A B` with scales for A and B.
+
+Layers are converted in place by swapping the class of the existing module (`QLinear` is an
+`nn.Linear`, `QConv2dBN` a `Conv2d_BN`, ...), so parameters keep their official names and the
+quantized model's state dict is the float model's. Each layer runs in one of four modes:
+- "float": the float layer, unchanged;
+- "observe": float, and shows its inputs and outputs to a calibration recorder;
+- "sim": simulated quantization (fake-quant inputs and weights, float arithmetic), for accuracy;
+- "int8": integer kernels (oneDNN) where they exist and pay off: linear layers, 1x1 and dense
+  convolutions, 2x2 transposed convolutions. Depthwise convolutions and the attention matmuls
+  keep the simulated form in this mode (same numbers; oneDNN's int8 depthwise is slower than
+  fp32 here and PyTorch has no batched int8 matmul on CPU).
+Weights are quantized per output channel; the searched weight scale is a common ratio on each
+channel's max (the paper's grid of ratios). Activations have one scale per tensor, or two
+(twin quantizers) after softmax and GELU. A grouped (depthwise) convolution is one matmul per
+group, so it gets one activation scale and one weight ratio per group.
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modeling.tiny_vit import Conv2d_BN
+from .quantizer import TWIN_KINDS, fake_quant, qrange, quant_codes, second_scale, twin_fake_quant
+
+MODES = ("float", "observe", "sim", "int8")
+
+
+def int8_available() -> bool:
+    """oneDNN's int8 kernels (x86 CPUs with a PyTorch build that ships them)."""
+    ops = getattr(torch.ops, "onednn", None)
+    return (torch.backends.mkldnn.is_available() and ops is not None
+            and hasattr(ops, "qlinear_pointwise") and hasattr(ops, "qconv_pointwise"))
+
+
+class QuantMixin:
+    """State and mode switch shared by the quantized layers. Subclasses define the float op, how
+    weights map to a (groups, out, in) matrix, and the int8 kernel."""
+
+    weight_axis = 0  # the output-channel axis of the weight tensor
+
+    def init_quant(self, bits: int) -> None:
+        self.bits = bits
+        self.mode = "float"
+        self.recorder = None
+        self.a_kind = ""  # "", "softmax" or "gelu": twin scales for A
+        self.a_scale: Optional[torch.Tensor] = None  # (groups,): one per matmul
+        self.b_scale: Optional[torch.Tensor] = None  # weights: one per output channel
+        self._cache: Dict[str, object] = {}
+
+    # -- parameters --------------------------------------------------------------------------
+    def qparams(self) -> Dict[str, object]:
+        return {"a_scale": self.a_scale, "b_scale": self.b_scale, "a_kind": self.a_kind}
+
+    def load_qparams(self, params: Dict[str, object]) -> None:
+        if params["a_kind"] not in TWIN_KINDS:
+            raise ValueError(f"unknown activation kind {params['a_kind']!r}")
+        self.a_kind = str(params["a_kind"])
+        self.a_scale = torch.as_tensor(params["a_scale"], dtype=torch.float32)
+        self.b_scale = None if params["b_scale"] is None else torch.as_tensor(params["b_scale"], dtype=torch.float32)
+        self._cache.clear()
+
+    @property
+    def calibrated(self) -> bool:
+        return self.a_scale is not None
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
+        if mode in ("sim", "int8") and not self.calibrated:
+            mode = "float"  # never called during calibration (e.g. the unused classifier head)
+        self.mode = mode
+        self._cache.clear()
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.a_scale
+        if scale.numel() > 1:  # a grouped convolution's input (B, C, H, W): one scale per group
+            scale = scale.repeat_interleave(x.shape[1] // scale.numel())
+        return twin_fake_quant(x, scale, self.a_kind, self.bits, axis=1)
+
+
+class QuantWeighted(QuantMixin):
+    """A layer with a weight: O = A W^T (+ bias)."""
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def effective_bias(self) -> Optional[torch.Tensor]:
+        return self.bias
+
+    def scale_view(self, scale: torch.Tensor) -> torch.Tensor:
+        shape = [1] * self.effective_weight().dim()
+        shape[self.weight_axis] = -1
+        return scale.view(shape)
+
+    def channel_amax(self) -> torch.Tensor:
+        w = self.effective_weight().detach()
+        dims = [d for d in range(w.dim()) if d != self.weight_axis]
+        return w.abs().amax(dim=dims)
+
+    def quant_weight(self, b_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        scale = self.b_scale if b_scale is None else b_scale
+        return fake_quant(self.effective_weight().detach(), scale, self.bits, axis=self.weight_axis)
+
+    def weight_codes(self) -> torch.Tensor:
+        w = self.effective_weight().detach()
+        return quant_codes(w / self.scale_view(self.b_scale), 1.0, self.bits)
+
+    def as_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """(groups, out, in) matrix whose rows match the recorder's output rows."""
+        return w.reshape(1, w.shape[0], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "float":
+            return self.float_op(x, self.effective_weight(), self.effective_bias())
+        if self.mode == "observe":
+            out = self.float_op(x, self.effective_weight(), self.effective_bias())
+            self.recorder.observe(self, x, out)
+            return out
+        if self.mode == "int8" and self.int8_op is not None:
+            kernel = self.int8_op()
+            if kernel is not None:
+                return kernel(x)
+        if "w" not in self._cache:
+            self._cache["w"] = self.quant_weight()
+            self._cache["b"] = None if self.effective_bias() is None else self.effective_bias().detach()
+        return self.float_op(self.quant_input(x), self._cache["w"], self._cache["b"])
+
+    int8_op = None
+
+    # -- int8 through oneDNN's linear kernel --------------------------------------------------
+    def _packed_linear(self, w_matrix: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):
+        """A kernel computing x (rows, in) -> (rows, out) with int8 inputs and int8 weights."""
+        codes = quant_codes(w_matrix / scales[:, None], 1.0, self.bits).contiguous()  # prepack reads raw memory
+        packed = torch.ops.onednn.qlinear_prepack(codes, None)
+        w_scales = scales.float().contiguous()
+        zeros = torch.zeros(len(scales), dtype=torch.long)
+        bias = None if bias is None else bias.detach().float().contiguous()
+        a_scale, bits, kind = float(self.a_scale), self.bits, self.a_kind
+        q = qrange(bits)
+
+        def gemm(codes_x: torch.Tensor, scale: float, b: Optional[torch.Tensor], _keep=codes) -> torch.Tensor:
+            # _keep: the packed weight may point into `codes`, which must outlive it
+            return torch.ops.onednn.qlinear_pointwise(codes_x, scale, 0, packed, w_scales, zeros, b, 1.0, 0,
+                                                      torch.float32, "none", [], "")
+
+        if kind == "gelu":  # two groups, two scales: two integer products
+            neg_scale = second_scale("gelu", bits)
+
+            def run(x2: torch.Tensor) -> torch.Tensor:
+                out = gemm(quant_codes(x2, a_scale, bits, low=0), a_scale, bias)
+                return out.add_(gemm(quant_codes(x2, neg_scale, bits, low=-q, high=0), neg_scale, None))
+        elif kind == "":
+            def run(x2: torch.Tensor) -> torch.Tensor:
+                return gemm(quant_codes(x2, a_scale, bits), a_scale, bias)
+        else:
+            return None
+        return run
+
+
+class QLinear(QuantWeighted, nn.Linear):
+    def float_op(self, x, w, b):
+        return F.linear(x, w, b)
+
+    def int8_op(self):
+        if "int8" not in self._cache:
+            run = self._packed_linear(self.weight.detach(), self.b_scale, self.bias)
+            self._cache["int8"] = None if run is None else (
+                lambda x: run(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1))
+        return self._cache["int8"]
+
+
+class _QConvBase(QuantWeighted):
+    """Conv2d semantics shared by plain and BatchNorm-folded convolutions."""
+
+    def conv(self) -> nn.Conv2d:
+        return self
+
+    def float_op(self, x, w, b):
+        c = self.conv()
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+    def as_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        g = self.conv().groups
+        return w.reshape(g, w.shape[0] // g, -1)
+
+    def int8_op(self):
+        if "int8" in self._cache:
+            return self._cache["int8"]
+        c, run = self.conv(), None
+        if c.groups == 1 and c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0):
+            # a 1x1 convolution is a linear layer over channels: run it channels-last
+            w = self.effective_weight().detach()
+            lin = self._packed_linear(w.reshape(w.shape[0], -1), self.b_scale, self.effective_bias())
+            if lin is not None:
+                def pointwise(x):
+                    b, _, h, wd = x.shape
+                    return lin(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])).view(b, h, wd, -1).permute(0, 3, 1, 2)
+                run = pointwise
+        elif c.groups == 1 and self.a_kind == "":
+            run = self._packed_conv()
+        self._cache["int8"] = run
+        return run
+
+    def _packed_conv(self):
+        c = self.conv()
+        w = self.effective_weight().detach()
+        codes = self.weight_codes().contiguous()
+        a_scale, bits = float(self.a_scale), self.bits
+        w_scales = self.b_scale.float().contiguous()
+        zeros = torch.zeros(len(w_scales), dtype=torch.long)
+        bias = self.effective_bias()
+        bias = None if bias is None else bias.detach().float().contiguous()
+        args = (list(c.stride), list(c.padding), list(c.dilation), c.groups)
+        packed = torch.ops.onednn.qconv_prepack(codes, w_scales, a_scale, 128, *args, None)
+        del w
+
+        def run(x, _keep=codes):  # oneDNN's int8 convolution takes unsigned codes: zero point 128
+            ux = quant_codes(x, a_scale, bits, unsigned=True)
+            return torch.ops.onednn.qconv_pointwise(ux, a_scale, 128, packed, w_scales, zeros, bias, *args,
+                                                    1.0, 0, torch.float32, "none", [], None)
+        return run
+
+
+class QConv2d(_QConvBase, nn.Conv2d):
+    pass
+
+
+class QConv2dBN(_QConvBase, Conv2d_BN):
+    """A Conv2d_BN quantized after folding its BatchNorm (inference runs the folded convolution)."""
+
+    def conv(self) -> nn.Conv2d:
+        return self.c
+
+    def effective_weight(self) -> torch.Tensor:
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        return self.c.weight * scale[:, None, None, None]
+
+    def effective_bias(self) -> torch.Tensor:
+        bn = self.bn
+        return bn.bias - bn.running_mean * bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+
+
+class QConvTranspose2d(QuantWeighted, nn.ConvTranspose2d):
+    """SAM's 2x2 stride-2 upscaling: each input pixel feeds its own 2x2 output block, so it is a
+    linear layer from C_in to C_out * 4 per pixel (how the recorder and the int8 kernel see it)."""
+
+    weight_axis = 1
+
+    def check_supported(self) -> None:
+        if (self.kernel_size != self.stride or self.padding != (0, 0) or self.groups != 1
+                or self.output_padding != (0, 0) or self.dilation != (1, 1)):
+            raise ValueError("only transposed convolutions with kernel == stride, no padding, one group are supported")
+
+    def float_op(self, x, w, b):
+        return F.conv_transpose2d(x, w, b, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+
+    def as_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        return w.permute(1, 2, 3, 0).reshape(1, -1, w.shape[0])  # rows ordered (out, ky, kx)
+
+    def int8_op(self):
+        if "int8" not in self._cache:
+            k = self.kernel_size
+            w = self.weight.detach()
+            rows = w.permute(1, 2, 3, 0).reshape(-1, w.shape[0])
+            scales = self.b_scale.repeat_interleave(k[0] * k[1])
+            bias = None if self.bias is None else self.bias.detach().repeat_interleave(k[0] * k[1])
+            lin = self._packed_linear(rows, scales, bias)
+            def upscale(x):
+                b, c, h, wd = x.shape
+                y = lin(x.permute(0, 2, 3, 1).reshape(-1, c)).view(b, h, wd, -1, k[0], k[1])
+                return y.permute(0, 3, 1, 4, 2, 5).reshape(b, -1, h * k[0], wd * k[1])
+            self._cache["int8"] = None if lin is None else upscale
+        return self._cache["int8"]
+
+
+class QMatMul(QuantMixin, nn.Module):
+    """An attention matmul of two activations, A (..., n, d) @ B (..., d, m), one scale each;
+    the value matmul's A is a softmax output (twin scales)."""
+
+    def __init__(self, bits: int, a_kind: str = "") -> None:
+        nn.Module.__init__(self)
+        self.init_quant(bits)
+        self.a_kind = a_kind
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.mode == "float":
+            return torch.matmul(a, b)
+        if self.mode == "observe":
+            out = torch.matmul(a, b)
+            self.recorder.observe_matmul(self, a, b, out)
+            return out
+        return torch.matmul(self.quant_input(a), fake_quant(b, self.b_scale, self.bits))
+
+
+_SWAPS = ((Conv2d_BN, QConv2dBN), (nn.ConvTranspose2d, QConvTranspose2d), (nn.Conv2d, QConv2d), (nn.Linear, QLinear))
+
+
+def quant_layers(model: nn.Module) -> Dict[str, QuantMixin]:
+    """Every quantized layer of a converted model, by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantMixin)}
+
+
+def convert(model: nn.Module, bits: int, scopes: List[str]) -> Dict[str, QuantMixin]:
+    """Swap every linear / convolution under `scopes` (module paths) for its quantized class and give
+    every attention module quantized matmuls; returns the quantized layers by path (mode "float")."""
+    from ..modeling.tiny_vit import Attention as WindowAttention
+    from ..modeling.transformer import Attention as DecoderAttention
+
+    for scope in scopes:
+        root = model.get_submodule(scope)
+        for name, module in list(root.named_modules()):
+            if isinstance(module, QuantMixin):
+                continue
+            if isinstance(module, (WindowAttention, DecoderAttention)) and module.matmuls is None:
+                module.matmuls = nn.ModuleList([QMatMul(bits), QMatMul(bits, a_kind="softmax")])
+                continue
+            for float_cls, quant_cls in _SWAPS:
+                if type(module) is float_cls:
+                    if isinstance(module, Conv2d_BN) is False and _inside_conv_bn(root, name):
+                        break  # the conv of a Conv2d_BN is quantized with its BatchNorm folded in
+                    module.__class__ = quant_cls
+                    module.init_quant(bits)
+                    if isinstance(module, QConvTranspose2d):
+                        module.check_supported()
+                    break
+    return quant_layers(model)
+
+
+def _inside_conv_bn(root: nn.Module, name: str) -> bool:
+    parent = name.rpartition(".")[0]
+    return bool(name) and isinstance(root.get_submodule(parent) if parent else root, Conv2d_BN)
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Switch every quantized layer of `model` to one mode ("float", "sim", "int8", ...)."""
+    if mode == "int8" and not int8_available():
+        raise RuntimeError("int8 execution needs PyTorch's oneDNN int8 kernels (an x86 CPU build); "
+                           "use mode 'sim' for simulated quantization")
+    for layer in quant_layers(model).values():
+        layer.set_mode(mode)
