@@ -8,7 +8,7 @@
   the Ray job); `report`: Markdown and JSON tables.
 """
 
-from .box_prompt import box_prompt_image, coco_segm_stats
+from .box_prompt import box_prompt_image, box_prompt_miou, coco_segm_stats
 from .dataset import CocoImages
 from .evaluate import EvalConfig, aggregate, evaluate_dataset, evaluate_image
 from .everything import EverythingConfig, everything_image
@@ -16,6 +16,6 @@ from .point_prompt import first_point, next_point, point_prompt_image
 from .report import markdown_table, report_markdown
 
 __all__ = [
-    "CocoImages", "EvalConfig", "EverythingConfig", "aggregate", "evaluate_dataset", "box_prompt_image", "coco_segm_stats",
+    "CocoImages", "EvalConfig", "EverythingConfig", "aggregate", "evaluate_dataset", "box_prompt_image", "box_prompt_miou", "coco_segm_stats",
     "evaluate_image", "everything_image", "first_point", "markdown_table", "next_point", "report_markdown", "point_prompt_image",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..predictor import SamPredictor
-from ..utils.rle import mask_to_coco_rle
+from ..utils.rle import mask_bbox_xywh, mask_to_coco_rle
 
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 
@@ -77,3 +77,28 @@ def coco_segm_stats(coco_gt, results: List[Dict[str, Any]], max_dets: int = 100,
         return float(p.mean()) if p.size else -1.0
 
     return {"AP": ap(), "AP50": ap(0), "AP75": ap(5), "AP_S": ap(None, 1), "AP_M": ap(None, 2), "AP_L": ap(None, 3)}
+
+
+def box_prompt_miou(predictor: SamPredictor, image: np.ndarray, gt_masks: Sequence[np.ndarray],
+                    chunk: int = 64) -> float:
+    """Mean IoU of the masks that each ground-truth box prompts (multimask, the best predicted IoU
+    kept) with their own ground truth: box_prompt_image's protocol without the COCO results, and
+    only the chosen mask upsampled (fast enough to compare many model variants)."""
+    import torch
+
+    predictor.set_image(image)
+    gts = torch.from_numpy(np.stack([np.asarray(g, dtype=bool) for g in gt_masks]))
+    xywh = np.array([mask_bbox_xywh(g) for g in gts.numpy()], dtype=float)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    boxes = torch.from_numpy(predictor.transform.apply_boxes(xyxy, image.shape[:2])).float()
+    masks = []
+    with torch.no_grad():
+        for part in boxes.split(chunk):
+            _, iou, low_res = predictor.predict_torch(None, None, boxes=part, return_logits=True)
+            best = low_res[torch.arange(len(part)), iou.argmax(1)][:, None]
+            up = predictor.model.postprocess_masks(best, predictor.input_size, predictor.original_size)
+            masks.append(up[:, 0] > predictor.model.mask_threshold)
+    pred = torch.cat(masks)
+    inter = (pred & gts).flatten(1).sum(1)
+    union = (pred | gts).flatten(1).sum(1)
+    return float((inter / union.clamp(min=1)).mean())
