@@ -1,0 +1,106 @@
+"""Q-TinySAM on CPU: int8 vs fp32 latency of the encoder and the decoder, and the mIoU of both, in one run.
+
+Quantizes the real vit_t (MobileSAM weights) with the job's recipe (W8A8, n=100, rounds=3, 8 real
+calibration photos), then times fp32, simulated W8A8 and the int8 kernels on the same inputs,
+alternating runs so machine noise hits all alike. Quality: box-prompt mIoU on the real BBBC038
+nuclei image (its 125 ground-truth boxes), also for W6A6 and for plain max-scaling.
+
+    python benchmarks/quantize.py [--repeats 5] [--threads N] [--candidates 100 --rounds 3]
+"""
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from tinysam import SamPredictor, build_sam
+from tinysam.eval import box_prompt_miou
+from tinysam.quant import QuantConfig, int8_available, quantize_sam, set_mode
+from tinysam.quant.calibrate import calibration_prompts, search_scales
+from tinysam.sample_data import bbbc038, instance_masks, sample_images
+from tinysam.transforms import prepare_image
+
+CALIBRATION = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry",
+               "hubble_deep_field", "coins")
+
+
+def decoder_call(sam, embedding, boxes):
+    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--checkpoint", default="mobile_sam")
+    p.add_argument("--candidates", type=int, default=QuantConfig.candidates)
+    p.add_argument("--rounds", type=int, default=QuantConfig.rounds)
+    p.add_argument("--prompts", type=int, default=64, help="box prompts per decoder call (everything mode batches 64)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    fp32 = build_sam("vit_t", args.checkpoint)
+    sam = build_sam("vit_t", args.checkpoint)
+    config = QuantConfig(candidates=args.candidates, rounds=args.rounds, calibration_images=len(CALIBRATION))
+    t0 = time.time()
+    report = quantize_sam(sam, [img for _, img in sample_images(CALIBRATION)], config)
+    print(f"quantized {report.quantized} layers in {time.time() - t0:.0f} s "
+          f"(n={config.candidates}, rounds={config.rounds}, {len(CALIBRATION)} images)")
+
+    image, labels = bbbc038()
+    gts = list(instance_masks(labels))
+    miou = {"fp32": box_prompt_miou(SamPredictor(fp32), image, gts)}
+    modes = ["sim"] + (["int8"] if int8_available() else [])
+    for mode in modes:
+        set_mode(sam, mode)
+        miou[f"W8A8 {mode}"] = box_prompt_miou(SamPredictor(sam), image, gts)
+
+    # latency: one image through the encoder, then one decoder call with a batch of box prompts
+    x = prepare_image(sample_images(("chelsea",))[0][1]).tensor[None]
+    grid = calibration_prompts(8, 1024)[: args.prompts, 0]
+    boxes = torch.cat([grid - 48, grid + 48], dim=1).clamp(0, 1024)
+    variants = {"fp32": (fp32, None)} | {f"W8A8 {m}": (sam, m) for m in modes}
+    enc_t = {k: [] for k in variants}
+    dec_t = {k: [] for k in variants}
+    with torch.inference_mode():
+        embedding = fp32.image_encoder(x)
+        for _ in range(args.repeats + 1):  # the first pass warms up (and packs the int8 weights)
+            for key, (model, mode) in variants.items():
+                if mode:
+                    set_mode(model, mode)
+                t = time.perf_counter()
+                model.image_encoder(x)
+                enc_t[key].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                decoder_call(model, embedding, boxes)
+                dec_t[key].append(time.perf_counter() - t)
+
+    # the same recording, re-searched: W6A6, and plain max-scaling as the baseline
+    search_scales(sam, report.recorder, replace(config, bits=6))
+    set_mode(sam, "sim")
+    miou["W6A6 sim"] = box_prompt_miou(SamPredictor(sam), image, gts)
+    search_scales(sam, report.recorder, replace(config, search=False))
+    set_mode(sam, "sim")
+    miou["W8A8 max-scaling sim"] = box_prompt_miou(SamPredictor(sam), image, gts)
+
+    med = lambda v: statistics.median(v[1:]) * 1000  # noqa: E731
+    print(f"\nvit_t, {args.threads} threads, torch {torch.__version__}, median of {args.repeats}")
+    print(f"| variant | encoder ms | decoder ms ({args.prompts} boxes) | encoder+decoder ms | speed-up vs fp32 |")
+    print("|---|---|---|---|---|")
+    base = med(enc_t["fp32"]) + med(dec_t["fp32"])
+    for key in variants:
+        total = med(enc_t[key]) + med(dec_t[key])
+        print(f"| {key} | {med(enc_t[key]):.0f} | {med(dec_t[key]):.0f} | {total:.0f} | {base / total:.2f}x |")
+    print("\nBBBC038 box-prompt mIoU (125 ground-truth boxes):")
+    for key, value in miou.items():
+        print(f"  {key:22s} {value:.4f}   ({value - miou['fp32']:+.4f} vs fp32)")
+    if "W8A8 int8" in variants:
+        print(f"int8 speed-up, encoder + decoder: {base / (med(enc_t['W8A8 int8']) + med(dec_t['W8A8 int8'])):.2f}x "
+              "(goal >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
