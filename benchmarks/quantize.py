@@ -46,7 +46,8 @@ def main() -> None:
     sam = build_sam("vit_t", args.checkpoint)
     config = QuantConfig(candidates=args.candidates, rounds=args.rounds, calibration_images=len(CALIBRATION))
     t0 = time.time()
-    report = quantize_sam(sam, [img for _, img in sample_images(CALIBRATION)], config)
+    report = quantize_sam(sam, [img for _, img in sample_images(CALIBRATION)], config,
+                          progress=lambda m: print(f"  {m}", flush=True))
     print(f"quantized {report.quantized} layers in {time.time() - t0:.0f} s "
           f"(n={config.candidates}, rounds={config.rounds}, {len(CALIBRATION)} images)")
 
