@@ -243,11 +243,16 @@ def load_checkpoint(spec: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
 
 def save_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Write a model's state dict atomically, in the official layout (loadable by the official code)."""
+    return save_atomic(model.state_dict(), path)
+
+
+def save_atomic(obj: object, path: Union[str, os.PathLike]) -> Path:
+    """torch.save to a temporary name beside `path`, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
     try:
-        torch.save(model.state_dict(), tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

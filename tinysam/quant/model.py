@@ -17,7 +17,7 @@ import torch
 from ..build_sam import MODEL_CONFIGS, TinyViTConfig, build_sam, load_into
 from ..modeling.sam import Sam
 from ..transforms import prepare_image
-from ..weights import CheckpointError
+from ..weights import CheckpointError, save_atomic
 from .calibrate import QuantConfig, Recorder, record, search_scales
 from .layers import convert, quant_layers, set_mode
 
@@ -66,9 +66,6 @@ def quant_params(sam: Sam) -> Dict[str, Dict[str, object]]:
 
 def save_quantized(sam: Sam, path: Union[str, os.PathLike], model_type: str, config: QuantConfig) -> Path:
     """Write weights + quantization parameters atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
     payload = {
         "format": FORMAT,
         "model_type": model_type,
@@ -77,13 +74,7 @@ def save_quantized(sam: Sam, path: Union[str, os.PathLike], model_type: str, con
         "state_dict": {k: v.detach().clone() for k, v in sam.state_dict().items()},
         "qparams": quant_params(sam),
     }
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return save_atomic(payload, path)
 
 
 def load_quantized(path: Union[str, os.PathLike], mode: str = "sim") -> Sam:
