@@ -39,11 +39,15 @@ class Conv2d_BN(nn.Sequential):
         if self.training:
             return self.bn(self.c(x))
         # Inference: fold BatchNorm into the convolution (one pass over the activations, not two).
-        c, bn = self.c, self.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = c.weight * scale[:, None, None, None]
-        bias = bn.bias - bn.running_mean * scale
+        c = self.c
+        weight, bias = self.folded()
         return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
+    def folded(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The convolution's weight and bias with the (eval-mode) BatchNorm folded in."""
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        return self.c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
 
 
 class PatchEmbed(nn.Module):

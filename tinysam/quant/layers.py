@@ -142,7 +142,7 @@ class QuantWeighted(QuantMixin):
         q = qrange(bits)
 
         def gemm(codes_x: torch.Tensor, scale: float, b: Optional[torch.Tensor], _keep=codes) -> torch.Tensor:
-            # _keep: the packed weight may point into `codes`, which must outlive it
+            # _keep: the codes stay alive as long as the packed weight (oneDNN does not say whether it copies)
             return torch.ops.onednn.qlinear_pointwise(codes_x, scale, 0, packed, w_scales, zeros, b, 1.0, 0,
                                                       torch.float32, "none", [], "")
 
@@ -206,7 +206,6 @@ class _QConvBase(QuantWeighted):
 
     def _packed_conv(self):
         c = self.conv()
-        w = self.effective_weight().detach()
         codes = self.weight_codes().contiguous()
         a_scale, bits = float(self.a_scale), self.bits
         w_scales = self.b_scale.float().contiguous()
@@ -215,7 +214,6 @@ class _QConvBase(QuantWeighted):
         bias = None if bias is None else bias.detach().float().contiguous()
         args = (list(c.stride), list(c.padding), list(c.dilation), c.groups)
         packed = torch.ops.onednn.qconv_prepack(codes, w_scales, a_scale, 128, *args, None)
-        del w
 
         def run(x, _keep=codes):  # oneDNN's int8 convolution takes unsigned codes: zero point 128
             ux = quant_codes(x, a_scale, bits, unsigned=True)
@@ -235,13 +233,10 @@ class QConv2dBN(_QConvBase, Conv2d_BN):
         return self.c
 
     def effective_weight(self) -> torch.Tensor:
-        bn = self.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        return self.c.weight * scale[:, None, None, None]
+        return self.folded()[0]
 
     def effective_bias(self) -> torch.Tensor:
-        bn = self.bn
-        return bn.bias - bn.running_mean * bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        return self.folded()[1]
 
 
 class QConvTranspose2d(QuantWeighted, nn.ConvTranspose2d):
@@ -320,7 +315,7 @@ def convert(model: nn.Module, bits: int, scopes: List[str]) -> Dict[str, QuantMi
                 continue
             for float_cls, quant_cls in _SWAPS:
                 if type(module) is float_cls:
-                    if isinstance(module, Conv2d_BN) is False and _inside_conv_bn(root, name):
+                    if float_cls is nn.Conv2d and _inside_conv_bn(root, name):
                         break  # the conv of a Conv2d_BN is quantized with its BatchNorm folded in
                     module.__class__ = quant_cls
                     module.init_quant(bits)
