@@ -7,9 +7,9 @@ Hessian equals the Fisher information, estimated here (as in PTQ4ViT / BRECQ) by
 of the model's log-likelihood of labels sampled from its own predictions: per-pixel Bernoulli
 labels for the mask logits, a categorical label over the IoU predictions.
 
-One calibration pass records, for every quantized layer, the max |A| (and |B|), a random sample
-of input rows (patches for convolutions, (batch, head) slices for attention matmuls) and the
-gradients at the matching output rows. The search then runs on those samples alone:
+One calibration pass records, for every quantized layer, the max |A| (and |B|), a sample of
+input rows (stratified, see Recorder; patches for convolutions, (batch, head) slices for
+attention matmuls) and the gradients at the matching output rows. The search then runs on those samples alone:
 scales `alpha * max / 2^(b-1)` for alpha on `n` points in [theta_l, theta_u], alternately for A
 (with B fixed) and B (with A fixed), `rounds` times, starting from max-scaling.
 """
@@ -36,7 +36,7 @@ class QuantConfig:
     candidates: int = 100
     rounds: int = 3
     calibration_images: int = 8
-    points_per_side: int = 4  # calibration prompts: a grid of points, and a box around each point's mask
+    points_per_side: int = 4  # calibration prompts: a grid of points, and two boxes per point (see boxes_of)
     rows_per_call: int = 128  # randomly sampled output rows (pixels / tokens) per layer call
     outlier_rows_per_call: int = 32  # plus the rows with the largest inputs (see Recorder)
     slices_per_call: int = 8  # attention matmuls: sampled (batch, head) slices per call,

@@ -44,6 +44,15 @@ def second_scale(kind: str, bits: int) -> Optional[float]:
     return None
 
 
+def _along(scale: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+    """A per-channel scale shaped to broadcast along x's `axis` (a single scale unchanged)."""
+    if scale.numel() == 1:
+        return scale
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.view(shape)
+
+
 def _qtensor(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], zero_point: int = 0,
              dtype: torch.dtype = torch.qint8) -> torch.Tensor:
     """PyTorch's fused, vectorised quantizer (one pass; the elementwise round/clamp chain takes
@@ -87,9 +96,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int, axis: Optional[i
     # dequantized values are exact multiples of the scale: clipping them clips the codes
     if scale.numel() == 1:
         return out.clamp_(low * float(scale), high * float(scale))
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    view = scale.view(shape)
+    view = _along(scale, x, axis)
     return out.clamp_(low * view, high * view)
 
 
@@ -118,11 +125,7 @@ def twin_fake_quant(x: torch.Tensor, scale: torch.Tensor, kind: str, bits: int,
     if kind == "softmax":
         fine = fake_quant(x, scale, bits, axis, low=0)
         coarse = fake_quant(x, other, bits, low=0)
-        if scale.numel() > 1:
-            shape = [1] * x.dim()
-            shape[axis] = -1
-            scale = scale.view(shape)
-        return torch.where(x < (q - 0.5) * scale, fine, coarse)
+        return torch.where(x < (q - 0.5) * _along(scale, x, axis), fine, coarse)
     if kind == "gelu":
         return fake_quant(x, scale, bits, axis, low=0).add_(fake_quant(x, other, bits, high=0))
     raise ValueError(f"unknown twin kind {kind!r}; known: {TWIN_KINDS}")
