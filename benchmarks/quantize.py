@@ -6,6 +6,10 @@ alternating runs so machine noise hits all alike. Quality: box-prompt mIoU on th
 nuclei image (its 125 ground-truth boxes), also for W6A6 and for plain max-scaling.
 
     python benchmarks/quantize.py [--repeats 5] [--threads N] [--candidates 100 --rounds 3]
+    python benchmarks/quantize.py --kernels-only   # just the int8 vs fp32 matrix products
+
+It first times the int8 kernels alone against fp32 on vit_t's layer shapes (input quantization
+included, as the int8 path runs them), which separates the kernels' speed from the model's.
 """
 
 import argparse
@@ -31,6 +35,36 @@ def decoder_call(sam, embedding, boxes):
     return sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True)
 
 
+# (rows, in, out) of vit_t linear layers: stage-2 qkv / fc1 / fc2, the neck's 1x1 conv, decoder projections
+KERNEL_SHAPES = ((4096, 160, 480), (4096, 160, 640), (4096, 640, 160), (4096, 320, 256), (65536, 256, 128))
+
+
+def kernel_ratios(repeats: int) -> None:
+    """fp32 F.linear vs QLinear's int8 kernel (quantizing its input each call), side by side."""
+    from torch import nn
+
+    from tinysam.quant import convert
+
+    print("| rows x in -> out | fp32 ms | int8 ms (incl. input quantization) | ratio |")
+    print("|---|---|---|---|")
+    for rows, k, n in KERNEL_SHAPES:
+        model = nn.Sequential(nn.Linear(k, n))
+        layer = convert(model, 8, [""])["0"]
+        x = torch.randn(rows, k)
+        layer.a_scale = x.abs().max().view(1) / 128
+        layer.b_scale = layer.channel_amax() / 128
+        times = {"float": [], "int8": []}
+        with torch.inference_mode():
+            for _ in range(repeats + 1):
+                for mode in times:
+                    layer.mode = mode  # not set_mode: that drops the packed int8 weight each time
+                    t = time.perf_counter()
+                    layer(x)
+                    times[mode].append(time.perf_counter() - t)
+        f, i = (statistics.median(v[1:]) * 1000 for v in times.values())
+        print(f"| {rows} x {k} -> {n} | {f:.2f} | {i:.2f} | {f / i:.2f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
@@ -39,8 +73,13 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=QuantConfig.candidates)
     p.add_argument("--rounds", type=int, default=QuantConfig.rounds)
     p.add_argument("--prompts", type=int, default=64, help="box prompts per decoder call (everything mode batches 64)")
+    p.add_argument("--kernels-only", action="store_true", help="only the int8 vs fp32 kernel table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if int8_available():
+        kernel_ratios(max(args.repeats, 5))
+    if args.kernels_only:
+        return
 
     fp32 = build_sam("vit_t", args.checkpoint)
     sam = build_sam("vit_t", args.checkpoint)
