@@ -149,6 +149,41 @@ def test_batched_prompts_equal_one_by_one(vit_t, astronaut):
         assert (m != masks[i]).mean() < 1e-4
 
 
+def test_folded_decoder_equals_the_plain_decoder(vit_t, astronaut):
+    """Everything mode's folded decoder: the plain decoder's function up to fp32 rounding, for
+    points and boxes, one image or prompts grouped per image; quantized decoders are not folded."""
+    from tinysam.modeling.folded_decoder import FoldedMaskDecoder, supports
+    from tinysam.quant.layers import convert
+
+    predictor = SamPredictor(vit_t)
+    predictor.set_image(astronaut)
+    emb = predictor.features
+    two = torch.cat([emb, emb.flip(-1)])  # two different "images", prompts grouped 3 + 3
+    pe = vit_t.prompt_encoder.get_dense_pe()
+    gen = torch.Generator().manual_seed(0)
+    points = (torch.rand(6, 1, 2, generator=gen) * 1024, torch.ones(6, 1, dtype=torch.int))
+    boxes = torch.rand(6, 4, generator=gen) * 512
+    boxes[:, 2:] += boxes[:, :2]
+    folded = FoldedMaskDecoder(vit_t.mask_decoder)
+    with torch.inference_mode():
+        for images, prompts in ((emb, dict(points=points)), (two, dict(points=points)), (two, dict(boxes=boxes))):
+            sparse, dense = vit_t.prompt_encoder(prompts.get("points"), prompts.get("boxes"), None)
+            for multimask in (True, False):
+                masks, iou = vit_t.mask_decoder(images, pe, sparse, dense, multimask_output=multimask)
+                masks2, iou2 = folded(images, pe, sparse, dense, multimask_output=multimask)
+                assert masks2.shape == masks.shape and iou2.shape == iou.shape
+                assert (masks2 - masks).abs().max().item() <= 5e-3  # logits span about +-40
+                assert (iou2 - iou).abs().max().item() <= TOL
+                assert ((masks2 > 0) != (masks > 0)).float().mean().item() < 1e-5
+    import copy
+
+    quantized = copy.deepcopy(vit_t)
+    convert(quantized, 8, ["mask_decoder"])
+    assert not supports(quantized.mask_decoder)
+    with pytest.raises(ValueError, match="float MaskDecoder"):
+        FoldedMaskDecoder(quantized.mask_decoder)
+
+
 def test_saved_checkpoint_loads_in_official_code_and_ours(vit_t, tmp_path):
     mobile_sam = import_official("mobile_sam")
     path = save_checkpoint(vit_t, tmp_path / "student.pt")

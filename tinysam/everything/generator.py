@@ -11,6 +11,7 @@ is reorganised so that it costs less and holds less:
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops.boxes import batched_nms, box_area
 
-from ..modeling import Sam
+from ..modeling import Sam, folded_decoder
 from ..transforms import ResizeLongestSide, prepare_image, to_rgb_uint8
 from ..utils.rle import mask_to_uncompressed_rle
 from .amg import (
@@ -94,13 +95,15 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         upsample_chunk: int = 16,
-        decoder_chunk: int = 32,
-        fast_upscaling: bool = True,
+        decoder_chunk: int = 4,
+        fast_decoder: bool = True,
     ) -> None:
         """Arguments as the official generator's (see its docs), plus: `upsample_chunk` bounds how
         many masks are held at full resolution at once, `decoder_chunk` how many prompts go through
-        the decoder at once (its activations dominate peak memory); `fast_upscaling` selects the decoder's
-        channels-last upscaling (see `MaskDecoder.forward`)."""
+        the decoder at once (its activations dominate peak memory; a few prompts at a time also keep
+        each prompt's image tokens in cache); `fast_decoder` runs the decoder folded (see
+        `modeling/folded_decoder.py`; a quantized decoder gets the channels-last upscaling instead),
+        False the plain decoder with the official rounding."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side and point_grids must be given")
         if output_mode not in OUTPUT_MODES:
@@ -123,8 +126,11 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self.upsample_chunk = upsample_chunk
-        self.fast_upscaling = fast_upscaling
         self.decoder_chunk = decoder_chunk
+        if fast_decoder and folded_decoder.supports(model.mask_decoder):
+            self._mask_decoder = folded_decoder.FoldedMaskDecoder(model.mask_decoder)
+        else:
+            self._mask_decoder = partial(model.mask_decoder, fast_upscaling=fast_decoder)
         self.last_stats: Dict[str, int] = {}
 
     # ---- public API -------------------------------------------------------------------------
@@ -248,8 +254,7 @@ class SamAutomaticMaskGenerator:
             sel = torch.cat([torch.arange(i * per_image + start, i * per_image + min(start + step, per_image))
                              for i in range(n)])
             sparse, dense = self.model.prompt_encoder((coords[sel], labels[sel]), None, None)
-            low_res, iou = self.model.mask_decoder(embeddings, pe, sparse, dense, multimask_output=True,
-                                                   fast_upscaling=self.fast_upscaling)
+            low_res, iou = self._mask_decoder(embeddings, pe, sparse, dense, multimask_output=True)
             low_parts.append(low_res.view(n, -1, *low_res.shape[1:]))
             iou_parts.append(iou.view(n, -1, iou.shape[-1]))
         low_res = torch.cat(low_parts, dim=1).flatten(0, 2)
