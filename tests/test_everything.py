@@ -99,3 +99,18 @@ def test_stored_embeddings_give_the_same_masks_as_the_image(vit_t, photos):
     with pytest.raises(ValueError, match="crop layers"):
         SamAutomaticMaskGenerator(vit_t, points_per_side=4, crop_n_layers=1).generate_from_embeddings(
             embedding, [prepared.input_size], [image.shape[:2]])
+
+
+@pytest.mark.parametrize("input_size, original_size", [((1024, 1024), (512, 512)), ((683, 1024), (400, 600)),
+                                                       ((1024, 768), (1500, 1125))])
+def test_upsampling_matrices_equal_the_two_interpolations(vit_t, input_size, original_size):
+    """Everything mode's separable upsampling against Sam.postprocess_masks (bilinear, crop, bilinear)."""
+    import torch
+
+    from tinysam.everything.amg import upsample_logits
+
+    logits = torch.randn(3, 256, 256, generator=torch.Generator().manual_seed(0)) * 10
+    expected = vit_t.postprocess_masks(logits[:, None], input_size, original_size)[:, 0]
+    got = upsample_logits(logits, input_size, original_size, vit_t.image_encoder.img_size)
+    assert got.shape == (3, *original_size)
+    assert (got - expected).abs().max().item() <= 1e-4

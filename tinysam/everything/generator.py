@@ -30,6 +30,7 @@ from .amg import (
     masks_to_boxes_xyxy,
     remove_small_regions,
     stability_score,
+    upsample_logits,
 )
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -272,7 +273,7 @@ class SamAutomaticMaskGenerator:
         offset = torch.tensor([x0, y0, x0, y0])
         for start in range(0, len(keep), self.upsample_chunk):
             idx = keep[start:start + self.upsample_chunk]
-            logits = self.model.postprocess_masks(low_res[idx][:, None], input_size, crop_size)[:, 0]
+            logits = upsample_logits(low_res[idx].float(), input_size, crop_size, self.model.image_encoder.img_size)
             stab = stability_score(logits, self.model.mask_threshold, self.stability_score_offset)
             ok = stab >= self.stability_score_thresh if self.stability_score_thresh > 0.0 else torch.ones_like(stab, dtype=torch.bool)
             if not ok.any():
