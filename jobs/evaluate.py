@@ -35,8 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--points", default="1,2,3,5,9", help="point counts to report")
     p.add_argument("--point-max-objects", type=int, help="point protocol: at most N objects per image")
     p.add_argument("--everything", action="append",
-                   help="dense[:POINTS] or hierarchical[:ROUND1[:ROUND2[:TAU]]]; repeat for a grid "
-                        "(default: dense:32 and hierarchical:8:32:8.5)")
+                   help="dense[:POINTS] or hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN]]]]; repeat for a grid "
+                        "(default: dense:32 and hierarchical:8:32:8.5:0.25)")
     p.add_argument("--max-dets", type=int, default=100, help="detections per image for AP (LVIS: 300)")
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--output", required=True, help="folder for results.md and results.json")
@@ -64,7 +64,7 @@ def build_config(args) -> EvalConfig:
         detections = {}
         for d in dets:
             detections.setdefault(int(d["image_id"]), []).append(d)
-    everything = [EverythingConfig.parse(s) for s in (args.everything or ["dense:32", "hierarchical:8:32:8.5"])]
+    everything = [EverythingConfig.parse(s) for s in (args.everything or ["dense:32", "hierarchical:8:32:8.5:0.25"])]
     return EvalConfig(tuple(s for s in args.protocols.split(",") if s), detections,
                       tuple(int(k) for k in args.points.split(",")), everything, args.max_dets,
                       args.point_max_objects)

@@ -72,14 +72,34 @@ def test_several_images_in_one_call_equal_one_by_one(vit_t, photos):
 
 def test_hierarchical_mode_skips_most_round_two_points(vit_t, photos):
     image = photos["astronaut"]
-    gen = SamHierarchicalMaskGenerator(vit_t)  # 8x8 then 32x32, tau 8.5
-    masks = gen.generate(image)
-    stats = gen.last_stats
-    print(f"hierarchical on astronaut: {stats}")
-    assert stats["round1_points"] == 64 and stats["round2_grid_points"] == 1024
-    assert stats["skipped_points"] >= 512
+    paper = SamHierarchicalMaskGenerator(vit_t, skip_margin=0)  # 8x8 then 32x32, tau 8.5, the paper's rule
+    masks = paper.generate(image)
+    stats = paper.last_stats
+    print(f"hierarchical (paper's rule) on astronaut: {stats}")
+    # round 1 takes 64 of the dense grid's 1024 points; round 2 the other 960 unless skipped
+    assert stats["round1_points"] == 64 and stats["round2_grid_points"] == 960
+    assert stats["skipped_points"] >= 480
     assert stats["decoded_points"] == 64 + stats["round2_points"]
     assert len(masks) > 0
+
+    default = SamHierarchicalMaskGenerator(vit_t)  # skip only points with a quarter spacing of area around
+    masks = default.generate(image)
+    print(f"hierarchical (default margin) on astronaut: {default.last_stats}")
+    assert 0.3 * 960 <= default.last_stats["skipped_points"] < stats["skipped_points"]
+    assert len(masks) > 0
+
+
+def test_hierarchical_mode_with_nothing_skipped_is_dense_mode(vit_t, photos):
+    """Both rounds partition the dense grid: with no confident area, the dense generator's masks."""
+    image = photos["coffee"]
+    dense = SamAutomaticMaskGenerator(vit_t, points_per_side=8, output_mode="coco_rle").generate(image)
+    gen = SamHierarchicalMaskGenerator(vit_t, points_per_side=8, round1_points_per_side=2,
+                                       high_confidence_thresh=float("inf"), output_mode="coco_rle")
+    hierarchical = gen.generate(image)
+    assert gen.last_stats["decoded_points"] == 64 and gen.last_stats["skipped_points"] == 0
+    assert sorted(r["segmentation"]["counts"] for r in hierarchical) == sorted(r["segmentation"]["counts"] for r in dense)
+    with pytest.raises(ValueError, match="skip_margin"):
+        SamHierarchicalMaskGenerator(vit_t, skip_margin=-1)
 
 
 def test_stored_embeddings_give_the_same_masks_as_the_image(vit_t, photos):
