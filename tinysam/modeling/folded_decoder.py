@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .common import LayerNorm2d, add_groups
 from .mask_decoder import MaskDecoder
-from .transformer import Attention
+from .transformer import Attention, CrossAttention
 
 
 def supports(decoder: MaskDecoder) -> bool:
@@ -75,9 +75,8 @@ class FoldedMaskDecoder:
             raise ValueError("the folded decoder takes one dense embedding per image, not per prompt")
         output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
-        src = (image_embeddings + dense).flatten(2).transpose(1, 2)  # (n, hw, C)
-        pe = image_pe.flatten(2).transpose(1, 2)  # (1, hw, C)
-        hs, x = _transformer(d.transformer, src, pe, tokens)
+        # image_embeddings + dense is a fresh tensor: the folded attention may update it in place
+        hs, x = d.transformer(image_embeddings + dense, image_pe, tokens, cross=FoldedCrossAttention())
 
         sel = list(range(1, d.num_mask_tokens)) if multimask_output else [0]
         hyper = torch.stack([d.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in sel], dim=1)
@@ -87,30 +86,22 @@ class FoldedMaskDecoder:
         return masks, iou
 
 
-def _transformer(t: nn.Module, x: Tensor, pe: Tensor, tokens: Tensor) -> Tuple[Tensor, Tensor]:
-    """`TwoWayTransformer.forward` on (n, hw, C) image tokens shared by groups of the B prompts."""
-    queries = tokens
-    for i, layer in enumerate(t.layers):
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + tokens
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
-        k = x + pe
-        queries = layer.norm2(queries + _token_to_image(layer.cross_attn_token_to_image, queries + tokens, k, x))
-        queries = layer.norm3(queries + layer.mlp(queries))
-        x = layer.norm4(_image_to_token(layer.cross_attn_image_to_token, k, x, queries + tokens, queries, inplace=i > 0))
-    attn_out = _token_to_image(t.final_attn_token_to_image, queries + tokens, x + pe, x)
-    return t.norm_final_attn(queries + attn_out), x
-
-
 def _grouped_bmm(a: Tensor, b: Tensor) -> Tensor:
     """a (B, m, k) @ b (n, k, p) with b shared by groups of B / n rows of a."""
     bsz, n = a.shape[0], b.shape[0]
     if n == bsz:
         return torch.bmm(a, b)
     return torch.matmul(a.reshape(n, -1, a.shape[-1]), b).view(bsz, a.shape[1], b.shape[-1])
+
+
+class FoldedCrossAttention(CrossAttention):
+    """The two-way blocks' cross attentions with the image-side projections folded away."""
+
+    def token_to_image(self, attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return _token_to_image(attn, q, k, v)
+
+    def image_to_token(self, attn: Attention, q: Tensor, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return _image_to_token(attn, q, x, k, v)
 
 
 def _token_to_image(attn: Attention, q_in: Tensor, k: Tensor, x: Tensor) -> Tensor:
@@ -127,10 +118,9 @@ def _token_to_image(attn: Attention, q_in: Tensor, k: Tensor, x: Tensor) -> Tens
     return attn.out_proj(v.reshape(bsz, t, heads * dh))
 
 
-def _image_to_token(attn: Attention, q_in: Tensor, x: Tensor, k_in: Tensor, v_in: Tensor,
-                    inplace: bool = False) -> Tensor:
-    """x + attn(q=q_in, k=k_in, v=v_in) with q_in, x (n, hw, C) shared by groups of the B prompts;
-    `inplace` accumulates into x (per-prompt x only)."""
+def _image_to_token(attn: Attention, q_in: Tensor, x: Tensor, k_in: Tensor, v_in: Tensor) -> Tensor:
+    """x + attn(q=q_in, k=k_in, v=v_in) with q_in, x (n, hw, C) shared by groups of the B prompts.
+    Per-prompt x (n == B) is the decoder's own temporary: the output accumulates into it."""
     bsz, t, c = k_in.shape
     n, hw = q_in.shape[:2]
     heads, dh = attn.num_heads, attn.internal_dim // attn.num_heads
@@ -152,7 +142,7 @@ def _image_to_token(attn: Attention, q_in: Tensor, x: Tensor, k_in: Tensor, v_in
         scores = torch.matmul(stacked, q_in.transpose(1, 2)).view(bsz, heads * t, hw) + bias.transpose(1, 2)
     probs = scores.view(bsz, heads, t, hw).softmax(dim=2).view(bsz, heads * t, hw).transpose(1, 2)
     if n == bsz:
-        return x.baddbmm_(probs, fold_o) if inplace else torch.baddbmm(x, probs, fold_o)
+        return x.baddbmm_(probs, fold_o)
     return add_groups(x, torch.bmm(probs, fold_o))
 
 

@@ -37,22 +37,26 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
-    def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor,
+                cross: Optional["CrossAttention"] = None) -> Tuple[Tensor, Tensor]:
         """
         Args:
           image_embedding: (n, C, h, w) with n dividing B: prompt b belongs to image b // (B / n).
             A shared image's projections in the first layer are computed once, not once per prompt.
           image_pe: (1, C, h, w) positional encoding of the image grid.
           point_embedding: (B, N, C) prompt and output tokens.
+          cross: how the two cross attentions are computed (default: the attention modules; the
+            folded decoder passes its own, same function).
         Returns:
           the processed tokens (B, N, C) and image tokens (B, h*w, C).
         """
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
+        cross = cross or CrossAttention()
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
-        attn_out = self.final_attn_token_to_image(q=queries + point_embedding, k=keys + key_pe, v=keys)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, cross)
+        attn_out = cross.token_to_image(self.final_attn_token_to_image, queries + point_embedding, keys + key_pe, keys)
         queries = self.norm_final_attn(queries + attn_out)
         return queries, expand_groups(keys, queries.shape[0])
 
@@ -80,7 +84,9 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor,
+                cross: Optional["CrossAttention"] = None) -> Tuple[Tensor, Tensor]:
+        cross = cross or CrossAttention()
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -89,12 +95,26 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=queries + query_pe, k=k, v=keys))
+        queries = self.norm2(queries + cross.token_to_image(self.cross_attn_token_to_image, queries + query_pe, k, keys))
         queries = self.norm3(queries + self.mlp(queries))
 
-        attn_out = self.cross_attn_image_to_token(q=k, k=queries + query_pe, v=queries)
-        keys = self.norm4(add_groups(keys, attn_out))
+        keys = self.norm4(cross.image_to_token(self.cross_attn_image_to_token, k, keys, queries + query_pe, queries))
         return queries, keys
+
+
+class CrossAttention:
+    """The two cross attentions of a two-way block, through the attention modules themselves.
+
+    Image tokens (n, hw, C) may be shared by groups of the B prompts (n divides B).
+    """
+
+    def token_to_image(self, attn: "Attention", q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """attn(q=q, k=k, v=v): prompt tokens q (B, T, C) read the image tokens k, v."""
+        return attn(q=q, k=k, v=v)
+
+    def image_to_token(self, attn: "Attention", q: Tensor, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """x + attn(q=q, k=k, v=v): image tokens q read the prompt tokens k, v (B, T, C), residual x."""
+        return add_groups(x, attn(q=q, k=k, v=v))
 
 
 class Attention(nn.Module):
