@@ -15,6 +15,18 @@ def test_tinysam_imports_without_ray():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_build_sam_stays_the_function_after_its_module_is_imported():
+    # the submodule tinysam.build_sam shares the function's name; importing it (as tinysam.quant
+    # does) must not replace the function, whatever the import order
+    code = (
+        "import tinysam.quant\n"
+        "from tinysam import build_sam\n"
+        "assert callable(build_sam) and build_sam.__name__ == 'build_sam', build_sam\n"
+        "from tinysam.build_sam import check_checkpoint\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_data_workers_do_not_import_torch():
     # Ray's read and write workers import these modules; torch's import costs seconds of CPU that
     # the model actor needs on a small machine (benchmarks/automask.py).

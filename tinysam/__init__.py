@@ -4,6 +4,8 @@ Drop-in for the official packages: `from tinysam import sam_model_registry, SamP
 Importing this package never imports Ray; the distributed pipelines live in `pipelines/`.
 """
 
+import sys
+import types
 from typing import Any
 
 # Names resolve on first use (PEP 562), so that `import tinysam.transforms` in a data-loading
@@ -27,6 +29,19 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Keeps `tinysam.build_sam` the function, as in the official package, once the submodule of the
+    same name is imported (the import system binds each submodule as an attribute of its package)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__():
