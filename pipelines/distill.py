@@ -69,6 +69,7 @@ class DistillSummary:
     loss_start: float
     loss_end: float
     images_per_second: float
+    step_seconds: float  # median compute time of a step (data wait and reports excluded)
     data_wait_fraction: float
     table: str
 
@@ -390,5 +391,6 @@ def summarize(history: List[Dict[str, Any]], checkpoint: str, exported: Optional
         loss_start=float(np.mean([h["loss"] for h in steps[:window]])) if steps else float("nan"),
         loss_end=float(np.mean([h["loss"] for h in steps[-window:]])) if steps else float("nan"),
         images_per_second=float(np.median([h["images_per_second"] for h in steps])) if steps else 0.0,
+        step_seconds=float(np.median([h["step_seconds"] for h in steps])) if steps else 0.0,
         data_wait_fraction=waits / (waits + busy) if steps else 0.0,
         table="\n".join(rows) + "\n")
