@@ -83,6 +83,41 @@ def test_w8a8_box_miou_within_001_of_fp32_and_int8_matches(quantized, vit_t, nuc
         assert abs(int8 - w8) <= 0.005  # the same quantized model, integer arithmetic
 
 
+@pytest.mark.skipif(not int8_available(), reason="oneDNN int8 kernels need an x86 PyTorch build")
+def test_compiled_int8_block_runs_integer_kernels_and_matches_eager(quantized, nuclei):
+    """A TinyViT block of the calibrated model (window attention with its twin-scaled softmax, the
+    GELU-twin MLP, the depthwise local conv) compiled with frozen weights: the generated code calls
+    oneDNN's int8 kernels and no quantized-tensor op, and it computes what the eager int8 block does
+    (up to rounding ties, far below the quantization error itself)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from tinysam.quant import compile_frozen
+
+    sam, _ = quantized
+    block = sam.image_encoder.layers[1].blocks[0]
+    seen = {}
+    hook = block.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    set_mode(sam, "sim")
+    with torch.inference_mode():
+        sam.image_encoder(prepare_image(nuclei[0]).tensor[None])
+    hook.remove()
+    try:
+        set_mode(block, "int8")
+        with torch.inference_mode():
+            eager = block(seen["x"])
+            compiled, codes = run_and_get_code(compile_frozen(block), seen["x"])
+            set_mode(block, "float")
+            exact = block(seen["x"])
+    finally:
+        set_mode(sam, "sim")
+    code = "\n".join(codes)
+    assert "qlinear_pointwise" in code and "quantize_per_tensor" not in code
+    ties = (compiled - eager).abs().mean()
+    quantization = (eager - exact).abs().mean()
+    print(f"compiled vs eager int8 {ties:.2e}, int8 vs float {quantization:.2e}")
+    assert ties <= 0.1 * quantization
+
+
 def test_search_beats_max_scaling_and_w6a6_runs(quantized, nuclei):
     """Re-searches the fixture's model (runs after the W8A8 test, which is defined first)."""
     sam, report = quantized

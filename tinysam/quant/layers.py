@@ -26,6 +26,7 @@ from ..modeling.tiny_vit import Conv2d_BN
 from .quantizer import TWIN_KINDS, fake_quant, qrange, quant_codes, second_scale, twin_fake_quant
 
 MODES = ("float", "observe", "sim", "int8")
+PACKED = ("int8_linear", "int8_conv")  # oneDNN's packed int8 weights: non-persistent buffers, int8 mode only
 
 
 def int8_available() -> bool:
@@ -73,6 +74,14 @@ class QuantMixin:
             mode = "float"  # never called during calibration (e.g. the unused classifier head)
         self.mode = mode
         self._cache.clear()
+        for name in PACKED:
+            self._buffers.pop(name, None)
+        if self.mode != "float":
+            self.prepare()
+
+    def prepare(self) -> None:
+        """Fill the caches a forward in the current mode reads (quantized weights, packed int8
+        kernels) now, not during the first forward, so that a compiled forward only reads them."""
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.a_scale
@@ -124,9 +133,15 @@ class QuantWeighted(QuantMixin):
             if kernel is not None:
                 return kernel(x)
         if "w" not in self._cache:
+            self.prepare()
+        return self.float_op(self.quant_input(x), self._cache["w"], self._cache["b"])
+
+    def prepare(self) -> None:
+        if self.mode in ("sim", "int8") and "w" not in self._cache:
             self._cache["w"] = self.quant_weight()
             self._cache["b"] = None if self.effective_bias() is None else self.effective_bias().detach()
-        return self.float_op(self.quant_input(x), self._cache["w"], self._cache["b"])
+        if self.mode == "int8" and self.int8_op is not None:
+            self.int8_op()
 
     int8_op = None
 
@@ -134,7 +149,8 @@ class QuantWeighted(QuantMixin):
     def _packed_linear(self, w_matrix: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):
         """A kernel computing x (rows, in) -> (rows, out) with int8 inputs and int8 weights."""
         codes = quant_codes(w_matrix / scales[:, None], 1.0, self.bits).contiguous()  # prepack reads raw memory
-        packed = torch.ops.onednn.qlinear_prepack(codes, None)
+        # a buffer, read through self below: torch.compile with frozen weights then sees a constant
+        self.register_buffer(PACKED[0], torch.ops.onednn.qlinear_prepack(codes, None), persistent=False)
         w_scales = scales.float().contiguous()
         zeros = torch.zeros(len(scales), dtype=torch.long)
         bias = None if bias is None else bias.detach().float().contiguous()
@@ -143,7 +159,7 @@ class QuantWeighted(QuantMixin):
 
         def gemm(codes_x: torch.Tensor, scale: float, b: Optional[torch.Tensor], _keep=codes) -> torch.Tensor:
             # _keep: the codes stay alive as long as the packed weight (oneDNN does not say whether it copies)
-            return torch.ops.onednn.qlinear_pointwise(codes_x, scale, 0, packed, w_scales, zeros, b, 1.0, 0,
+            return torch.ops.onednn.qlinear_pointwise(codes_x, scale, 0, self.int8_linear, w_scales, zeros, b, 1.0, 0,
                                                       torch.float32, "none", [], "")
 
         if kind == "gelu":  # two groups, two scales: two integer products
@@ -213,11 +229,12 @@ class _QConvBase(QuantWeighted):
         bias = self.effective_bias()
         bias = None if bias is None else bias.detach().float().contiguous()
         args = (list(c.stride), list(c.padding), list(c.dilation), c.groups)
-        packed = torch.ops.onednn.qconv_prepack(codes, w_scales, a_scale, 128, *args, None)
+        self.register_buffer(PACKED[1], torch.ops.onednn.qconv_prepack(codes, w_scales, a_scale, 128, *args, None),
+                             persistent=False)
 
         def run(x, _keep=codes):  # oneDNN's int8 convolution takes unsigned codes: zero point 128
             ux = quant_codes(x, a_scale, bits, unsigned=True)
-            return torch.ops.onednn.qconv_pointwise(ux, a_scale, 128, packed, w_scales, zeros, bias, *args,
+            return torch.ops.onednn.qconv_pointwise(ux, a_scale, 128, self.int8_conv, w_scales, zeros, bias, *args,
                                                     1.0, 0, torch.float32, "none", [], None)
         return run
 
@@ -328,6 +345,35 @@ def convert(model: nn.Module, bits: int, scopes: List[str]) -> Dict[str, QuantMi
 def _inside_conv_bn(root: nn.Module, name: str) -> bool:
     parent = name.rpartition(".")[0]
     return bool(name) and isinstance(root.get_submodule(parent) if parent else root, Conv2d_BN)
+
+
+class FrozenCompiled(nn.Module):
+    """`module` compiled by Inductor for inference with its weights frozen into constants: oneDNN's
+    packed int8 weights become graph constants, and each quantization step (round, clamp, cast)
+    fuses into the op that produced its input instead of being a pass over memory of its own.
+    Works for float modules too (the fair baseline). Set the mode first: compiling happens on the
+    first call (minutes for a whole encoder), under torch.no_grad or inference_mode, and a later
+    mode change is not seen. Attributes not its own are the module's (`img_size`, ...)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.compiled = torch.compile(module, dynamic=False)
+
+    def forward(self, *args, **kwargs):
+        # freezing is read when the graph is compiled, outside what torch.compile(options=) patches
+        with torch._inductor.config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.compiled, name)
+
+
+def compile_frozen(module: nn.Module) -> nn.Module:
+    """See FrozenCompiled."""
+    return FrozenCompiled(module)
 
 
 def set_mode(model: nn.Module, mode: str) -> None:

@@ -66,8 +66,17 @@ def _qtensor(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], zero_poi
 def _quantize_dense(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], zero_point: int = 0,
                     dtype: torch.dtype = torch.qint8, dequantize: bool = True) -> torch.Tensor:
     """_qtensor on x's own memory order: a channels-last NCHW tensor is quantized as the NHWC
-    tensor it is in memory (no transposing copy), and comes back channels-last."""
+    tensor it is in memory (no transposing copy), and comes back channels-last. Under
+    torch.compile, plain tensor ops instead (quantized tensors do not compile; Inductor fuses
+    these into the op that made x)."""
     x = x.float()
+    if torch.compiler.is_compiling():
+        view = _along(scale, x, axis)
+        low, high = (0, 255) if dtype == torch.quint8 else (-128, 127)
+        codes = torch.clamp(torch.round(x / view) + zero_point, low, high)
+        if dequantize:
+            return (codes - zero_point) * view
+        return codes.to(torch.uint8 if dtype == torch.quint8 else torch.int8)
     if dequantize and scale.numel() > 1 and x.dim() == 4 and axis == 1 and zero_point == 0:
         # per-channel activations: scale to unit steps, one per-tensor pass, scale back (PyTorch's
         # per-channel quantizer is ~3x slower on activations this large)
@@ -94,7 +103,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int, axis: Optional[i
     if (low, high) == (-128, 127):
         return out
     # dequantized values are exact multiples of the scale: clipping them clips the codes
-    if scale.numel() == 1:
+    if scale.numel() == 1 and not torch.compiler.is_compiling():  # float(): a graph break
         return out.clamp_(low * float(scale), high * float(scale))
     view = _along(scale, x, axis)
     return out.clamp_(low * view, high * view)
