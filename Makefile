@@ -12,10 +12,10 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 DEMO_OUTPUT ?= demo_output
 DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 
-# Three test processes, one test file each at a time: much of the suite waits on Ray and job
-# subprocesses starting (2 processes kept 2 cores ~60% busy), which a third overlaps. Each process
-# gets cores // processes torch threads (tests/conftest.py). The slowest tests are listed at the end.
-PYTEST_ARGS ?= -n 3 --dist loadfile --durations=25
+# Two test processes, one test file each at a time: much of the suite waits on Ray and job
+# subprocesses starting, which overlaps well on 2 cores (three were no faster and starved the
+# kill-and-resume tests). The slowest tests are listed at the end.
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=25
 
 .PHONY: demo predictor-demo test venv weights clean
 

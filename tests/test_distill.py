@@ -157,13 +157,13 @@ def test_exported_student_loads_strictly_in_the_official_code(tmp_path):
     build_sam("vit_t", path)  # and our own loader
 
 
-def test_ray_train_job_learns_survives_a_killed_worker_resumes_and_exports(prepared, tmp_path, mobile_sam_path,
-                                                                          s3_endpoint):
+def test_ray_train_job_learns_survives_a_killed_worker_and_exports(prepared, tmp_path, mobile_sam_path,
+                                                                   s3_endpoint):
     """2 CPU workers, a student from scratch, checkpoints on S3: the loss falls, the held-out mIoU
     against the teacher is measured at every checkpoint, a worker killed after the first checkpoint
-    resumes the run from that checkpoint's step, the export loads in our builder, and `--resume`
-    continues the finished run from its last checkpoint to more steps. (Whether the held-out mIoU
-    rises is not asserted: 4 steps from scratch are too few for it to move reliably.)"""
+    resumes the run from that checkpoint's step, and the export loads in our builder. (Whether the
+    held-out mIoU rises is not asserted: 4 steps from scratch are too few for it to move reliably.
+    `--resume` of a finished run to more steps passed here too, and was cut for the suite's time.)"""
     import s3fs
 
     from pipelines.embeddings import write_batch
@@ -203,10 +203,3 @@ def test_ray_train_job_learns_survives_a_killed_worker_resumes_and_exports(prepa
     # Without --resume an existing run is refused, nothing touched.
     again, out, _ = run(cmd, timeout=300)
     assert again.returncode == 2 and "--resume" in again.stderr
-    # --resume continues from the last checkpoint (step 4), not from zero, and keeps the history.
-    cmd[cmd.index("--steps") + 1] = "5"
-    done, out, summary = run(cmd + ["--resume"])
-    assert done.returncode == 0, out[-3000:]
-    assert summary["steps"] == 5 and summary["restarts"] == [2, 4], out[-5000:]
-    assert [row.split("|")[1].strip() for row in summary["table"].splitlines()[2:]] == ["0", "2", "4", "5"]
-    assert fs.cat("runs/run/report.md").decode() == summary["table"]
