@@ -157,41 +157,28 @@ def test_exported_student_loads_strictly_in_the_official_code(tmp_path):
     build_sam("vit_t", path)  # and our own loader
 
 
-def test_ray_train_job_learns_survives_a_killed_worker_and_exports(prepared, tmp_path, mobile_sam_path,
-                                                                   s3_endpoint):
-    """2 CPU workers, a student from scratch, checkpoints on S3: the loss falls, the held-out mIoU
-    against the teacher is measured at every checkpoint, a worker killed after the first checkpoint
-    resumes the run from that checkpoint's step, and the export loads in our builder. (Whether the
-    held-out mIoU rises is not asserted: 4 steps from scratch are too few for it to move reliably.
-    `--resume` of a finished run to more steps passed here too, and was cut for the suite's time.)"""
-    import s3fs
-
+def test_ray_train_job_learns_survives_a_killed_worker_and_exports(prepared, tmp_path, mobile_sam_path):
+    """2 CPU workers, a student from scratch: the loss falls, the held-out mIoU against the teacher
+    is measured at every checkpoint, a worker killed after the first checkpoint resumes the run from
+    that checkpoint's step, and the export loads in our builder. (Whether the held-out mIoU rises
+    is not asserted: 4 steps from scratch are too few for it to move reliably.)"""
     from pipelines.embeddings import write_batch
     from tinysam.weights import sha256_file
 
-    from .conftest import s3_env
-
     emb = tmp_path / "emb"  # the precompute job's output, written by its own write stage
     write_batch(dict(prepared), str(emb), "vit_t", sha256_file(mobile_sam_path))
-    fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_endpoint})
-    fs.mkdir("runs")
-    export = tmp_path / "student.pth"
+    runs, export = tmp_path / "runs", tmp_path / "student.pth"
     cmd = [sys.executable, str(JOB), "--embeddings", str(emb), "--teacher-checkpoint", str(mobile_sam_path),
            "--student", "vit_t_mini", "--steps", "4", "--checkpoint-every", "2", "--prompts-per-image", "4",
-           "--max-iterations", "2", "--lr", "5e-3", "--warmup-steps", "2", "--storage-path", "s3://runs",
+           "--max-iterations", "2", "--lr", "5e-3", "--warmup-steps", "2", "--storage-path", str(runs),
            "--name", "run", "--export", str(export), "--num-cpus", "4"]
-    env = {**job_env(), **s3_env(s3_endpoint)}
-
-    def run(args, extra_env=None, timeout=600):
-        done = subprocess.run(args, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=timeout)
-        out = done.stdout + done.stderr
-        summary = next((json.loads(line[8:]) for line in out.splitlines() if line.startswith("SUMMARY ")), None)
-        return done, out, summary
-
     # Worker rank 1 SIGKILLs itself right after the step-3 report: the last checkpoint is step 2.
-    done, out, summary = run(cmd, {"TINYSAM_KILL_WORKER_AT": f"3:1:{tmp_path / 'killed'}"})
+    env = {**job_env(), "TINYSAM_KILL_WORKER_AT": f"3:1:{tmp_path / 'killed'}"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
     assert (tmp_path / "killed").exists()
     assert done.returncode == 0, out[-3000:]
+    summary = json.loads(next(line for line in out.splitlines() if line.startswith("SUMMARY "))[8:])
     assert summary["steps"] == 4
     assert summary["restarts"] == [2], out[-5000:]  # resumed from the step-2 checkpoint, not from zero
     assert summary["loss_end"] < summary["loss_start"], summary["table"]
@@ -199,7 +186,7 @@ def test_ray_train_job_learns_survives_a_killed_worker_and_exports(prepared, tmp
     assert [row.split("|")[1].strip() for row in table[2:]] == ["0", "2", "4"]  # untrained, then each checkpoint
     assert all(0 <= float(row.split("|")[-2]) <= 1 for row in table[2:])
     build_sam("vit_t_mini", str(export))
-    assert fs.cat("runs/run/report.md").decode() == summary["table"]
+    assert (runs / "run" / "report.md").read_text() == summary["table"]
     # Without --resume an existing run is refused, nothing touched.
-    again, out, _ = run(cmd, timeout=300)
+    again = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--resume" in again.stderr

@@ -21,11 +21,11 @@ def official_generator_cls():
     return import_official("mobile_sam").SamAutomaticMaskGenerator
 
 
-@pytest.mark.parametrize("name", ["astronaut"])  # chelsea below; each official run costs ~30 s
+@pytest.mark.parametrize("name", ["astronaut"])  # 12 x 12 points: the official generator takes ~40 s at 16 x 16 here
 def test_dense_mode_gives_the_official_masks(name, vit_t, official_vit_t, official_generator_cls, photos):
     image = photos[name]
-    ours = SamAutomaticMaskGenerator(vit_t, points_per_side=16).generate(image)
-    official = official_generator_cls(official_vit_t, points_per_side=16).generate(image)
+    ours = SamAutomaticMaskGenerator(vit_t, points_per_side=12).generate(image)
+    official = official_generator_cls(official_vit_t, points_per_side=12).generate(image)
     assert len(official) >= 5
     _assert_same_masks(ours, official)
     # The records carry the official fields with the official conventions.
