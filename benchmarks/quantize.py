@@ -124,7 +124,7 @@ def main() -> None:
                 encoder(x)
                 decoder_call(model, embedding, boxes, decoder)
                 print(f"  compiled {key}: {time.perf_counter() - t:.0f} s", flush=True)
-        for _ in range(args.repeats + 1):  # the first pass warms up (and packs the int8 weights)
+        for _ in range(args.repeats + 1):  # the first pass warms up (set_mode packs the int8 weights)
             for key, (model, mode, encoder, decoder) in variants.items():
                 if mode:
                     set_mode(model, mode)
