@@ -38,11 +38,12 @@ def test_dense_mode_gives_the_official_masks(name, vit_t, official_vit_t, offici
 
 def test_crop_layers_and_small_region_removal_match_official(vit_t, official_vit_t, official_generator_cls, photos):
     image = photos["chelsea"]
-    kwargs = dict(points_per_side=6, crop_n_layers=1, min_mask_region_area=200)
+    kwargs = dict(points_per_side=4, crop_n_layers=1, min_mask_region_area=200)  # 5 crops x 16 points
     ours = SamAutomaticMaskGenerator(vit_t, **kwargs).generate(image)
     official = official_generator_cls(official_vit_t, **kwargs).generate(image)
     _assert_same_masks(ours, official)
-    assert {tuple(r["crop_box"]) for r in ours} == {tuple(r["crop_box"]) for r in official}
+    crop_boxes = {tuple(r["crop_box"]) for r in ours}
+    assert crop_boxes == {tuple(r["crop_box"]) for r in official} and len(crop_boxes) > 1  # masks from the crops too
 
 
 def test_rle_output_modes_decode_to_the_binary_masks(vit_t, photos):

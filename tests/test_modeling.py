@@ -112,7 +112,9 @@ def test_mask_input_round_trip_matches_official(vit_t, official_vit_t, astronaut
     assert np.abs(outs[0][1] - outs[1][1]).max() <= TOL
 
 
-@pytest.mark.parametrize("model_type", ["vit_b", "vit_h"])
+# vit_h only: vit_b and vit_l run the same encoder code with other sizes (their layouts are
+# checked above); one 632M-parameter forward each way is what CI time allows.
+@pytest.mark.parametrize("model_type", ["vit_h"])
 def test_sam_vit_matches_official_with_random_weights(model_type, astronaut):
     segment_anything = import_official("segment_anything")
     official = randomize_(segment_anything.sam_model_registry[model_type](), seed=1).eval()
