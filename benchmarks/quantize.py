@@ -31,10 +31,11 @@ CALIBRATION = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohist
                "hubble_deep_field", "coins")
 
 
-def decoder_call(sam, embedding, boxes, decoder=None):
+def decoder_call(sam, embedding, boxes, decoder=None, fast_upscaling=True):
+    """One decoder call on a batch of box prompts; channels-last upscaling, as everything mode runs it."""
     sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
     return (decoder or sam.mask_decoder)(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense,
-                                         multimask_output=True)
+                                         multimask_output=True, fast_upscaling=fast_upscaling)
 
 
 # (rows, in, out) of vit_t linear layers: stage-2 qkv / fc1 / fc2, the neck's 1x1 conv, decoder projections

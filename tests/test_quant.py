@@ -84,6 +84,34 @@ def test_w8a8_box_miou_within_001_of_fp32_and_int8_matches(quantized, vit_t, nuc
 
 
 @pytest.mark.skipif(not int8_available(), reason="oneDNN int8 kernels need an x86 PyTorch build")
+def test_int8_upscaling_equals_simulated_in_both_memory_layouts():
+    """SAM's 2x2 stride-2 transposed convolution as an int8 linear layer per pixel: the same numbers
+    as simulated quantization, NCHW in -> NCHW out, channels-last in -> channels-last out (the
+    decoder's fast upscaling, which then needs no transposing copy)."""
+    from torch import nn
+
+    from tinysam.quant import convert
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(16, 8, kernel_size=2, stride=2))
+    layer = convert(model, 8, [""])["0"]
+    x = torch.randn(2, 16, 5, 7)
+    layer.a_scale = x.abs().max().view(1) / 128
+    layer.b_scale = layer.channel_amax() / 128
+    with torch.no_grad():
+        layer.set_mode("sim")
+        sim = layer(x)
+        layer.set_mode("int8")
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            out = layer(inp)
+            assert out.shape == sim.shape == (2, 8, 10, 14)
+            assert (out - sim).abs().max() <= 1e-5 * sim.abs().max()
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        assert layer(x).is_contiguous()
+        assert (sim - model[0].float_op(x, layer.weight, layer.bias)).abs().max() > 0  # it is quantized
+
+
+@pytest.mark.skipif(not int8_available(), reason="oneDNN int8 kernels need an x86 PyTorch build")
 def test_compiled_int8_block_runs_integer_kernels_and_matches_eager(quantized, nuclei):
     """A TinyViT block of the calibrated model (window attention with its twin-scaled softmax, the
     GELU-twin MLP, the depthwise local conv) compiled with frozen weights: the generated code calls

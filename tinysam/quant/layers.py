@@ -167,7 +167,11 @@ class QuantWeighted(QuantMixin):
 
             def run(x2: torch.Tensor) -> torch.Tensor:
                 out = gemm(quant_codes(x2, a_scale, bits, low=0), a_scale, bias)
-                return out.add_(gemm(quant_codes(x2, neg_scale, bits, low=-q, high=0), neg_scale, None))
+                # the second product accumulates into the first's output (oneDNN's sum post-op):
+                # no second output tensor (512 MB in the decoder's last upscaling) to allocate and add
+                return torch.ops.onednn.qlinear_pointwise.binary(
+                    quant_codes(x2, neg_scale, bits, low=-q, high=0), neg_scale, 0, self.int8_linear, w_scales,
+                    zeros, out, None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
         elif kind == "":
             def run(x2: torch.Tensor) -> torch.Tensor:
                 return gemm(quant_codes(x2, a_scale, bits), a_scale, bias)
@@ -277,14 +281,21 @@ class QConvTranspose2d(QuantWeighted, nn.ConvTranspose2d):
         if "int8" not in self._cache:
             k = self.kernel_size
             w = self.weight.detach()
-            rows = w.permute(1, 2, 3, 0).reshape(-1, w.shape[0])
-            scales = self.b_scale.repeat_interleave(k[0] * k[1])
-            bias = None if self.bias is None else self.bias.detach().repeat_interleave(k[0] * k[1])
+            # output columns ordered (ky, kx, out): each input pixel's k x k block of output
+            # pixels, channels innermost, so a channels-last result is a copy of whole rows
+            rows = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])
+            scales = self.b_scale.repeat(k[0] * k[1])
+            bias = None if self.bias is None else self.bias.detach().repeat(k[0] * k[1])
             lin = self._packed_linear(rows, scales, bias)
+
             def upscale(x):
                 b, c, h, wd = x.shape
-                y = lin(x.permute(0, 2, 3, 1).reshape(-1, c)).view(b, h, wd, -1, k[0], k[1])
-                return y.permute(0, 3, 1, 4, 2, 5).reshape(b, -1, h * k[0], wd * k[1])
+                y = lin(x.permute(0, 2, 3, 1).reshape(-1, c)).view(b, h, wd, k[0], k[1], -1)
+                if x.is_contiguous():  # NCHW in, NCHW out (a full transpose)
+                    return y.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * k[0], wd * k[1])
+                # channels-last in (the decoder's fast upscaling): channels-last out, (b, h, ky, w, kx, C) in memory
+                out = y.permute(0, 1, 3, 2, 4, 5).reshape(b, h * k[0], wd * k[1], -1)
+                return out.permute(0, 3, 1, 2)
             self._cache["int8"] = None if lin is None else upscale
         return self._cache["int8"]
 
