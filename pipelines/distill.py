@@ -288,6 +288,7 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
     import ray
     import ray.data
     import torch
+    from ray.data.expressions import col
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -298,13 +299,17 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
     from .parquet import parquet_files
 
     files = parquet_files(job.embeddings, job.storage_options)
-    source = ray.data.read_parquet(files, columns=["image_id", "source", "embedding", "annotations"],
-                                   filesystem=_read_filesystem(job))
     kwargs = {"max_masks": job.max_masks, "storage_options": job.storage_options}
-    datasets = {
-        "train": source.map_batches(label_rows, fn_kwargs={"ids": train_ids, **kwargs}, batch_size=8),
-        "val": source.map_batches(label_rows, fn_kwargs={"ids": val_ids, **kwargs}, batch_size=8).materialize(),
-    }
+
+    def split(ids: List[str]):
+        # Ray Data pushes the columns and the id filter down into the Parquet read (one read
+        # operator in the optimised plan): each split decodes only its own rows' embeddings
+        rows = (ray.data.read_parquet(files, filesystem=_read_filesystem(job))
+                .select_columns(["image_id", "source", "embedding", "annotations"])
+                .filter(expr=col("image_id").is_in(ids)))
+        return rows.map_batches(label_rows, fn_kwargs={"ids": ids, **kwargs}, batch_size=8)
+
+    datasets = {"train": split(train_ids), "val": split(val_ids).materialize()}
     # A small set is prepared once instead of once per epoch (~10 MB per image in the object store).
     if job.cache or (job.cache is None and len(train_ids) <= 256):
         datasets["train"] = datasets["train"].materialize()
