@@ -35,7 +35,7 @@ def in_process(embeddings: str, student_type: str, steps: int) -> dict:
     batch = {k: np.asarray(table[k].to_pylist(), dtype=object) for k in ("image_id", "source", "annotations")}
     stored_ids, stored = load_embeddings(embeddings)
     batch["embedding"] = stored[[stored_ids.index(i) for i in ids]].numpy()
-    rows = label_rows(batch, ids, max_masks=64)
+    rows = label_rows(batch, max_masks=64)
     torch.manual_seed(0)
     teacher = build_sam("vit_t", "mobile_sam")
     student = build_sam(student_type)

@@ -91,15 +91,13 @@ def split_ids(ids: Sequence[str], val_fraction: float) -> Tuple[List[str], List[
     return train, val
 
 
-def label_rows(batch: Dict[str, np.ndarray], ids: Sequence[str], max_masks: int,
-               storage_options: Optional[dict] = None) -> Dict[str, Any]:
-    """Ray Data stage: rows of `ids` only, with the image prepared as in every job and the
-    labelled masks as (max_masks, 256, 256) uint8 targets. Unreadable images are dropped (the
-    precompute job already reported them)."""
+def label_rows(batch: Dict[str, np.ndarray], max_masks: int, storage_options: Optional[dict] = None) -> Dict[str, Any]:
+    """Ray Data stage: each row's image prepared as in every job and its labelled masks as
+    (max_masks, 256, 256) uint8 targets. Unreadable images are dropped (the precompute job
+    already reported them)."""
     from tinysam.distill.data import LOW_RES, label_masks
 
-    keep = np.isin(np.asarray(batch["image_id"]).astype(str), np.asarray(list(ids), dtype=str))
-    batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
+    batch = {k: np.asarray(v) for k, v in batch.items()}
     prepared = prepare_images({"image_id": batch["image_id"], "source": batch["source"]}, storage_options)
     ok = ok_rows(prepared)
     gt = np.zeros((len(ok), max_masks, LOW_RES, LOW_RES), np.uint8)
@@ -114,6 +112,21 @@ def label_rows(batch: Dict[str, np.ndarray], ids: Sequence[str], max_masks: int,
             "input_h": prepared["input_h"][ok], "input_w": prepared["input_w"][ok],
             "embedding": np.stack(list(batch["embedding"][ok])) if ok.any() else np.zeros((0, 256, 64, 64), np.float16),
             "gt": gt[ok], "gt_count": count[ok]}
+
+
+def labelled_split(ids: List[str], files: List[str], max_masks: int, filesystem=None,
+                   storage_options: Optional[dict] = None):
+    """The rows of `ids` from the embeddings Parquet `files`, through `label_rows` (a lazy Ray
+    dataset). Ray Data pushes the columns and the id filter down into the Parquet read (one read
+    operator in the optimised plan): each split decodes only its own rows' embeddings."""
+    import ray.data
+    from ray.data.expressions import col
+
+    rows = (ray.data.read_parquet(files, filesystem=filesystem)
+            .select_columns(["image_id", "source", "embedding", "annotations"])
+            .filter(expr=col("image_id").is_in(ids)))
+    return rows.map_batches(label_rows, fn_kwargs={"max_masks": max_masks, "storage_options": storage_options},
+                            batch_size=8)
 
 
 def teacher_of(embeddings: str, storage_options: Optional[dict] = None) -> Dict[str, Any]:
@@ -288,7 +301,6 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
     import ray
     import ray.data
     import torch
-    from ray.data.expressions import col
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -299,17 +311,8 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
     from .parquet import parquet_files
 
     files = parquet_files(job.embeddings, job.storage_options)
-    kwargs = {"max_masks": job.max_masks, "storage_options": job.storage_options}
-
-    def split(ids: List[str]):
-        # Ray Data pushes the columns and the id filter down into the Parquet read (one read
-        # operator in the optimised plan): each split decodes only its own rows' embeddings
-        rows = (ray.data.read_parquet(files, filesystem=_read_filesystem(job))
-                .select_columns(["image_id", "source", "embedding", "annotations"])
-                .filter(expr=col("image_id").is_in(ids)))
-        return rows.map_batches(label_rows, fn_kwargs={"ids": ids, **kwargs}, batch_size=8)
-
-    datasets = {"train": split(train_ids), "val": split(val_ids).materialize()}
+    args = (files, job.max_masks, _read_filesystem(job), job.storage_options)
+    datasets = {"train": labelled_split(train_ids, *args), "val": labelled_split(val_ids, *args).materialize()}
     # A small set is prepared once instead of once per epoch (~10 MB per image in the object store).
     if job.cache or (job.cache is None and len(train_ids) <= 256):
         datasets["train"] = datasets["train"].materialize()

@@ -58,7 +58,7 @@ def rows(prepared):
 
     batch = {k: prepared[k] for k in ("image_id", "source", "embedding")}
     batch["annotations"] = prepared["annotations"].astype(object)
-    return label_rows(batch, ids=list(batch["image_id"]), max_masks=32)
+    return label_rows(batch, max_masks=32)
 
 
 def one(rows, i):
@@ -155,6 +155,22 @@ def test_exported_student_loads_strictly_in_the_official_code(tmp_path):
     official = import_official("mobile_sam").sam_model_registry["vit_t"]()
     official.load_state_dict(state, strict=True)
     build_sam("vit_t", path)  # and our own loader
+
+
+def test_each_split_reads_only_its_own_rows(prepared, tmp_path, mobile_sam_path, ray_local):
+    from pipelines.distill import labelled_split, split_ids
+    from pipelines.embeddings import write_batch
+    from pipelines.parquet import parquet_files
+    from tinysam.weights import sha256_file
+
+    write_batch(dict(prepared), str(tmp_path / "emb"), "vit_t", sha256_file(mobile_sam_path))
+    files = parquet_files(str(tmp_path / "emb"))
+    train, val = split_ids([str(i) for i in prepared["image_id"]], 0.34)
+    assert train and val
+    for ids in (train, val):
+        rows = labelled_split(ids, files, max_masks=8).take_all()
+        assert sorted(r["image_id"] for r in rows) == sorted(ids)
+        assert all(r["embedding"].shape == (256, 64, 64) and r["gt"].shape == (8, 256, 256) for r in rows)
 
 
 def test_ray_train_job_learns_survives_a_killed_worker_and_exports(prepared, tmp_path, mobile_sam_path):
