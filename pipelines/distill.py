@@ -119,14 +119,18 @@ def labelled_split(ids: List[str], files: List[str], max_masks: int, filesystem=
     """The rows of `ids` from the embeddings Parquet `files`, through `label_rows` (a lazy Ray
     dataset). Ray Data pushes the columns and the id filter down into the Parquet read (one read
     operator in the optimised plan): each split decodes only its own rows' embeddings."""
+    rows = stored_rows(ids, files, ["image_id", "source", "embedding", "annotations"], filesystem)
+    return rows.map_batches(label_rows, fn_kwargs={"max_masks": max_masks, "storage_options": storage_options},
+                            batch_size=8)
+
+
+def stored_rows(ids: List[str], files: List[str], columns: List[str], filesystem=None):
+    """The stored rows of `ids`, these columns only (both pushed down into the Parquet read)."""
     import ray.data
     from ray.data.expressions import col
 
-    rows = (ray.data.read_parquet(files, filesystem=filesystem)
-            .select_columns(["image_id", "source", "embedding", "annotations"])
+    return (ray.data.read_parquet(files, filesystem=filesystem).select_columns(columns)
             .filter(expr=col("image_id").is_in(ids)))
-    return rows.map_batches(label_rows, fn_kwargs={"max_masks": max_masks, "storage_options": storage_options},
-                            batch_size=8)
 
 
 def teacher_of(embeddings: str, storage_options: Optional[dict] = None) -> Dict[str, Any]:
@@ -177,8 +181,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     if not config["student_checkpoint"]:
         init_student_decoder(student, teacher)
         if checkpoint is None:  # start at the teacher's embedding scale (see match_embedding_statistics)
-            first = next(iter(val_shard.iter_batches(batch_size=batch_size, batch_format="numpy")))
-            match_embedding_statistics(student, torch.as_tensor(first["embedding"]))
+            match_embedding_statistics(student, torch.from_numpy(config["start_embedding"]))
     distiller = Distiller(
         student, teacher, DistillConfig.from_dict(config["distill"]), config["total_steps"], device,
         wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs={"find_unused_parameters": True}))
@@ -311,12 +314,16 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
     from .parquet import parquet_files
 
     files = parquet_files(job.embeddings, job.storage_options)
-    args = (files, job.max_masks, _read_filesystem(job), job.storage_options)
+    fs = _read_filesystem(job)
+    args = (files, job.max_masks, fs, job.storage_options)
     datasets = {"train": labelled_split(train_ids, *args), "val": labelled_split(val_ids, *args).materialize()}
     # A small set is prepared once instead of once per epoch (~10 MB per image in the object store).
     if job.cache or (job.cache is None and len(train_ids) <= 256):
         datasets["train"] = datasets["train"].materialize()
+    # a training image's teacher embedding (never a held-out one): the scale a student from scratch starts at
+    start = stored_rows(train_ids[:1], files, ["image_id", "embedding"], fs).take(1)[0]["embedding"]
     config = {
+        "start_embedding": np.array(start)[None],
         "teacher": info["teacher"], "teacher_checkpoint": job.teacher_checkpoint, "student": job.student,
         "student_checkpoint": job.student_checkpoint, "batch_size": job.batch_size, "threads": job.cpus_per_worker,
         "steps_per_epoch": per_epoch, "total_steps": total, "checkpoint_every": job.checkpoint_every or per_epoch,

@@ -14,6 +14,7 @@ from tinysam import build_sam
 from tinysam.distill import (DistillConfig, Distiller, HardPromptSampler, LossWeights, PromptConfig,
                              hard_mask_weights, init_student_decoder, label_masks)
 from tinysam.distill.data import annotation_list
+from tinysam.distill.distiller import match_embedding_statistics
 from tinysam.sample_data import write_pseudo_labelled_shard
 
 from .conftest import import_official, job_env
@@ -145,6 +146,19 @@ def test_every_loss_term_is_computed_and_finite(rows):
     assert m["loss"] == pytest.approx(m["embedding"] + m["token"], rel=1e-5)
 
 
+def test_training_lowers_the_loss_on_a_fixed_batch(rows):
+    """The loss falls: the same image and the same prompt seed at every step, so the losses differ
+    only by what the updates changed (across different images, a few steps' losses are noise)."""
+    torch.manual_seed(0)
+    teacher = build_sam("vit_t", "mobile_sam")
+    student = build_sam("vit_t_mini")
+    init_student_decoder(student, teacher)
+    match_embedding_statistics(student, torch.from_numpy(rows["embedding"][:1]).float())
+    distiller = Distiller(student, teacher, DistillConfig(prompts=PROMPTS), total_steps=4)
+    losses = [distiller.train_step(one(rows, 0), seed=0) for _ in range(4)]
+    assert losses[-1]["loss"] < 0.8 * losses[0]["loss"]  # 2.50 -> 1.26 when written
+
+
 def test_exported_student_loads_strictly_in_the_official_code(tmp_path):
     from pipelines.distill import export_student
 
@@ -173,11 +187,13 @@ def test_each_split_reads_only_its_own_rows(prepared, tmp_path, mobile_sam_path,
         assert all(r["embedding"].shape == (256, 64, 64) and r["gt"].shape == (8, 256, 256) for r in rows)
 
 
-def test_ray_train_job_learns_survives_a_killed_worker_and_exports(prepared, tmp_path, mobile_sam_path):
-    """2 CPU workers, a student from scratch: the loss falls, the held-out mIoU against the teacher
-    is measured at every checkpoint, a worker killed after the first checkpoint resumes the run from
-    that checkpoint's step, and the export loads in our builder. (Whether the held-out mIoU rises
-    is not asserted: 4 steps from scratch are too few for it to move reliably.)"""
+def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, mobile_sam_path):
+    """2 CPU workers, a student from scratch: every step is reported, the held-out mIoU against the
+    teacher is measured before training and at every checkpoint, a worker killed after the first
+    checkpoint resumes the run from that checkpoint's step, and the export loads in our builder.
+    Not asserted here: that the loss falls (4 steps on different images are noise; the test above
+    holds the batch fixed) or that the held-out mIoU rises (it does over ~20 steps on more photos:
+    `benchmarks/distill.py --curve`; too long for CI)."""
     from pipelines.embeddings import write_batch
     from tinysam.weights import sha256_file
 
@@ -197,7 +213,7 @@ def test_ray_train_job_learns_survives_a_killed_worker_and_exports(prepared, tmp
     summary = json.loads(next(line for line in out.splitlines() if line.startswith("SUMMARY "))[8:])
     assert summary["steps"] == 4
     assert summary["restarts"] == [2], out[-5000:]  # resumed from the step-2 checkpoint, not from zero
-    assert summary["loss_end"] < summary["loss_start"], summary["table"]
+    assert np.isfinite([summary["loss_start"], summary["loss_end"]]).all()
     table = summary["table"].splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == ["0", "2", "4"]  # untrained, then each checkpoint
     assert all(0 <= float(row.split("|")[-2]) <= 1 for row in table[2:])
