@@ -5,46 +5,91 @@ pseudo labels from the real vit_t; the loop has its rows in memory, the Ray run 
 (worker start, DDP wrapper, `ray.train.report` every step, checkpoints) and for being fed by Ray
 Data. Goal: overhead <= 10% per step. Also prints the share of step time spent waiting for data.
 
+`--curve STEPS`: instead, does the student learn? The in-process loop for STEPS steps on all 18
+scikit-image photos (a fifth held out by the job's own split), printing the held-out mask mIoU
+against the teacher before training and every `--every` steps (the job's evaluation, after the
+job's precise BatchNorm on the step's batch).
+
     python benchmarks/distill.py [--steps 12] [--student vit_t_mini] [--threads 2]
+    python benchmarks/distill.py --curve 60 [--every 10]
 """
 
 import argparse
 import shutil
 import statistics
 import tempfile
+import time
 from pathlib import Path
+from typing import Dict, List
 
 import numpy as np
 import torch
 
-from pipelines.distill import DistillJob, distill, label_rows
+from pipelines.distill import DistillJob, distill, label_rows, split_ids
 from pipelines.embeddings import load_embeddings, precompute_embeddings
 from pipelines.parquet import read_table
 from pipelines.runtime import init_ray
 from tinysam import build_sam
 from tinysam.distill import DistillConfig, Distiller, init_student_decoder
 from tinysam.distill.distiller import match_embedding_statistics
-from tinysam.sample_data import write_pseudo_labelled_shard
+from tinysam.sample_data import ALL_PHOTOS, SAMPLE_PHOTOS, write_pseudo_labelled_shard
 
 METHOD = {"lr": 5e-3, "warmup_steps": 2, "prompts": {"prompts_per_image": 16, "max_iterations": 3}}
 
 
-def in_process(embeddings: str, student_type: str, steps: int) -> dict:
+def load_rows(embeddings: str) -> Dict[str, np.ndarray]:
+    """Every image's training row (as the Ray Data stage makes it), in memory."""
     table = read_table(embeddings, columns=["image_id", "source", "annotations"])
     ids = table["image_id"].to_pylist()
     batch = {k: np.asarray(table[k].to_pylist(), dtype=object) for k in ("image_id", "source", "annotations")}
     stored_ids, stored = load_embeddings(embeddings)
     batch["embedding"] = stored[[stored_ids.index(i) for i in ids]].numpy()
-    rows = label_rows(batch, max_masks=64)
+    return label_rows(batch, max_masks=64)
+
+
+def take(rows: Dict[str, np.ndarray], index: List[int]) -> Dict[str, np.ndarray]:
+    return {k: v[index] for k, v in rows.items()}
+
+
+def new_distiller(rows: Dict[str, np.ndarray], student_type: str, steps: int) -> Distiller:
+    """Student and teacher as the job's workers make them (seeded)."""
     torch.manual_seed(0)
     teacher = build_sam("vit_t", "mobile_sam")
     student = build_sam(student_type)
     init_student_decoder(student, teacher)
     match_embedding_statistics(student, torch.as_tensor(rows["embedding"][:1]))
-    distiller = Distiller(student, teacher, DistillConfig.from_dict(METHOD), steps)
-    times = [distiller.train_step({k: v[i % len(ids):i % len(ids) + 1] for k, v in rows.items()})["step_seconds"]
-             for i in range(steps)]
+    return Distiller(student, teacher, DistillConfig.from_dict(METHOD), steps)
+
+
+def in_process(embeddings: str, student_type: str, steps: int) -> dict:
+    rows = load_rows(embeddings)
+    n = len(rows["image_id"])
+    distiller = new_distiller(rows, student_type, steps)
+    times = [distiller.train_step(take(rows, [i % n]))["step_seconds"] for i in range(steps)]
     return {"step_seconds": statistics.median(times[1:])}
+
+
+def learning_curve(embeddings: str, student_type: str, steps: int, every: int, val_fraction: float = 0.2) -> None:
+    rows = load_rows(embeddings)
+    ids = list(rows["image_id"])
+    train_ids, val_ids = split_ids(ids, val_fraction)
+    train, val = [ids.index(i) for i in train_ids], [ids.index(i) for i in val_ids]
+    distiller = new_distiller(take(rows, train), student_type, steps)
+    evaluate = lambda: distiller.evaluate([take(rows, [i]) for i in val])["miou_vs_teacher"]  # noqa: E731
+    print(f"{student_type} from scratch, vit_t teacher, {len(train)} training / {len(val)} held-out photos, "
+          f"batch 1, {torch.get_num_threads()} threads")
+    print("| step | loss (mean since last row) | embedding L1 | held-out mIoU(student, teacher) | seconds |")
+    print("|---|---|---|---|---|")
+    print(f"| 0 | - | - | {evaluate():.4f} | 0 |", flush=True)
+    order, start, window = np.random.default_rng(0), time.perf_counter(), []
+    for step in range(1, steps + 1):
+        batch = take(rows, [train[order.integers(len(train))]])
+        window.append(distiller.train_step(batch))
+        if step % every == 0 or step == steps:
+            distiller.recompute_bn_statistics(batch)
+            print(f"| {step} | {np.mean([m['loss'] for m in window]):.3f} | {window[-1]['embedding']:.4f} | "
+                  f"{evaluate():.4f} | {time.perf_counter() - start:.0f} |", flush=True)
+            window = []
 
 
 def main() -> None:
@@ -52,14 +97,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--student", default="vit_t_mini")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--curve", type=int, metavar="STEPS", help="held-out mIoU over a run of STEPS steps instead")
+    parser.add_argument("--every", type=int, default=10, help="--curve: steps between evaluations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
-        shard = write_pseudo_labelled_shard(work / "sa1b", build_sam("vit_t", "mobile_sam"), points_per_side=8)
+        photos = ALL_PHOTOS if args.curve else SAMPLE_PHOTOS[:4]
+        shard = write_pseudo_labelled_shard(work / "sa1b", build_sam("vit_t", "mobile_sam"), photos, points_per_side=8)
         init_ray(num_cpus=args.threads + 2, dashboard=True)
         precompute_embeddings(str(shard), str(work / "emb"), teacher="vit_t", checkpoint="mobile_sam", batch_size=4,
                               num_cpus_per_actor=args.threads)
+        if args.curve:
+            learning_curve(str(work / "emb"), args.student, args.curve, args.every)
+            return
         # the loop runs before and after the Ray run (the machine drifts): its mean is the baseline
         before = in_process(str(work / "emb"), args.student, args.steps)
         job = DistillJob(embeddings=str(work / "emb"), teacher_checkpoint="mobile_sam", student=args.student,

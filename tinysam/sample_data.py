@@ -18,12 +18,16 @@ import numpy as np
 from .weights import cache_dir
 
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
+# Every real photo in scikit-image's wheel (colour and grey; no download): a larger small set,
+# e.g. for a held-out split big enough to measure learning on.
+ALL_PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
+              "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "text")
 _STARDIST = "stardist==0.9.2"
 _BBBC038_MEMBERS = {"image": "stardist/data/images/img2d.tif", "mask": "stardist/data/images/mask2d.tif"}
 
 
 def sample_images(names: Tuple[str, ...] = SAMPLE_PHOTOS[:3]) -> List[Tuple[str, np.ndarray]]:
-    """(name, HxWx3 uint8) pairs of scikit-image's real photos."""
+    """(name, uint8 image) pairs of scikit-image's real photos (HxWx3, or HxW for grey ones)."""
     from skimage import data
 
     return [(name, np.ascontiguousarray(getattr(data, name)())) for name in names]
