@@ -4,6 +4,7 @@ Both run the same steps (same student, teacher, prompts, threads) on the same re
 pseudo labels from the real vit_t; the loop has its rows in memory, the Ray run pays for Ray Train
 (worker start, DDP wrapper, `ray.train.report` every step, checkpoints) and for being fed by Ray
 Data. Goal: overhead <= 10% per step. Also prints the share of step time spent waiting for data.
+On a 2-core machine, `--threads 1` leaves a core for Ray's own processes (as a cluster node has).
 
 `--curve STEPS`: instead, does the student learn? The in-process loop for STEPS steps on all 18
 scikit-image photos (a fifth held out by the job's own split), printing the held-out mask mIoU
@@ -70,12 +71,16 @@ def in_process(embeddings: str, student_type: str, steps: int) -> dict:
 
 
 def learning_curve(embeddings: str, student_type: str, steps: int, every: int, val_fraction: float = 0.2) -> None:
+    """Print a table of the held-out mIoU against the teacher over a run (see the module's doc)."""
     rows = load_rows(embeddings)
     ids = list(rows["image_id"])
     train_ids, val_ids = split_ids(ids, val_fraction)
     train, val = [ids.index(i) for i in train_ids], [ids.index(i) for i in val_ids]
     distiller = new_distiller(take(rows, train), student_type, steps)
-    evaluate = lambda: distiller.evaluate([take(rows, [i]) for i in val])["miou_vs_teacher"]  # noqa: E731
+
+    def evaluate() -> float:
+        return distiller.evaluate([take(rows, [i]) for i in val])["miou_vs_teacher"]
+
     print(f"{student_type} from scratch, vit_t teacher, {len(train)} training / {len(val)} held-out photos, "
           f"batch 1, {torch.get_num_threads()} threads")
     print("| step | loss (mean since last row) | embedding L1 | held-out mIoU(student, teacher) | seconds |")
