@@ -18,8 +18,8 @@ import numpy as np
 from .weights import cache_dir
 
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
-# Every real photo in scikit-image's wheel (colour and grey; no download): a larger small set,
-# e.g. for a held-out split big enough to measure learning on.
+# The scikit-image photos inside its wheel (no download; colour and grey; its binary, logo and
+# 102-pixel images left out): a larger small set, e.g. a held-out split big enough to measure learning on.
 ALL_PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
               "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "text")
 _STARDIST = "stardist==0.9.2"
