@@ -301,8 +301,6 @@ def check_job(job: DistillJob) -> Tuple[Dict[str, Any], List[str], List[str], in
 def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], List[str], int]] = None) -> DistillSummary:
     """Run (or, with `job.resume`, continue) a distillation run. Ray must be initialised by the caller.
     `checked`: what `check_job(job)` returned, when the caller ran it already (it hashes the checkpoint)."""
-    import ray
-    import ray.data
     import torch
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -320,10 +318,12 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
     # A small set is prepared once instead of once per epoch (~10 MB per image in the object store).
     if job.cache or (job.cache is None and len(train_ids) <= 256):
         datasets["train"] = datasets["train"].materialize()
-    # a training image's teacher embedding (never a held-out one): the scale a student from scratch starts at
-    start = stored_rows(train_ids[:1], files, ["image_id", "embedding"], fs).take(1)[0]["embedding"]
+    start = None  # the scale an encoder from scratch starts at: a training image's embedding, never a held-out one's
+    if not job.student_checkpoint:
+        row = stored_rows(train_ids[:1], files, ["image_id", "embedding"], fs).take(1)[0]
+        start = np.array(row["embedding"])[None]
     config = {
-        "start_embedding": np.array(start)[None],
+        "start_embedding": start,
         "teacher": info["teacher"], "teacher_checkpoint": job.teacher_checkpoint, "student": job.student,
         "student_checkpoint": job.student_checkpoint, "batch_size": job.batch_size, "threads": job.cpus_per_worker,
         "steps_per_epoch": per_epoch, "total_steps": total, "checkpoint_every": job.checkpoint_every or per_epoch,
