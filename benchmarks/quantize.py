@@ -26,7 +26,8 @@ import torch
 
 from tinysam import SamPredictor, build_sam
 from tinysam.eval import box_prompt_miou
-from tinysam.quant import QuantConfig, compile_frozen, int8_available, quantize_sam, set_mode
+from tinysam.quant import (QuantConfig, compile_frozen, int8_available, int8_unavailable_reason, quantize_sam,
+                           set_mode)
 from tinysam.quant.calibrate import calibration_prompts, search_scales
 from tinysam.sample_data import bbbc038, instance_masks, sample_images
 from tinysam.transforms import prepare_image
@@ -86,6 +87,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if int8_available():
         kernel_ratios(max(args.repeats, 5))
+    else:
+        print(f"no int8 rows: {int8_unavailable_reason()}")
     if args.kernels_only:
         return
 
@@ -118,8 +121,9 @@ def main() -> None:
     if not args.no_compile:  # Inductor with frozen weights, fp32 as the fair baseline (see compile_frozen)
         set_mode(sam, "sim")  # drops the packed int8 weights (oneDNN tensors do not deep-copy)
         int8_model = copy.deepcopy(sam)  # its own copy: a compiled model's mode must not change
-        set_mode(int8_model, "int8" if int8_available() else "sim")
-        for key, model in (("fp32 compiled", fp32), ("W8A8 int8 compiled", int8_model)):
+        quantized_mode = modes[-1]
+        set_mode(int8_model, quantized_mode)
+        for key, model in (("fp32 compiled", fp32), (f"W8A8 {quantized_mode} compiled", int8_model)):
             variants[key] = (model, None, compile_frozen(model.image_encoder), compile_frozen(model.mask_decoder))
     times = {k: {"enc": [], "one": [], "batch": []} for k in variants}
     with torch.inference_mode():

@@ -12,8 +12,8 @@ import torch
 
 from tinysam import SamPredictor, build_sam
 from tinysam.eval import box_prompt_miou
-from tinysam.quant import (QuantConfig, int8_available, load_quantized, quant_layers, quantize_sam,
-                           save_quantized, set_mode, task_loss)
+from tinysam.quant import (QuantConfig, int8_available, int8_unavailable_reason, load_quantized, quant_layers,
+                           quantize_sam, save_quantized, set_mode, task_loss)
 from tinysam.quant.calibrate import calibration_prompts, decode_all, search_scales
 from tinysam.sample_data import instance_masks, sample_images
 from tinysam.transforms import prepare_image
@@ -81,9 +81,12 @@ def test_w8a8_box_miou_within_001_of_fp32_and_int8_matches(quantized, vit_t, nuc
         int8 = box_miou(loaded, nuclei)
         print(f"BBBC038 box mIoU: W8A8 int8 kernels {int8:.4f}")
         assert abs(int8 - w8) <= 0.005  # the same quantized model, integer arithmetic
+    else:  # e.g. no VNNI: refused, not run wrong
+        with pytest.raises(RuntimeError, match="int8 execution is not available"):
+            set_mode(loaded, "int8")
 
 
-@pytest.mark.skipif(not int8_available(), reason="oneDNN int8 kernels need an x86 PyTorch build")
+@pytest.mark.skipif(not int8_available(), reason=f"{int8_unavailable_reason()}")
 def test_int8_upscaling_equals_simulated_in_both_memory_layouts():
     """SAM's 2x2 stride-2 transposed convolution as an int8 linear layer per pixel: the same numbers
     as simulated quantization, NCHW in -> NCHW out, channels-last in -> channels-last out (the
@@ -111,7 +114,7 @@ def test_int8_upscaling_equals_simulated_in_both_memory_layouts():
         assert (sim - model[0].float_op(x, layer.weight, layer.bias)).abs().max() > 0  # it is quantized
 
 
-@pytest.mark.skipif(not int8_available(), reason="oneDNN int8 kernels need an x86 PyTorch build")
+@pytest.mark.skipif(not int8_available(), reason=f"{int8_unavailable_reason()}")
 def test_compiled_int8_block_runs_integer_kernels_and_matches_eager(quantized, nuclei):
     """A TinyViT block of the calibrated model (window attention with its twin-scaled softmax, the
     GELU-twin MLP, the depthwise local conv) compiled with frozen weights: the generated code calls
@@ -164,6 +167,30 @@ def test_search_beats_max_scaling_and_w6a6_runs(quantized, nuclei):
     loss6 = held_out_task_loss(sam, held_out)
     print(f"W6A6: held-out task loss {loss6:.5f} (box mIoU: benchmarks/quantize.py)")
     assert loss6 > searched  # fewer bits, more error: the bit width is really applied
+
+
+def test_int8_is_refused_on_a_cpu_without_vnni(monkeypatch):
+    """Without VNNI, oneDNN's u8 x s8 products go through saturating 16-bit sums: full-range
+    codes give wrong numbers (seen on an AVX2-only CPU: 19% error in the 2x2 upscaling below,
+    1e-7 with 7-bit weights), so int8 mode is refused there, naming the CPU, and sim still runs."""
+    from tinysam.quant import layers
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"cpu_name": "Old CPU", "avx2": True})
+    layers.int8_unavailable_reason.cache_clear()
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        layer = layers.convert(model, 8, [""])["0"]
+        layer.a_scale, layer.b_scale = torch.ones(1), torch.ones(4)
+        assert not int8_available()
+        with pytest.raises(RuntimeError, match=r"Old CPU\) has no VNNI.*use mode 'sim'"):
+            set_mode(model, "int8")
+        with pytest.raises(RuntimeError, match="no VNNI"):
+            layer.set_mode("int8")
+        set_mode(model, "sim")
+        assert model(torch.ones(1, 4)).shape == (1, 4)
+    finally:
+        monkeypatch.undo()
+        layers.int8_unavailable_reason.cache_clear()
 
 
 def test_refuses_what_it_cannot_quantize(tmp_path):

@@ -16,6 +16,7 @@ channel's max (the paper's grid of ratios). Activations have one scale per tenso
 group, so it gets one activation scale and one weight ratio per group.
 """
 
+import functools
 from typing import Dict, List, Optional
 
 import torch
@@ -29,11 +30,35 @@ MODES = ("float", "observe", "sim", "int8")
 PACKED = ("int8_linear", "int8_conv")  # oneDNN's packed int8 weights: non-persistent buffers, int8 mode only
 
 
-def int8_available() -> bool:
-    """oneDNN's int8 kernels (x86 CPUs with a PyTorch build that ships them)."""
+@functools.lru_cache(maxsize=None)
+def int8_unavailable_reason() -> Optional[str]:
+    """Why oneDNN's int8 kernels cannot run here, or None when they can."""
     ops = getattr(torch.ops, "onednn", None)
-    return (torch.backends.mkldnn.is_available() and ops is not None
-            and hasattr(ops, "qlinear_pointwise") and hasattr(ops, "qconv_pointwise"))
+    if not (torch.backends.mkldnn.is_available() and ops is not None
+            and hasattr(ops, "qlinear_pointwise") and hasattr(ops, "qconv_pointwise")):
+        return "this PyTorch build has no oneDNN int8 kernels (they need an x86 CPU build)"
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return None  # an older PyTorch cannot say: trust the CPU
+    if not any(caps.get(k) for k in ("avx512_vnni", "avx_vnni", "amx_int8")):
+        # Without VNNI, oneDNN multiplies u8 x s8 pairs into saturating 16-bit sums (vpmaddubsw):
+        # full-range 8-bit codes overflow and the results are wrong, not only slower (oneDNN's
+        # "Nuances of int8 computations"; seen here: errors of 20% in a 2x2 upscaling on AVX2).
+        return f"this CPU ({caps.get('cpu_name', 'unknown')}) has no VNNI instructions, so oneDNN's int8 kernels saturate"
+    return None
+
+
+def int8_available() -> bool:
+    """oneDNN's int8 kernels give correct results here (x86 CPU build, a CPU with VNNI)."""
+    return int8_unavailable_reason() is None
+
+
+def require_int8() -> None:
+    reason = int8_unavailable_reason()
+    if reason:
+        raise RuntimeError(f"int8 execution is not available: {reason}; use mode 'sim' for simulated "
+                           "quantization (the same quantized numbers, in float arithmetic)")
 
 
 class QuantMixin:
@@ -70,6 +95,8 @@ class QuantMixin:
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
+        if mode == "int8":
+            require_int8()
         if mode in ("sim", "int8") and not self.calibrated:
             mode = "float"  # never called during calibration (e.g. the unused classifier head)
         self.mode = mode
@@ -389,8 +416,7 @@ def compile_frozen(module: nn.Module) -> nn.Module:
 
 def set_mode(model: nn.Module, mode: str) -> None:
     """Switch every quantized layer of `model` to one mode ("float", "sim", "int8", ...)."""
-    if mode == "int8" and not int8_available():
-        raise RuntimeError("int8 execution needs PyTorch's oneDNN int8 kernels (an x86 CPU build); "
-                           "use mode 'sim' for simulated quantization")
+    if mode == "int8":
+        require_int8()
     for layer in quant_layers(model).values():
         layer.set_mode(mode)
