@@ -319,9 +319,10 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
     if job.cache or (job.cache is None and len(train_ids) <= 256):
         datasets["train"] = datasets["train"].materialize()
     start = None  # the scale an encoder from scratch starts at: a training image's embedding, never a held-out one's
-    if not job.student_checkpoint:
-        row = stored_rows(train_ids[:1], files, ["image_id", "embedding"], fs).take(1)[0]
-        start = np.array(row["embedding"])[None]
+    if not job.student_checkpoint:  # read here, not through Ray Data: a dataset's start-up costs seconds
+        from .embeddings import load_embeddings
+
+        start = load_embeddings(job.embeddings, train_ids[:1], job.storage_options)[1].numpy()
     config = {
         "start_embedding": start,
         "teacher": info["teacher"], "teacher_checkpoint": job.teacher_checkpoint, "student": job.student,

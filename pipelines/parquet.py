@@ -111,13 +111,14 @@ def tensor_column(array: np.ndarray) -> pa.ExtensionArray:
 
 
 def read_table(output: str, columns: Optional[List[str]] = None,
-               storage_options: Optional[Dict[str, Any]] = None) -> pa.Table:
-    """All complete Parquet files under `output` as one table (errors and temporaries excluded)."""
+               storage_options: Optional[Dict[str, Any]] = None, filter: Optional[pads.Expression] = None) -> pa.Table:
+    """All complete Parquet files under `output` as one table (errors and temporaries excluded);
+    `filter` (a pyarrow expression) is pushed down into the read."""
     fs, path = filesystem(output, storage_options)
     files = _complete_files(fs, path)
     if not files:
         raise FileNotFoundError(f"{output}: no Parquet files")
-    return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
+    return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter)
 
 
 def read_errors(output: str, storage_options: Optional[Dict[str, Any]] = None) -> pa.Table:

@@ -145,9 +145,9 @@ def job_env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray in this process, shared by a test module."""
+    """A local Ray in this process, shared by the tests of a test process (a start costs seconds)."""
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)

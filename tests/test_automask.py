@@ -5,7 +5,6 @@ default one (hierarchical, encoder in the actor, decoder batched over the batch'
 """
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,10 @@ import pytest
 from PIL import Image
 
 from tinysam import SamHierarchicalMaskGenerator
-from tinysam.sample_data import write_sample_photos
 from tinysam.utils.metrics import best_match_ious
 from tinysam.utils.rle import coco_rle_to_mask
 
-from .conftest import job_env, kill_midway_and_rerun, submit_job
+from .conftest import job_env, kill_midway_and_rerun
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "automask.py"
@@ -77,46 +75,45 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
     again = automask(str(photos_dir), str(out), model="vit_t", checkpoint=str(mobile_sam_path), params=PARAMS)
     assert (again.written, again.skipped) == (0, 3)
 
+    # Stored embeddings (the precompute job's) replace the encoder: the same masks as the job from
+    # the images, up to a few border pixels (fp16 storage of the embedding).
+    from pipelines.embeddings import precompute_embeddings
+
+    emb = tmp_path / "emb"
+    precompute_embeddings(str(photos_dir), str(emb), teacher="vit_t", checkpoint=str(mobile_sam_path), limit=2)
+    stored = automask(None, str(tmp_path / "from-stored"), checkpoint=str(mobile_sam_path), params=PARAMS,
+                      embeddings=str(emb))
+    assert (stored.written, stored.failed) == (2, 0)
+    assert stored.encode_seconds < 0.2  # the encoder did not run (it takes over a second per image here)
+    from_stored = _rows(tmp_path / "from-stored")
+    assert len(from_stored) == 2
+    for image_id, row in from_stored.items():
+        ious = best_match_ious([coco_rle_to_mask(m["segmentation"]) for m in rows[image_id]["masks"]],
+                               [coco_rle_to_mask(m["segmentation"]) for m in row["masks"]])
+        assert len(row["masks"]) > 0 and ious.min() >= 0.98, image_id
+    with pytest.raises(ValueError, match="decoder must match the encoder"):
+        automask(None, str(tmp_path / "other"), checkpoint=None, params=PARAMS, embeddings=str(emb))
+
 
 def test_bad_inputs_are_reported_and_skipped(ray_local, photos_dir, tmp_path, mobile_sam_path):
     from pipelines.automask import automask
     from pipelines.parquet import read_errors
 
     corpus = tmp_path / "corpus"
-    shutil.copytree(photos_dir, corpus)
-    good = (corpus / "coffee.jpg").read_bytes()
+    corpus.mkdir()
+    good = (photos_dir / "coffee.jpg").read_bytes()
+    (corpus / "coffee.jpg").write_bytes(good)
     (corpus / "corrupt.jpg").write_bytes(good[: len(good) // 3])
     (corpus / "readme.png").write_text("not an image\n")
     out = tmp_path / "masks"
     summary = automask(str(corpus), str(out), model="vit_t", checkpoint=str(mobile_sam_path),
-                       params={"points_per_side": 4}, batch_size=5)
-    assert (summary.written, summary.failed) == (3, 2)
-    assert len(_rows(out)) == 3
+                       params={"points_per_side": 4}, batch_size=3)  # one batch: the good image's row survives
+    assert (summary.written, summary.failed) == (1, 2)
+    [image_id] = _rows(out)
+    assert image_id.startswith("coffee")
     reasons = {Path(e["source"]).name: e["reason"] for e in read_errors(str(out)).to_pylist()}
     assert set(reasons) == {"corrupt.jpg", "readme.png"}
     assert all(name in reason for name, reason in reasons.items())
-
-
-def test_stored_embeddings_replace_the_encoder(ray_local, photos_dir, tmp_path, vit_t, mobile_sam_path):
-    from pipelines.automask import automask
-    from pipelines.embeddings import precompute_embeddings
-
-    emb = tmp_path / "emb"
-    precompute_embeddings(str(photos_dir), str(emb), teacher="vit_t", checkpoint=str(mobile_sam_path), limit=2)
-    out = tmp_path / "from-stored"
-    summary = automask(None, str(out), checkpoint=str(mobile_sam_path), params=PARAMS, embeddings=str(emb))
-    assert (summary.written, summary.failed) == (2, 0)
-    assert summary.encode_seconds < 0.2  # the encoder did not run (it takes over a second per image here)
-    generator = SamHierarchicalMaskGenerator(vit_t, output_mode="coco_rle", **PARAMS)
-    rows = _rows(out)
-    assert len(rows) == 2
-    for row in rows.values():  # fp16 storage of the embedding: the same masks up to a few border pixels
-        expected = generator.generate(np.array(Image.open(row["source"]).convert("RGB")))
-        ious = best_match_ious([coco_rle_to_mask(r["segmentation"]) for r in expected],
-                               [coco_rle_to_mask(m["segmentation"]) for m in row["masks"]])
-        assert len(expected) > 0 and ious.min() >= 0.98
-    with pytest.raises(ValueError, match="decoder must match the encoder"):
-        automask(None, str(tmp_path / "other"), checkpoint=None, params=PARAMS, embeddings=str(emb))
 
 
 def test_bad_parameters_fail_before_any_work(tmp_path, photos_dir):
@@ -133,15 +130,12 @@ def test_bad_parameters_fail_before_any_work(tmp_path, photos_dir):
 
 
 def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir, mobile_sam_path):
-    corpus = tmp_path / "corpus"
-    shutil.copytree(photos_dir, corpus)
-    write_sample_photos(corpus, ("camera",))
     out = tmp_path / "masks"
-    cmd = [sys.executable, str(JOB), "--input", str(corpus), "--output", str(out), "--checkpoint",
+    cmd = [sys.executable, str(JOB), "--input", str(photos_dir), "--output", str(out), "--checkpoint",
            str(mobile_sam_path), "--points-per-side", "4", "--batch-size", "1", "--num-cpus", "2"]
-    kill_midway_and_rerun(cmd, out, total=4)
+    kill_midway_and_rerun(cmd, out, total=3)
     rows = _rows(out)
-    assert len(rows) == 4 and len(list(out.glob("part-*.parquet"))) == 4  # one image per file: no duplicate
+    assert len(rows) == 3 and len(list(out.glob("part-*.parquet"))) == 3  # one image per file: no duplicate
 
 
 def test_s3_in_and_out(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
@@ -171,13 +165,3 @@ def test_s3_in_and_out(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     coco.dataset = images
     coco.createIndex()
     assert len(coco.loadRes(results).anns) == summary.masks
-
-
-def test_ray_job_submit_against_a_local_head(ray_head, tmp_path, photos_dir, mobile_sam_path):
-    out = tmp_path / "masks"
-    done = submit_job(ray_head, ["python", "jobs/automask.py", "--input", str(photos_dir), "--output", str(out),
-                                 "--checkpoint", str(mobile_sam_path), "--points-per-side", "4",
-                                 "--coco-json", str(out / "coco.json")])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "written 3" in done.stdout and "masks " in done.stdout
-    assert len(_rows(out)) == 3 and (out / "coco.json").exists()

@@ -187,7 +187,7 @@ def test_each_split_reads_only_its_own_rows(prepared, tmp_path, mobile_sam_path,
         assert all(r["embedding"].shape == (256, 64, 64) and r["gt"].shape == (8, 256, 256) for r in rows)
 
 
-def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, mobile_sam_path):
+def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, mobile_sam_path, capsys):
     """2 CPU workers, a student from scratch: every step is reported, the held-out mIoU against the
     teacher is measured before training and at every checkpoint, a worker killed after the first
     checkpoint resumes the run from that checkpoint's step, and the export loads in our builder.
@@ -219,6 +219,14 @@ def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, 
     assert all(0 <= float(row.split("|")[-2]) <= 1 for row in table[2:])
     build_sam("vit_t_mini", str(export))
     assert (runs / "run" / "report.md").read_text() == summary["table"]
-    # Without --resume an existing run is refused, nothing touched.
-    again = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "--resume" in again.stderr
+    # Without --resume an existing run is refused before Ray starts, nothing touched (the job's own
+    # main, in this process: a second Python start would cost more than the check).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distill_job", JOB)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    before = sorted(p.name for p in (runs / "run").iterdir())
+    assert job.main(cmd[2:]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (runs / "run").iterdir()) == before

@@ -1,6 +1,5 @@
 """The precompute job on a local Ray with the real vit_t as teacher, on real photos."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +9,8 @@ import pytest
 import torch
 
 from tinysam import SamPredictor
-from tinysam.sample_data import write_sample_photos
 
-from .conftest import job_env, kill_midway_and_rerun, submit_job
+from .conftest import job_env, kill_midway_and_rerun
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "precompute_embeddings.py"
@@ -30,6 +28,10 @@ def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos
     assert (summary.written, summary.failed, summary.skipped) == (3, 0, 0)
     ids, stored = load_embeddings(str(out))
     assert stored.shape == (3, 256, 64, 64) and stored.dtype == torch.float16
+    some_ids, some = load_embeddings(str(out), [ids[2], ids[0]])  # a filtered read: those rows only
+    assert sorted(some_ids) == sorted([ids[0], ids[2]])
+    for image_id, emb in zip(some_ids, some):
+        assert torch.equal(emb, stored[ids.index(image_id)])
     table = read_table(str(out))
     sources = dict(zip(table["image_id"].to_pylist(), table["source"].to_pylist()))
     assert set(table["teacher"].to_pylist()) == {"vit_t"}
@@ -52,16 +54,17 @@ def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, 
     from pipelines.parquet import read_errors, read_table
 
     corpus = tmp_path / "corpus"
-    shutil.copytree(photos_dir, corpus)
-    good = (corpus / "coffee.jpg").read_bytes()
+    corpus.mkdir()
+    good = (photos_dir / "coffee.jpg").read_bytes()
+    (corpus / "coffee.jpg").write_bytes(good)
     (corpus / "truncated.jpg").write_bytes(good[: len(good) // 4])
     (corpus / "notes.png").write_text("this is a text file with an image name\n")
     (corpus / "empty.jpg").write_bytes(b"")
     out = tmp_path / "emb"
     summary = precompute_embeddings(str(corpus), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path),
-                                    batch_size=3)
-    assert (summary.written, summary.failed) == (3, 3)
-    assert read_table(str(out)).num_rows == 3
+                                    batch_size=2)  # the good image shares its batch with a bad one
+    assert (summary.written, summary.failed) == (1, 3)
+    assert read_table(str(out))["image_id"].to_pylist()[0].startswith("coffee")
     errors = read_errors(str(out)).to_pylist()
     reasons = {Path(e["source"]).name: e["reason"] for e in errors}
     assert set(reasons) == {"truncated.jpg", "notes.png", "empty.jpg"}
@@ -73,7 +76,7 @@ def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, 
 
     with pytest.raises(TooManyFailures, match="more than --max-failures 0"):
         precompute_embeddings(str(corpus), str(tmp_path / "strict"), teacher="vit_t",
-                              checkpoint=str(mobile_sam_path), batch_size=6, max_failures=0)
+                              checkpoint=str(mobile_sam_path), batch_size=4, max_failures=0)
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path, photos_dir, mobile_sam_path):
@@ -101,15 +104,12 @@ def test_unreadable_checkpoint_fails_before_any_work(tmp_path, photos_dir):
 def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir, mobile_sam_path):
     from pipelines.parquet import read_table
 
-    corpus = tmp_path / "corpus"
-    shutil.copytree(photos_dir, corpus)
-    write_sample_photos(corpus, ("rocket", "camera"))
     out = tmp_path / "emb"
-    cmd = [sys.executable, str(JOB), "--input", str(corpus), "--output", str(out), "--teacher", "vit_t",
+    cmd = [sys.executable, str(JOB), "--input", str(photos_dir), "--output", str(out), "--teacher", "vit_t",
            "--checkpoint", str(mobile_sam_path), "--batch-size", "1", "--num-cpus", "2"]
-    kill_midway_and_rerun(cmd, out, total=5)
+    kill_midway_and_rerun(cmd, out, total=3)
     ids = read_table(str(out), columns=["image_id"])["image_id"].to_pylist()
-    assert len(ids) == 5 and len(set(ids)) == 5
+    assert len(ids) == 3 and len(set(ids)) == 3
 
 
 def test_s3_round_trip(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
@@ -130,18 +130,6 @@ def test_s3_round_trip(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     ids, emb = load_embeddings("s3://corpus/embeddings", storage_options=options)
     assert len(ids) == 2 and emb.shape == (2, 256, 64, 64)
     assert all(i.startswith(("astronaut-", "coffee-")) for i in ids)
-
-
-def test_ray_job_submit_against_a_local_head(ray_head, tmp_path, photos_dir, mobile_sam_path):
-    from pipelines.parquet import read_table
-
-    out = tmp_path / "emb"
-    done = submit_job(ray_head, ["python", "jobs/precompute_embeddings.py", "--input", str(photos_dir),
-                                 "--output", str(out), "--teacher", "vit_t", "--checkpoint", str(mobile_sam_path),
-                                 "--batch-size", "2"])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "written 3" in done.stdout
-    assert read_table(str(out)).num_rows == 3
 
 
 def test_sa1b_tar_shard_keeps_ids_and_annotations(ray_local, photos_dir, tmp_path, mobile_sam_path):
