@@ -15,7 +15,7 @@ from tinysam.distill import (DistillConfig, Distiller, HardPromptSampler, LossWe
                              hard_mask_weights, init_student_decoder, label_masks)
 from tinysam.distill.data import annotation_list
 from tinysam.distill.distiller import match_embedding_statistics
-from tinysam.sample_data import write_pseudo_labelled_shard
+from tinysam.sample_data import SAMPLE_PHOTOS, write_pseudo_labelled_shard
 
 from .conftest import import_official, job_env
 
@@ -26,8 +26,9 @@ PROMPTS = PromptConfig(prompts_per_image=8, max_iterations=3)
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory, vit_t):
-    """SA-1B style shard of 4 real photos labelled by the real vit_t's everything mode."""
-    return write_pseudo_labelled_shard(tmp_path_factory.mktemp("sa1b"), vit_t, points_per_side=8)
+    """SA-1B style shard of 3 real photos labelled by the real vit_t's everything mode (the job
+    holds one out: one training image per worker)."""
+    return write_pseudo_labelled_shard(tmp_path_factory.mktemp("sa1b"), vit_t, SAMPLE_PHOTOS[:3], points_per_side=8)
 
 
 @pytest.fixture(scope="module")
