@@ -181,6 +181,18 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def load_job(name: str):
+    """The job `jobs/<name>.py` as a module, to call its `main(argv)` in this process: its refusals
+    and reruns are tested without the seconds of a second Python start."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"job_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def submit_job(address: str, entrypoint: list, timeout: float = 600) -> subprocess.CompletedProcess:
     """`ray job submit` of this repository as working dir; retried while the head's job agent starts."""
     repo = Path(__file__).resolve().parents[1]

@@ -5,8 +5,6 @@ default one (hierarchical, encoder in the actor, decoder batched over the batch'
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +15,8 @@ from tinysam import SamHierarchicalMaskGenerator
 from tinysam.utils.metrics import best_match_ious
 from tinysam.utils.rle import coco_rle_to_mask
 
-from .conftest import job_env
+from .conftest import load_job
 
-REPO = Path(__file__).resolve().parents[1]
-JOB = REPO / "jobs" / "automask.py"
 PARAMS = {"points_per_side": 8}
 
 
@@ -74,12 +70,7 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
     assert Image.open(previews[0]).size == (rows[previews[0].stem]["width"], rows[previews[0].stem]["height"])
 
     # A rerun through the job's own entry point (in this process, on this Ray) skips every image.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("automask_job", JOB)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    assert job.main(["--input", str(photos_dir), "--output", str(out), "--checkpoint", str(mobile_sam_path),
+    assert load_job("automask").main(["--input", str(photos_dir), "--output", str(out), "--checkpoint", str(mobile_sam_path),
                      "--points-per-side", "8"]) == 0
     again = json.loads(capsys.readouterr().out.split("SUMMARY ", 1)[1])
     assert (again["written"], again["skipped"]) == (0, 3)
@@ -125,16 +116,16 @@ def test_bad_inputs_are_reported_and_skipped(ray_local, photos_dir, tmp_path, mo
     assert all(name in reason for name, reason in reasons.items())
 
 
-def test_bad_parameters_fail_before_any_work(tmp_path, photos_dir):
+def test_bad_parameters_fail_before_any_work(tmp_path, photos_dir, capsys):
     from pipelines.automask import automask
 
     with pytest.raises(ValueError, match="no parameter point_per_side"):
         automask(str(photos_dir), str(tmp_path / "a"), params={"point_per_side": 8})
     with pytest.raises(ValueError, match="no parameter round1_points_per_side"):
         automask(str(photos_dir), str(tmp_path / "b"), mode="dense", params={"round1_points_per_side": 4})
-    done = subprocess.run([sys.executable, str(JOB), "--input", str(photos_dir), "--output", str(tmp_path / "c"),
-                           "--mode", "sparse"], capture_output=True, text=True, env=job_env(), timeout=120)
-    assert done.returncode == 2 and "invalid choice: 'sparse'" in done.stderr
+    with pytest.raises(SystemExit) as exit_status:  # argparse's refusal, exit status 2
+        load_job("automask").main(["--input", str(photos_dir), "--output", str(tmp_path / "c"), "--mode", "sparse"])
+    assert exit_status.value.code == 2 and "invalid choice: 'sparse'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 

@@ -17,7 +17,7 @@ from tinysam.distill.data import annotation_list
 from tinysam.distill.distiller import match_embedding_statistics
 from tinysam.sample_data import SAMPLE_PHOTOS, write_pseudo_labelled_shard
 
-from .conftest import import_official, job_env
+from .conftest import import_official, job_env, load_job
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "distill.py"
@@ -222,11 +222,7 @@ def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, 
     assert (runs / "run" / "report.md").read_text() == summary["table"]
     # Without --resume an existing run is refused before Ray starts, nothing touched (the job's own
     # main, in this process: a second Python start would cost more than the check).
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("distill_job", JOB)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("distill")
     before = sorted(p.name for p in (runs / "run").iterdir())
     assert job.main(cmd[2:]) == 2
     assert "--resume" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from tinysam.eval import (
 )
 from tinysam.sample_data import bbbc038_coco
 
-from .conftest import job_env
+from .conftest import job_env, load_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,15 +124,20 @@ def test_evaluate_job_compares_models_locally_and_on_ray(bbbc038_gt, mobile_sam_
     assert "| mobile_sam |" in table and "| random |" in table and "3 pt" in table
 
 
-def test_bad_arguments_are_refused(tmp_path, bbbc038_gt):
-    job = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--images", bbbc038_gt.images_dir,
-           "--output", str(tmp_path)]
-    missing = subprocess.run(job + ["--annotations", str(tmp_path / "nope.json"), "--model", "vit_t",
-                                    "--checkpoint", "none"], capture_output=True, text=True, env=job_env())
-    assert missing.returncode == 2 and "nope.json" in missing.stderr
-    unpaired = subprocess.run(job + ["--annotations", bbbc038_gt.path, "--model", "vit_t"],
-                              capture_output=True, text=True, env=job_env())
-    assert unpaired.returncode == 2 and "one checkpoint per model" in unpaired.stderr
+def test_bad_arguments_are_refused(tmp_path, bbbc038_gt, capsys):
+    main = load_job("evaluate").main  # in this process: a refusal needs no Python start of its own
+    args = ["--images", bbbc038_gt.images_dir, "--output", str(tmp_path)]
+
+    def refused(*extra: str) -> str:
+        try:
+            status = main(args + list(extra))
+        except SystemExit as e:  # argparse's refusals
+            status = e.code
+        assert status == 2
+        return capsys.readouterr().err
+
+    assert "nope.json" in refused("--annotations", str(tmp_path / "nope.json"), "--model", "vit_t", "--checkpoint", "none")
+    assert "one checkpoint per model" in refused("--annotations", bbbc038_gt.path, "--model", "vit_t")
     with pytest.raises(ValueError, match="hierarchical"):
         EverythingConfig.parse("sparse:8")
 
