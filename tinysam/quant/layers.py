@@ -44,7 +44,7 @@ def int8_unavailable_reason() -> Optional[str]:
     if not any(caps.get(k) for k in ("avx512_vnni", "avx_vnni", "amx_int8")):
         # Without VNNI, oneDNN multiplies u8 x s8 pairs into saturating 16-bit sums (vpmaddubsw):
         # full-range 8-bit codes overflow and the results are wrong, not only slower (oneDNN's
-        # "Nuances of int8 computations"; seen here: errors of 20% in a 2x2 upscaling on AVX2).
+        # "Nuances of int8 computations"; seen on an AVX2-only AMD EPYC: 19% off in a 2x2 upscaling).
         return f"this CPU ({caps.get('cpu_name', 'unknown')}) has no VNNI instructions, so oneDNN's int8 kernels saturate"
     return None
 
