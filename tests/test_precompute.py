@@ -1,6 +1,5 @@
 """The precompute job on a local Ray with the real vit_t as teacher, on real photos."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from tinysam import SamPredictor
 
-from .conftest import job_env, kill_midway_and_rerun
+from .conftest import kill_midway_and_rerun, load_job
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "precompute_embeddings.py"
@@ -89,15 +88,15 @@ def test_unwritable_output_fails_before_any_work(tmp_path, photos_dir, mobile_sa
                               checkpoint=str(mobile_sam_path))
 
 
-def test_unreadable_checkpoint_fails_before_any_work(tmp_path, photos_dir):
+def test_unreadable_checkpoint_fails_before_any_work(ray_local, tmp_path, photos_dir, capsys):
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     out = tmp_path / "emb"
-    done = subprocess.run([sys.executable, str(JOB), "--input", str(photos_dir), "--output", str(out),
-                           "--teacher", "vit_t", "--checkpoint", str(bad), "--num-cpus", "2"],
-                          capture_output=True, text=True, env=job_env(), timeout=300)
-    assert done.returncode == 2
-    assert "broken.pth" in done.stderr and "corrupt" in done.stderr
+    # the job's own main, in this process (on this process's Ray): no second Python start
+    assert load_job("precompute_embeddings").main(["--input", str(photos_dir), "--output", str(out), "--teacher",
+                                                   "vit_t", "--checkpoint", str(bad), "--num-cpus", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.pth" in err and "corrupt" in err
     assert not out.exists()
 
 
