@@ -70,8 +70,9 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
     assert Image.open(previews[0]).size == (rows[previews[0].stem]["width"], rows[previews[0].stem]["height"])
 
     # A rerun through the job's own entry point (in this process, on this Ray) skips every image.
-    assert load_job("automask").main(["--input", str(photos_dir), "--output", str(out), "--checkpoint", str(mobile_sam_path),
-                     "--points-per-side", "8"]) == 0
+    rerun = ["--input", str(photos_dir), "--output", str(out), "--checkpoint", str(mobile_sam_path),
+             "--points-per-side", "8"]
+    assert load_job("automask").main(rerun) == 0
     again = json.loads(capsys.readouterr().out.split("SUMMARY ", 1)[1])
     assert (again["written"], again["skipped"]) == (0, 3)
 

@@ -136,7 +136,8 @@ def test_bad_arguments_are_refused(tmp_path, bbbc038_gt, capsys):
         assert status == 2
         return capsys.readouterr().err
 
-    assert "nope.json" in refused("--annotations", str(tmp_path / "nope.json"), "--model", "vit_t", "--checkpoint", "none")
+    missing = ("--annotations", str(tmp_path / "nope.json"), "--model", "vit_t", "--checkpoint", "none")
+    assert "nope.json" in refused(*missing)
     assert "one checkpoint per model" in refused("--annotations", bbbc038_gt.path, "--model", "vit_t")
     with pytest.raises(ValueError, match="hierarchical"):
         EverythingConfig.parse("sparse:8")

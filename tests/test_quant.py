@@ -18,6 +18,8 @@ from tinysam.quant.calibrate import calibration_prompts, decode_all, search_scal
 from tinysam.sample_data import instance_masks, sample_images
 from tinysam.transforms import prepare_image
 
+from .conftest import load_job
+
 CONFIG = QuantConfig(candidates=20, rounds=1, calibration_images=2, points_per_side=3)
 
 
@@ -86,7 +88,7 @@ def test_w8a8_box_miou_within_001_of_fp32_and_int8_matches(quantized, vit_t, nuc
             set_mode(loaded, "int8")
 
 
-@pytest.mark.skipif(not int8_available(), reason=f"{int8_unavailable_reason()}")
+@pytest.mark.skipif(not int8_available(), reason=str(int8_unavailable_reason()))
 def test_int8_upscaling_equals_simulated_in_both_memory_layouts():
     """SAM's 2x2 stride-2 transposed convolution as an int8 linear layer per pixel: the same numbers
     as simulated quantization, NCHW in -> NCHW out, channels-last in -> channels-last out (the
@@ -114,7 +116,7 @@ def test_int8_upscaling_equals_simulated_in_both_memory_layouts():
         assert (sim - model[0].float_op(x, layer.weight, layer.bias)).abs().max() > 0  # it is quantized
 
 
-@pytest.mark.skipif(not int8_available(), reason=f"{int8_unavailable_reason()}")
+@pytest.mark.skipif(not int8_available(), reason=str(int8_unavailable_reason()))
 def test_compiled_int8_block_runs_integer_kernels_and_matches_eager(quantized, nuclei):
     """A TinyViT block of the calibrated model (window attention with its twin-scaled softmax, the
     GELU-twin MLP, the depthwise local conv) compiled with frozen weights: the generated code calls
@@ -235,8 +237,6 @@ def test_quantize_job_skips_a_corrupt_image_and_writes_a_loadable_file(tmp_path,
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    from .conftest import load_job  # the refusal in this process: no second Python start
-
-    assert load_job("quantize").main(job(empty, tmp_path / "x.pt")[2:]) == 2
+    assert load_job("quantize").main(job(empty, tmp_path / "x.pt")[2:]) == 2  # in this process
     assert "no readable calibration image" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()

@@ -45,7 +45,8 @@ def int8_unavailable_reason() -> Optional[str]:
         # Without VNNI, oneDNN multiplies u8 x s8 pairs into saturating 16-bit sums (vpmaddubsw):
         # full-range 8-bit codes overflow and the results are wrong, not only slower (oneDNN's
         # "Nuances of int8 computations"; seen on an AVX2-only AMD EPYC: 19% off in a 2x2 upscaling).
-        return f"this CPU ({caps.get('cpu_name', 'unknown')}) has no VNNI instructions, so oneDNN's int8 kernels saturate"
+        cpu = caps.get("cpu_name", "unknown")
+        return f"this CPU ({cpu}) has no VNNI instructions, so oneDNN's int8 kernels saturate"
     return None
 
 
