@@ -43,6 +43,29 @@ def test_stored_embedding_gives_the_same_masks_as_the_image(vit_t, astronaut):
         assert np.logical_and(a, b).sum() / np.logical_or(a, b).sum() > 0.99
 
 
+def test_fast_decoder_equals_the_official_operation_order(vit_t, astronaut):
+    """The default (the folded decoder) against fast_decoder=False, the official operation order:
+    the same logits up to fp32 rounding."""
+    fast = SamPredictor(vit_t)
+    fast.set_image(astronaut)
+    plain = SamPredictor(vit_t, fast_decoder=False)
+    plain.set_embedding(fast.get_image_embedding(), astronaut.shape[:2])
+    boxes = np.array([[100, 50, 400, 480], [200, 100, 260, 300], [0, 0, 511, 511]])
+    points = dict(point_coords=np.array([[[250, 200], [300, 400]]] * 2), point_labels=np.array([[1, 0], [1, 1]]))
+    for kwargs in (dict(box=boxes), dict(box=boxes, multimask_output=False), points):
+        a, b = fast.predict(**kwargs, return_logits=True), plain.predict(**kwargs, return_logits=True)
+        a_masks, b_masks = fast.predict(**kwargs), plain.predict(**kwargs)
+        assert not np.array_equal(a[2], b[2])  # another operation order
+        assert np.abs(a[2] - b[2]).max() <= 1e-5 * np.abs(b[2]).max()
+        assert np.abs(a[1] - b[1]).max() <= 1e-5
+        assert np.abs(a[0] - b[0]).max() <= 1e-5 * np.abs(b[0]).max()
+        assert (a_masks[0] != b_masks[0]).mean() < 1e-4  # a pixel may flip where a logit is ~0
+    # with a mask input per prompt (iterative point prompting): the image once per prompt
+    low = a[2][:, :1]
+    a, b = (p.predict(**points, mask_input=low, multimask_output=False, return_logits=True) for p in (fast, plain))
+    assert not np.array_equal(a[2], b[2]) and np.abs(a[2] - b[2]).max() <= 1e-5 * np.abs(b[2]).max()
+
+
 def test_return_logits_and_single_mask_shapes(vit_t, astronaut):
     predictor = SamPredictor(vit_t)
     predictor.set_image(astronaut)
