@@ -231,7 +231,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                     json.dump(history, f)
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=report_checkpoint)
-            _fault_injection(distiller.step, rank)
+            _fault_injection(config.get("kill_worker_at"), distiller.step, rank)
             if rank == 0 and config.get("log", True):
                 print(f"step {distiller.step}/{total} loss {metrics['loss']:.4f} "
                       + " ".join(f"{k} {metrics[k]:.4f}" for k in ("embedding", "token", "output", "focal", "dice", "iou"))
@@ -241,10 +241,10 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             last = time.perf_counter()
 
 
-def _fault_injection(step: int, rank: int) -> None:
-    """For failure tests: TINYSAM_KILL_WORKER_AT=<step>:<rank>:<marker file> makes that worker
-    SIGKILL itself once, right after that step's report (the marker keeps the restart alive)."""
-    spec = os.environ.get("TINYSAM_KILL_WORKER_AT")
+def _fault_injection(spec: Optional[str], step: int, rank: int) -> None:
+    """For failure drills: TINYSAM_KILL_WORKER_AT=<step>:<rank>:<marker file> in the driver's
+    environment (passed to the workers in their config) makes that worker SIGKILL itself once,
+    right after that step's report (the marker keeps the restart alive)."""
     if not spec:
         return
     at, who, marker = spec.split(":", 2)
@@ -329,6 +329,7 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
         "student_checkpoint": job.student_checkpoint, "batch_size": job.batch_size, "threads": job.cpus_per_worker,
         "steps_per_epoch": per_epoch, "total_steps": total, "checkpoint_every": job.checkpoint_every or per_epoch,
         "eval_points": job.eval_points, "seed": job.distill.get("seed", 0), "distill": job.distill,
+        "kill_worker_at": os.environ.get("TINYSAM_KILL_WORKER_AT"),
     }
     storage_path, storage_fs = _storage(job)
     trainer = TorchTrainer(

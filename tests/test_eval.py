@@ -2,8 +2,6 @@
 the real BBBC038 nuclei image (125 ground-truth masks) converted to a COCO file."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +20,7 @@ from tinysam.eval import (
 )
 from tinysam.sample_data import bbbc038_coco
 
-from .conftest import job_env, load_job
-
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import load_job
 
 
 def _square(shape, x0, y0, side):
@@ -96,22 +92,20 @@ def test_real_vit_t_on_bbbc038_box_point_and_everything(vit_t, bbbc038_gt, tmp_p
     assert 0.1 < everything["mIoU"] <= 1.0 and everything["masks_per_image"] >= 5 and everything["seconds_per_image"] > 0
 
 
-def test_evaluate_job_compares_models_locally_and_on_ray(bbbc038_gt, mobile_sam_path, tmp_path):
+def test_evaluate_job_compares_models_locally_and_on_ray(bbbc038_gt, mobile_sam_path, tmp_path, ray_local):
+    """The job's own main, in this process (on this process's Ray for --ray): two Python starts
+    and a Ray start fewer than subprocesses, the same code path."""
     subset = json.loads(Path(bbbc038_gt.path).read_text())
     subset["annotations"] = subset["annotations"][:30]  # 30 of the 125 nuclei keep the job test short
     gt = tmp_path / "gt30.json"
     gt.write_text(json.dumps(subset))
-    common = [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--annotations", str(gt),
-              "--images", bbbc038_gt.images_dir, "--protocols", "box,point", "--points", "1,3",
-              "--point-max-objects", "10", "--model", "vit_t", "--checkpoint", str(mobile_sam_path),
-              "--label", "mobile_sam"]
-    local = subprocess.run(common + ["--model", "vit_t", "--checkpoint", "none", "--label", "random",
-                                     "--output", str(tmp_path / "local")],
-                           capture_output=True, text=True, env=job_env(), timeout=600)
-    assert local.returncode == 0, local.stderr[-3000:]
-    on_ray = subprocess.run(common + ["--output", str(tmp_path / "ray"), "--ray", "--num-cpus", "2"],
-                            capture_output=True, text=True, env=job_env(), timeout=600)
-    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
+    main = load_job("evaluate").main
+    common = ["--annotations", str(gt), "--images", bbbc038_gt.images_dir, "--protocols", "box,point",
+              "--points", "1,3", "--point-max-objects", "10", "--model", "vit_t", "--checkpoint",
+              str(mobile_sam_path), "--label", "mobile_sam"]
+    assert main(common + ["--model", "vit_t", "--checkpoint", "none", "--label", "random",
+                          "--output", str(tmp_path / "local")]) == 0
+    assert main(common + ["--output", str(tmp_path / "ray"), "--ray"]) == 0
     a = json.loads((tmp_path / "local" / "results.json").read_text())["models"]
     b = json.loads((tmp_path / "ray" / "results.json").read_text())["models"]
     # (>= 0.75 on all 125 nuclei is asserted above; this is a 30-nuclei subset)
