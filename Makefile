@@ -19,12 +19,22 @@ PYTEST_ARGS ?= -n 2 --dist loadfile --durations=25
 
 .PHONY: demo predictor-demo test venv weights clean
 
+# uv installs (the packages pip would pick, from the same indexes: pip's own extra indexes and
+# find-links, e.g. a machine's local mirrors, are passed on) in a third of pip's time: it unpacks
+# and byte-compiles in parallel (3.9 -> 1.3 min here). Byte-compiled because imports then need no
+# compiling, also where PYTHONDONTWRITEBYTECODE is set. uv itself goes into the venv.
+PIP_EXTRA_INDEXES = $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)
+PIP_FIND_LINKS = $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+UV_INSTALL = $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode --index-strategy unsafe-best-match \
+	$(foreach u,$(PIP_EXTRA_INDEXES),--extra-index-url $(u)) $(foreach u,$(PIP_FIND_LINKS),--find-links $(u))
+
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PACKAGES)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet uv
+	$(UV_INSTALL) $(TORCH_PACKAGES)
+	$(UV_INSTALL) -c constraints.txt -e ".[dev]"
 	touch $@
 
 weights: venv
