@@ -197,8 +197,6 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         batches = val_shard.iter_batches(batch_size=batch_size, batch_format="numpy")
         return distiller.evaluate(batches, config["eval_points"])["miou_vs_teacher"]
 
-    if distiller.step == 0 and rank == 0:
-        history.append({"step": 0, "miou_vs_teacher": evaluate()})
     per_epoch, total = config["steps_per_epoch"], config["total_steps"]
     last = time.perf_counter()
     while distiller.step < total:
@@ -212,6 +210,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             if k >= per_epoch or distiller.step >= total:
                 break
             waited = time.perf_counter() - last
+            if distiller.step == 0 and rank == 0:
+                # The untrained student, judged as every checkpoint is: BatchNorm statistics of a
+                # training batch (precise BN), not a fresh model's running averages.
+                distiller.recompute_bn_statistics(batch)
+                history.append({"step": 0, "miou_vs_teacher": evaluate()})
             metrics = distiller.train_step(batch)
             metrics["images"] *= ctx.get_world_size()
             metrics.update(epoch=epoch, step=distiller.step, data_wait_seconds=waited,

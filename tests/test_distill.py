@@ -187,11 +187,11 @@ def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, 
                                                             monkeypatch, ray_local):
     """2 CPU workers, a student from scratch: every step is reported, the held-out mIoU against the
     teacher is measured before training and at every checkpoint, a worker killed after the first
-    checkpoint resumes the run from that checkpoint's step, and the export loads in our builder.
-    The job's own main, in this process, on this process's Ray (a Python and a Ray start fewer).
-    Not asserted here: that the loss falls (4 steps on different images are noise; the test above
-    holds the batch fixed) or that the held-out mIoU rises (it does over ~20 steps on more photos:
-    `benchmarks/distill.py --curve`; too long for CI)."""
+    checkpoint resumes the run from that checkpoint's step, the held-out mIoU rises above the
+    untrained student's (0.087 -> 0.260 when written; both judged with precise BN), and the export
+    loads in our builder. The job's own main, in this process, on this process's Ray (a Python and
+    a Ray start fewer). Not asserted here: that the loss falls (4 steps on different images are
+    noise; the test above holds the batch fixed). A longer curve: `benchmarks/distill.py --curve`."""
     from pipelines.embeddings import write_batch
     from tinysam.weights import sha256_file
 
@@ -213,9 +213,12 @@ def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, 
     assert summary["steps"] == 4
     assert summary["restarts"] == [2], out.out[-5000:]  # resumed from the step-2 checkpoint, not from zero
     assert np.isfinite([summary["loss_start"], summary["loss_end"]]).all()
+    with capsys.disabled():
+        print("\n" + summary["table"])
     table = summary["table"].splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == ["0", "2", "4"]  # untrained, then each checkpoint
     assert all(0 <= float(row.split("|")[-2]) <= 1 for row in table[2:])
+    assert summary["miou_end"] >= summary["miou_start"] + 0.1  # one held-out image, 16 points
     build_sam("vit_t_mini", str(export))
     assert (runs / "run" / "report.md").read_text() == summary["table"]
     # Without --resume an existing run is refused before any work, nothing touched.
