@@ -2,6 +2,9 @@
 Ray Train job (2 CPU workers, a killed worker, the exported checkpoint in the official code)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +17,9 @@ from tinysam.distill.data import annotation_list
 from tinysam.distill.distiller import match_embedding_statistics
 from tinysam.sample_data import SAMPLE_PHOTOS, write_pseudo_labelled_shard
 
-from .conftest import import_official, load_job
+from .conftest import import_official, job_env, load_job
 
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "distill.py"
 PROMPTS = PromptConfig(prompts_per_image=8, max_iterations=3)
 
 
@@ -183,14 +187,14 @@ def test_each_split_reads_only_its_own_rows(prepared, tmp_path, mobile_sam_path,
         assert all(r["embedding"].shape == (256, 64, 64) and r["gt"].shape == (8, 256, 256) for r in rows)
 
 
-def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, mobile_sam_path, capsys,
-                                                            monkeypatch, ray_local):
+def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, mobile_sam_path, capsys):
     """2 CPU workers, a student from scratch: every step is reported, the held-out mIoU against the
     teacher is measured before training and at every checkpoint, a worker killed after the first
     checkpoint resumes the run from that checkpoint's step, the held-out mIoU rises above the
     untrained student's (0.087 -> 0.260 when written; both judged with precise BN), and the export
-    loads in our builder. The job's own main, in this process, on this process's Ray (a Python and
-    a Ray start fewer). Not asserted here: that the loss falls (4 steps on different images are
+    loads in our builder. The job runs as a process with its own Ray: on this process's Ray, Ray
+    Train's controller and Ray Data's split coordinator outlived the run and kept ~10% of the
+    machine busy for the rest of the suite. Not asserted here: that the loss falls (4 steps on different images are
     noise; the test above holds the batch fixed). A longer curve: `benchmarks/distill.py --curve`."""
     from pipelines.embeddings import write_batch
     from tinysam.weights import sha256_file
@@ -198,20 +202,19 @@ def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, 
     emb = tmp_path / "emb"  # the precompute job's output, written by its own write stage
     write_batch(dict(prepared), str(emb), "vit_t", sha256_file(mobile_sam_path))
     runs, export = tmp_path / "runs", tmp_path / "student.pth"
-    args = ["--embeddings", str(emb), "--teacher-checkpoint", str(mobile_sam_path),
-            "--student", "vit_t_mini", "--steps", "4", "--checkpoint-every", "2", "--prompts-per-image", "4",
-            "--max-iterations", "2", "--lr", "5e-3", "--warmup-steps", "2", "--storage-path", str(runs),
-            "--name", "run", "--export", str(export)]
+    cmd = [sys.executable, str(JOB), "--embeddings", str(emb), "--teacher-checkpoint", str(mobile_sam_path),
+           "--student", "vit_t_mini", "--steps", "4", "--checkpoint-every", "2", "--prompts-per-image", "4",
+           "--max-iterations", "2", "--lr", "5e-3", "--warmup-steps", "2", "--storage-path", str(runs),
+           "--name", "run", "--export", str(export), "--num-cpus", "4"]
     # Worker rank 1 SIGKILLs itself right after the step-3 report: the last checkpoint is step 2.
-    monkeypatch.setenv("TINYSAM_KILL_WORKER_AT", f"3:1:{tmp_path / 'killed'}")
-    job = load_job("distill")
-    code = job.main(args)
-    out = capsys.readouterr()
+    env = {**job_env(), "TINYSAM_KILL_WORKER_AT": f"3:1:{tmp_path / 'killed'}"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
     assert (tmp_path / "killed").exists()
-    assert code == 0, (out.out + out.err)[-3000:]
-    summary = json.loads(next(line for line in out.out.splitlines() if line.startswith("SUMMARY "))[8:])
+    assert done.returncode == 0, out[-3000:]
+    summary = json.loads(next(line for line in out.splitlines() if line.startswith("SUMMARY "))[8:])
     assert summary["steps"] == 4
-    assert summary["restarts"] == [2], out.out[-5000:]  # resumed from the step-2 checkpoint, not from zero
+    assert summary["restarts"] == [2], out[-5000:]  # resumed from the step-2 checkpoint, not from zero
     assert np.isfinite([summary["loss_start"], summary["loss_end"]]).all()
     with capsys.disabled():
         print("\n" + summary["table"])
@@ -221,8 +224,10 @@ def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, 
     assert summary["miou_end"] >= summary["miou_start"] + 0.1  # one held-out image, 16 points
     build_sam("vit_t_mini", str(export))
     assert (runs / "run" / "report.md").read_text() == summary["table"]
-    # Without --resume an existing run is refused before any work, nothing touched.
+    # Without --resume an existing run is refused before Ray starts, nothing touched (the job's own
+    # main, in this process: a second Python start would cost more than the check).
+    job = load_job("distill")
     before = sorted(p.name for p in (runs / "run").iterdir())
-    assert job.main(args) == 2
+    assert job.main(cmd[2:]) == 2
     assert "--resume" in capsys.readouterr().err
     assert sorted(p.name for p in (runs / "run").iterdir()) == before
