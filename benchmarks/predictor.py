@@ -1,6 +1,6 @@
 """SamPredictor with many prompts at once, side by side in one run: the official MobileSAM
-predictor, ours with the official operation order (fast_decoder=False), ours by default (folded
-decoder; channels-last upscaler for prompts with mask inputs).
+predictor, ours with the official operation order (fast_decoder=False), ours by default (the folded
+decoder).
 
 The prompts are the evaluation protocols' on the real BBBC038 nuclei image: a box per nucleus
 (125 in one call), then the same number of single points with the previous masks as mask inputs.

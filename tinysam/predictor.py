@@ -6,7 +6,6 @@ prompts can be answered in one decoder call by passing batched points or boxes, 
 decoder (see `SamPredictor.__init__`).
 """
 
-from functools import partial
 from typing import Optional, Tuple
 
 import numpy as np
@@ -148,14 +147,11 @@ class SamPredictor:
         self._require_image()
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        decoder, features = self.model.mask_decoder, self.features
-        if self.fast_decoder and folded_decoder.supports(decoder):  # a float decoder, not a quantized one
-            decoder = folded_decoder.FoldedMaskDecoder(decoder)
-            if dense.shape[0] > 1 and dense.stride(0) != 0:  # mask inputs: the image once per prompt
-                features = features.expand(dense.shape[0], -1, -1, -1)
-        elif self.fast_decoder:
-            decoder = partial(decoder, fast_upscaling=True)
-        low_res, iou = decoder(features, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
+        # chosen per call: the model may be quantized after the predictor was made
+        decoder = self.model.mask_decoder
+        if self.fast_decoder:
+            decoder = folded_decoder.fast_decoder(decoder)
+        low_res, iou = decoder(self.features, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold

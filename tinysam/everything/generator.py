@@ -11,7 +11,6 @@ is reorganised so that it costs less and holds less:
 """
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -128,10 +127,7 @@ class SamAutomaticMaskGenerator:
         self.output_mode = output_mode
         self.upsample_chunk = upsample_chunk
         self.decoder_chunk = decoder_chunk
-        if fast_decoder and folded_decoder.supports(model.mask_decoder):
-            self._mask_decoder = folded_decoder.FoldedMaskDecoder(model.mask_decoder)
-        else:
-            self._mask_decoder = partial(model.mask_decoder, fast_upscaling=fast_decoder)
+        self._mask_decoder = folded_decoder.fast_decoder(model.mask_decoder) if fast_decoder else model.mask_decoder
         self.last_stats: Dict[str, int] = {}
 
     # ---- public API -------------------------------------------------------------------------

@@ -16,11 +16,13 @@ with the projections moved to the few prompt tokens:
   shuffled into image order at the end.
 
 Same weights, no copies of them; results equal the plain decoder's up to fp32 rounding (checked in
-tests/test_modeling.py). Covers what everything mode needs: point/box prompts and a mask-free (or
-per-image) dense embedding, float `nn.Linear` layers (not the quantized ones).
+tests/test_modeling.py). Covers point/box prompts with a mask-free, per-image or per-prompt (mask
+input) dense embedding, and float `nn.Linear` layers (not the quantized ones: `fast_decoder`
+gives those the plain decoder's channels-last upscaling).
 """
 
-from typing import Tuple
+from functools import partial
+from typing import Callable, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,13 @@ def supports(decoder: MaskDecoder) -> bool:
     )
 
 
+def fast_decoder(decoder: MaskDecoder) -> Callable[..., Tuple[Tensor, Tensor]]:
+    """The fastest path for `decoder` with `MaskDecoder.forward`'s positional arguments (everything
+    mode's and the predictor's default): folded for a float decoder, channels-last upscaling for a
+    quantized one."""
+    return FoldedMaskDecoder(decoder) if supports(decoder) else partial(decoder, fast_upscaling=True)
+
+
 class FoldedMaskDecoder:
     """Runs a `MaskDecoder`'s forward (mask-free prompts) with the folded algebra above."""
 
@@ -62,8 +71,8 @@ class FoldedMaskDecoder:
         dense_prompt_embeddings: Tensor,
         multimask_output: bool,
     ) -> Tuple[Tensor, Tensor]:
-        """Arguments and results as `MaskDecoder.forward`; the dense embedding must be shared per
-        image: (1 or n, C, h, w), or a (B, ...) expansion of one."""
+        """Arguments and results as `MaskDecoder.forward`. A per-prompt dense embedding (mask
+        inputs) gives each prompt its own image tokens, as in the plain decoder."""
         d = self.decoder
         b, n = sparse_prompt_embeddings.shape[0], image_embeddings.shape[0]
         if n == 0 or b % n:
@@ -71,12 +80,11 @@ class FoldedMaskDecoder:
         dense = dense_prompt_embeddings
         if dense.shape[0] > 1 and dense.stride(0) == 0:
             dense = dense[:1]
-        if dense.shape[0] not in (1, n):
-            raise ValueError("the folded decoder takes one dense embedding per image, not per prompt")
         output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
-        # image_embeddings + dense is a fresh tensor: the folded attention may update it in place
-        hs, x = d.transformer(image_embeddings + dense, image_pe, tokens, cross=FoldedCrossAttention())
+        # a fresh tensor either way: the folded attention may update it in place
+        src = image_embeddings + dense if dense.shape[0] in (1, n) else add_groups(image_embeddings, dense)
+        hs, x = d.transformer(src, image_pe, tokens, cross=FoldedCrossAttention())
 
         sel = list(range(1, d.num_mask_tokens)) if multimask_output else [0]
         hyper = torch.stack([d.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in sel], dim=1)
