@@ -194,8 +194,9 @@ def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, 
     untrained student's (0.087 -> 0.260 when written; both judged with precise BN), and the export
     loads in our builder. The job runs as a process with its own Ray: on this process's Ray, Ray
     Train's controller and Ray Data's split coordinator outlived the run and kept ~10% of the
-    machine busy for the rest of the suite. Not asserted here: that the loss falls (4 steps on different images are
-    noise; the test above holds the batch fixed). A longer curve: `benchmarks/distill.py --curve`."""
+    machine busy for the rest of the suite. Not asserted here: that the loss falls (4 steps on
+    different images are noise; the test above holds the batch fixed). A longer curve:
+    `benchmarks/distill.py --curve`."""
     from pipelines.embeddings import write_batch
     from tinysam.weights import sha256_file
 
