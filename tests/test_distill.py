@@ -1,5 +1,6 @@
 """Distillation: the loss terms, hard prompt sampling and hard mask weighting on real data, and the
-Ray Train job (2 CPU workers, a killed worker, the exported checkpoint in the official code)."""
+Ray Train job (2 CPU workers, checkpoints on S3, --resume, a killed worker, the exported checkpoint
+in the official code)."""
 
 import json
 import subprocess
@@ -187,48 +188,95 @@ def test_each_split_reads_only_its_own_rows(prepared, tmp_path, mobile_sam_path,
         assert all(r["embedding"].shape == (256, 64, 64) and r["gt"].shape == (8, 256, 256) for r in rows)
 
 
-def test_ray_train_job_survives_a_killed_worker_and_exports(prepared, tmp_path, mobile_sam_path, capsys):
-    """2 CPU workers, a student from scratch: every step is reported, the held-out mIoU against the
-    teacher is measured before training and at every checkpoint, a worker killed after the first
-    checkpoint resumes the run from that checkpoint's step, the held-out mIoU rises above the
-    untrained student's (0.087 -> 0.260 when written; both judged with precise BN), and the export
-    loads in our builder. The job runs as a process with its own Ray: on this process's Ray, Ray
-    Train's controller and Ray Data's split coordinator outlived the run and kept ~10% of the
-    machine busy for the rest of the suite. Not asserted here: that the loss falls (4 steps on
-    different images are noise; the test above holds the batch fixed). A longer curve:
-    `benchmarks/distill.py --curve`."""
+def run_distill_job(args: list, env: dict) -> tuple:
+    """jobs/distill.py in a process with its own Ray (on this process's Ray, Ray Train's controller
+    and Ray Data's split coordinator outlived a run and kept ~10% of the machine busy for the rest
+    of the suite). Returns its summary and output."""
+    done = subprocess.run([sys.executable, str(JOB), *args], env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    return json.loads(next(line for line in out.splitlines() if line.startswith("SUMMARY "))[8:]), out
+
+
+@pytest.fixture
+def job_on_s3(prepared, tmp_path, mobile_sam_path, s3_endpoint):
+    """The precompute job's output (written by its own write stage), a bucket on the local S3
+    endpoint for the runs, and the job's arguments (a student from scratch, lr 5e-3, a checkpoint
+    every 2 steps) and environment. Returns (arguments, environment, the bucket's filesystem)."""
+    import s3fs
+
     from pipelines.embeddings import write_batch
     from tinysam.weights import sha256_file
 
-    emb = tmp_path / "emb"  # the precompute job's output, written by its own write stage
+    from .conftest import s3_env
+
+    emb = tmp_path / "emb"
     write_batch(dict(prepared), str(emb), "vit_t", sha256_file(mobile_sam_path))
-    runs, export = tmp_path / "runs", tmp_path / "student.pth"
-    cmd = [sys.executable, str(JOB), "--embeddings", str(emb), "--teacher-checkpoint", str(mobile_sam_path),
-           "--student", "vit_t_mini", "--steps", "4", "--checkpoint-every", "2", "--prompts-per-image", "4",
-           "--max-iterations", "2", "--lr", "5e-3", "--warmup-steps", "2", "--storage-path", str(runs),
-           "--name", "run", "--export", str(export), "--num-cpus", "4"]
+    fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_endpoint})
+    if not fs.exists("runs"):
+        fs.mkdir("runs")
+    args = ["--embeddings", str(emb), "--teacher-checkpoint", str(mobile_sam_path), "--student", "vit_t_mini",
+            "--checkpoint-every", "2", "--prompts-per-image", "4", "--max-iterations", "2", "--lr", "5e-3",
+            "--warmup-steps", "2", "--storage-path", "s3://runs", "--num-cpus", "4"]
+    return args, {**job_env(), **s3_env(s3_endpoint)}, fs
+
+
+def assert_untrained_row_then_checkpoints(summary: dict, steps: list) -> None:
+    """The run's table: the untrained student, then each checkpoint; the held-out mIoU against the
+    teacher rises above the untrained student's (0.087 -> 0.260 when written, both judged with
+    precise BN; one held-out image, 16 points)."""
+    table = summary["table"].splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == steps, summary["table"]
+    assert all(0 <= float(row.split("|")[-2]) <= 1 for row in table[2:])
+    assert summary["miou_end"] >= summary["miou_start"] + 0.1, summary["table"]
+
+
+def test_ray_train_job_survives_a_killed_worker_and_exports(job_on_s3, s3_endpoint, tmp_path, monkeypatch, capsys):
+    """2 CPU workers, checkpoints on S3: every step is reported, the held-out mIoU is measured
+    before training and at every checkpoint and rises, a worker killed after the first checkpoint
+    resumes the run from that checkpoint's step, the export loads in our builder, and an existing
+    run is refused without --resume. Not asserted here: that the loss falls (4 steps on different
+    images are noise; the test above holds the batch fixed). A longer curve:
+    `benchmarks/distill.py --curve`."""
+    from .conftest import s3_env
+
+    args, env, fs = job_on_s3
+    args = [*args, "--name", "killed", "--steps", "4"]
+    export = tmp_path / "student.pth"
     # Worker rank 1 SIGKILLs itself right after the step-3 report: the last checkpoint is step 2.
-    env = {**job_env(), "TINYSAM_KILL_WORKER_AT": f"3:1:{tmp_path / 'killed'}"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    out = done.stdout + done.stderr
+    summary, out = run_distill_job([*args, "--export", str(export)],
+                                   {**env, "TINYSAM_KILL_WORKER_AT": f"3:1:{tmp_path / 'killed'}"})
     assert (tmp_path / "killed").exists()
-    assert done.returncode == 0, out[-3000:]
-    summary = json.loads(next(line for line in out.splitlines() if line.startswith("SUMMARY "))[8:])
     assert summary["steps"] == 4
     assert summary["restarts"] == [2], out[-5000:]  # resumed from the step-2 checkpoint, not from zero
     assert np.isfinite([summary["loss_start"], summary["loss_end"]]).all()
     with capsys.disabled():
         print("\n" + summary["table"])
-    table = summary["table"].splitlines()
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["0", "2", "4"]  # untrained, then each checkpoint
-    assert all(0 <= float(row.split("|")[-2]) <= 1 for row in table[2:])
-    assert summary["miou_end"] >= summary["miou_start"] + 0.1  # one held-out image, 16 points
+    assert_untrained_row_then_checkpoints(summary, ["0", "2", "4"])
     build_sam("vit_t_mini", str(export))
-    assert (runs / "run" / "report.md").read_text() == summary["table"]
-    # Without --resume an existing run is refused before Ray starts, nothing touched (the job's own
-    # main, in this process: a second Python start would cost more than the check).
-    job = load_job("distill")
-    before = sorted(p.name for p in (runs / "run").iterdir())
-    assert job.main(cmd[2:]) == 2
+    assert fs.cat("runs/killed/report.md").decode() == summary["table"]
+    # Without --resume the existing run is refused before Ray starts, nothing touched (the job's
+    # own main, in this process: a Python start would cost more than the check).
+    for key, value in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(key, value)
+    before = sorted(fs.find("runs/killed"))
+    assert load_job("distill").main(args) == 2
     assert "--resume" in capsys.readouterr().err
-    assert sorted(p.name for p in (runs / "run").iterdir()) == before
+    fs.invalidate_cache()
+    assert sorted(fs.find("runs/killed")) == before
+
+
+@pytest.mark.slow
+def test_resume_continues_a_run_in_a_new_job(job_on_s3):
+    """--resume: a second job continues a finished run from its last checkpoint on S3, to more
+    steps than it first had, with the run's history (the first job's rows, the resume at step 2).
+    Two job starts take more of the suite's 20 minutes than it has (~230 s alone here, against
+    ~175 s for the test above): `make test-slow` runs it."""
+    args, env, _ = job_on_s3
+    args = [*args, "--name", "resumed"]
+    first, _ = run_distill_job([*args, "--steps", "2"], env)
+    assert (first["steps"], first["restarts"]) == (2, [])
+    summary, out = run_distill_job([*args, "--steps", "4", "--resume"], env)
+    assert (summary["steps"], summary["restarts"]) == (4, [2]), out[-5000:]
+    assert summary["table"].splitlines()[:4] == first["table"].splitlines()
+    assert_untrained_row_then_checkpoints(summary, ["0", "2", "4"])
