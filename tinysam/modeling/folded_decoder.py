@@ -56,7 +56,8 @@ def fast_decoder(decoder: MaskDecoder) -> Callable[..., Tuple[Tensor, Tensor]]:
 
 
 class FoldedMaskDecoder:
-    """Runs a `MaskDecoder`'s forward (mask-free prompts) with the folded algebra above."""
+    """Runs a float `MaskDecoder`'s forward (point and box prompts, with or without mask inputs)
+    with the folded algebra above."""
 
     def __init__(self, decoder: MaskDecoder) -> None:
         if not supports(decoder):
