@@ -1,7 +1,8 @@
 """Distillation on Ray Train vs the same `Distiller` loop in one process, side by side in one run.
 
-Both run the same steps (same student, teacher, prompts, threads) on the same real photos with
-pseudo labels from the real vit_t; the loop has its rows in memory, the Ray run pays for Ray Train
+Both run the same steps (same student, teacher, prompts, threads, PyTorch's huge-page allocation)
+on the job's training photos (real, pseudo labels from the real vit_t; photos differ in step cost,
+so the held-out one is left out of the loop too); the loop has its rows in memory, the Ray run pays for Ray Train
 (worker start, DDP wrapper, `ray.train.report` every step, checkpoints) and for being fed by Ray
 Data. Goal: overhead <= 10% per step. Also prints the share of step time spent waiting for data.
 On a 2-core machine, `--threads 1` leaves a core for Ray's own processes (as a cluster node has).
@@ -15,18 +16,24 @@ job's precise BatchNorm on the step's batch).
     python benchmarks/distill.py --curve 60 [--every 10]
 """
 
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: the loop allocates as the job's workers do (worker_env)
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # bars redraw from the driver during the steps
+
 import argparse
+import resource
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 
-from pipelines.distill import DistillJob, distill, label_rows, split_ids
+from pipelines.distill import HUGE_PAGES_ENV, DistillJob, distill, label_rows, split_ids
 from pipelines.embeddings import load_embeddings, precompute_embeddings
 from pipelines.parquet import read_table
 from pipelines.runtime import init_ray
@@ -63,11 +70,29 @@ def new_distiller(rows: Dict[str, np.ndarray], student_type: str, steps: int) ->
 
 
 def in_process(embeddings: str, student_type: str, steps: int) -> dict:
+    """The loop on the job's training images (its held-out split left out: images differ in step cost)."""
     rows = load_rows(embeddings)
+    ids = list(rows["image_id"])
+    rows = take(rows, [ids.index(i) for i in split_ids(ids, DistillJob.val_fraction)[0]])
     n = len(rows["image_id"])
     distiller = new_distiller(rows, student_type, steps)
-    times = [distiller.train_step(take(rows, [i % n]))["step_seconds"] for i in range(steps)]
-    return {"step_seconds": statistics.median(times[1:])}
+    seen = []
+    for i in range(steps):
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        seconds = distiller.train_step(take(rows, [i % n]))["step_seconds"]
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        seen.append((seconds, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime))
+    seconds, faults, kernel = (statistics.median(x) for x in zip(*seen[1:]))  # the first step warms up
+    return {"step_seconds": seconds, "minor_faults": faults, "kernel_seconds": kernel}
+
+
+def prepare(work: Path, photos: Tuple[str, ...], threads: int) -> str:
+    """The photos with pseudo labels from the real vit_t, through the precompute job: its output folder."""
+    shard = write_pseudo_labelled_shard(work / "sa1b", build_sam("vit_t", "mobile_sam"), photos, points_per_side=8)
+    init_ray(num_cpus=threads + 2, dashboard=True)
+    precompute_embeddings(str(shard), str(work / "emb"), teacher="vit_t", checkpoint="mobile_sam", batch_size=4,
+                          num_cpus_per_actor=threads)
+    return str(work / "emb")
 
 
 def learning_curve(embeddings: str, student_type: str, steps: int, every: int, val_fraction: float = 0.2) -> None:
@@ -109,26 +134,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
-        photos = ALL_PHOTOS if args.curve else SAMPLE_PHOTOS[:4]
-        shard = write_pseudo_labelled_shard(work / "sa1b", build_sam("vit_t", "mobile_sam"), photos, points_per_side=8)
-        init_ray(num_cpus=args.threads + 2, dashboard=True)
-        precompute_embeddings(str(shard), str(work / "emb"), teacher="vit_t", checkpoint="mobile_sam", batch_size=4,
-                              num_cpus_per_actor=args.threads)
+        embeddings = prepare(work, ALL_PHOTOS if args.curve else SAMPLE_PHOTOS[:4], args.threads)
         if args.curve:
-            learning_curve(str(work / "emb"), args.student, args.curve, args.every)
+            learning_curve(embeddings, args.student, args.curve, args.every)
             return
         # the loop runs before and after the Ray run (the machine drifts): its mean is the baseline
-        before = in_process(str(work / "emb"), args.student, args.steps)
-        job = DistillJob(embeddings=str(work / "emb"), teacher_checkpoint="mobile_sam", student=args.student,
+        before = in_process(embeddings, args.student, args.steps)
+        job = DistillJob(embeddings=embeddings, teacher_checkpoint="mobile_sam", student=args.student,
                          num_workers=1, cpus_per_worker=args.threads, steps=args.steps, checkpoint_every=args.steps,
                          storage_path=str(work / "runs"), name="bench", distill=METHOD)
         summary = distill(job)
-        after = in_process(str(work / "emb"), args.student, args.steps)
+        after = in_process(embeddings, args.student, args.steps)
         loop = (before["step_seconds"] + after["step_seconds"]) / 2
         ray_step = 1 / summary.images_per_second  # median of (step + wait for data), one image per step
-        print(f"{args.steps} steps, {args.student} student, vit_t teacher, 1 worker, {args.threads} threads, batch 1")
+        print(f"{args.steps} steps, {args.student} student, vit_t teacher, 1 worker, {args.threads} threads, batch 1, "
+              f"{HUGE_PAGES_ENV}={os.environ[HUGE_PAGES_ENV]} in both")
         print(f"  in-process loop : {loop:.3f} s/step (before {before['step_seconds']:.3f}, "
-              f"after {after['step_seconds']:.3f})")
+              f"after {after['step_seconds']:.3f}); per step {after['minor_faults']:.0f} minor page "
+              f"faults, {after['kernel_seconds']:.2f} s in the kernel")
         print(f"  Ray Train       : {ray_step:.3f} s/step (median, data wait included), compute alone "
               f"{summary.step_seconds:.3f} s/step; data wait {100 * summary.data_wait_fraction:.1f}% of step time")
         print(f"overhead Ray / loop: {100 * (ray_step / loop - 1):+.1f}%  (goal <= 10%)")
