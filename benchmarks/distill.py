@@ -2,9 +2,9 @@
 
 Both run the same steps (same student, teacher, prompts, threads, PyTorch's huge-page allocation)
 on the job's training photos (real, pseudo labels from the real vit_t; photos differ in step cost,
-so the held-out one is left out of the loop too); the loop has its rows in memory, the Ray run pays for Ray Train
-(worker start, DDP wrapper, `ray.train.report` every step, checkpoints) and for being fed by Ray
-Data. Goal: overhead <= 10% per step. Also prints the share of step time spent waiting for data.
+so the held-out one is left out of the loop too); the loop has its rows in memory, the Ray run pays
+for Ray Train (worker start, DDP wrapper, `ray.train.report` every step, checkpoints) and for being
+fed by Ray Data. Goal: overhead <= 10% per step. Also prints the share of step time spent waiting for data.
 On a 2-core machine, `--threads 1` leaves a core for Ray's own processes (as a cluster node has).
 
 `--curve STEPS`: instead, does the student learn? The in-process loop for STEPS steps on all 18
