@@ -183,6 +183,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
     device = ray.train.torch.get_device()
+    if rank == 0 and config.get("log", True):
+        print(f"worker 0 of {ctx.get_world_size()}: {device}, {config['threads']} threads, "
+              f"{HUGE_PAGES_ENV}={os.environ.get(HUGE_PAGES_ENV)}", flush=True)
     teacher = build_sam(config["teacher"], config["teacher_checkpoint"])
     student = build_sam(config["student"], config["student_checkpoint"])
     shard = ray.train.get_dataset_shard("train")

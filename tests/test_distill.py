@@ -173,8 +173,8 @@ def test_exported_student_loads_strictly_in_the_official_code(tmp_path):
     build_sam("vit_t", path)  # and our own loader
 
 
-HUGE_PAGES_OFF = "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text() \
-    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() else True
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HUGE_PAGES_OFF = not THP.exists() or "[never]" in THP.read_text()
 
 
 @pytest.mark.skipif(HUGE_PAGES_OFF, reason="the kernel has transparent huge pages off")
@@ -273,6 +273,7 @@ def test_ray_train_job_survives_a_killed_worker_and_exports(job_on_s3, s3_endpoi
     assert (tmp_path / "killed").exists()
     assert summary["steps"] == 4
     assert summary["restarts"] == [2], out[-5000:]  # resumed from the step-2 checkpoint, not from zero
+    assert "worker 0 of 2: cpu, 1 threads, THP_MEM_ALLOC_ENABLE=1" in out  # the workers' environment (worker_env)
     assert np.isfinite([summary["loss_start"], summary["loss_end"]]).all()
     with capsys.disabled():
         print("\n" + summary["table"])
