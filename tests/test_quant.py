@@ -193,6 +193,44 @@ def test_int8_is_refused_on_a_cpu_without_vnni(monkeypatch):
     finally:
         monkeypatch.undo()
         layers.int8_unavailable_reason.cache_clear()
+        layers.int8_slow_reason.cache_clear()
+
+
+def test_int8_falls_back_to_sim_with_the_reason_where_its_kernel_is_slower(monkeypatch):
+    """VNNI is not enough: on an AMD Zen 4, oneDNN's int8 linear with signed activations ran ~1000x
+    slower than fp32. The probe times the kernel the layers run; a slower one makes int8 mode a
+    warning and sim, and the int8-kernel tests skip instead of running for minutes."""
+    import time as _time
+
+    from tinysam.quant import layers
+
+    if int8_unavailable_reason() and "PyTorch build" in int8_unavailable_reason():
+        pytest.skip(int8_unavailable_reason())
+    real = layers.qlinear
+
+    def slow_qlinear(*args):
+        _time.sleep(0.02)  # far above fp32's time for the probe's shape
+        return real(*args)
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"cpu_name": "Test CPU", "avx512_vnni": True})
+    monkeypatch.setattr(layers, "qlinear", slow_qlinear)
+    layers.int8_unavailable_reason.cache_clear()
+    layers.int8_slow_reason.cache_clear()
+    try:
+        reason = layers.int8_slow_reason()
+        assert reason and "slower than fp32" in reason and "Test CPU" in reason
+        assert not int8_available()
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        layer = layers.convert(model, 8, [""])["0"]
+        layer.a_scale, layer.b_scale = torch.ones(1), torch.ones(4)
+        with pytest.warns(RuntimeWarning, match="int8 mode falls back to sim.*slower than fp32"):
+            set_mode(model, "int8")
+        assert layer.mode == "sim"
+        assert model(torch.ones(1, 4)).shape == (1, 4)
+    finally:
+        monkeypatch.undo()
+        layers.int8_unavailable_reason.cache_clear()
+        layers.int8_slow_reason.cache_clear()
 
 
 def test_refuses_what_it_cannot_quantize(tmp_path):

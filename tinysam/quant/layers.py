@@ -17,6 +17,7 @@ group, so it gets one activation scale and one weight ratio per group.
 """
 
 import functools
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -50,9 +51,64 @@ def int8_unavailable_reason() -> Optional[str]:
     return None
 
 
+def qlinear(codes_u8: torch.Tensor, scale: float, packed: torch.Tensor, w_scales: torch.Tensor,
+            zeros: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """oneDNN's int8 linear on unsigned activation codes (zero point 128), fp32 out.
+
+    Unsigned, not signed, codes: the same numbers, but on an AVX512-VNNI CPU without AMX (AMD Zen 4)
+    oneDNN has no fast kernel for signed activations and falls back to one ~1000x slower than fp32,
+    while u8 x s8 is its native VNNI form (docs/design.md, "int8 on CPUs")."""
+    return torch.ops.onednn.qlinear_pointwise(codes_u8, scale, 128, packed, w_scales, zeros, bias, 1.0, 0,
+                                              torch.float32, "none", [], "")
+
+
+@functools.lru_cache(maxsize=None)
+def int8_slow_reason() -> Optional[str]:
+    """Why oneDNN's int8 linear kernel does not pay here (it is slower than fp32), or None.
+
+    VNNI alone does not decide: a CPU may have it and still take a reference path. The probe
+    times the kernel the layers run against fp32 on one thread (~10 ms when fast), once per
+    process."""
+    if int8_unavailable_reason() is not None:
+        return None  # refused for correctness already
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    rows, cin, cout = 256, 160, 480  # a TinyViT MLP's shape at a small token count
+    w = torch.randn(cout, cin, generator=g)
+    x = torch.randn(rows, cin, generator=g)
+    scales = w.abs().amax(1) / 127
+    packed = torch.ops.onednn.qlinear_prepack(quant_codes(w / scales[:, None], 1.0, 8).contiguous(), None)
+    zeros = torch.zeros(cout, dtype=torch.long)
+    codes = quant_codes(x, 0.05, 8, unsigned=True)
+
+    def best_ms(fn, repeats: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times) * 1000
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        int8_ms = best_ms(lambda: qlinear(codes, 0.05, packed, scales, zeros, None))
+        fp32_ms = best_ms(lambda: F.linear(x, w))
+    finally:
+        torch.set_num_threads(threads)
+    if int8_ms <= fp32_ms:
+        return None
+    cpu = torch.cpu.get_capabilities().get("cpu_name", "unknown") if hasattr(torch.cpu, "get_capabilities") else "?"
+    return (f"oneDNN's int8 linear kernel is {int8_ms / fp32_ms:.1f}x slower than fp32 on this CPU ({cpu}): "
+            f"{int8_ms:.2f} ms vs {fp32_ms:.2f} ms for {rows}x{cin}->{cout} on one thread")
+
+
 def int8_available() -> bool:
-    """oneDNN's int8 kernels give correct results here (x86 CPU build, a CPU with VNNI)."""
-    return int8_unavailable_reason() is None
+    """oneDNN's int8 kernels give correct results here (x86 CPU build, a CPU with VNNI) and are
+    measured faster than fp32 (`int8_slow_reason`)."""
+    return int8_unavailable_reason() is None and int8_slow_reason() is None
 
 
 def require_int8() -> None:
@@ -60,6 +116,20 @@ def require_int8() -> None:
     if reason:
         raise RuntimeError(f"int8 execution is not available: {reason}; use mode 'sim' for simulated "
                            "quantization (the same quantized numbers, in float arithmetic)")
+
+
+def resolve_mode(mode: str) -> str:
+    """The mode to run: int8 is refused where its kernels give wrong numbers (no VNNI), and falls
+    back to sim, with a warning giving the reason, where they are measured slower than fp32."""
+    if mode != "int8":
+        return mode
+    require_int8()
+    slow = int8_slow_reason()
+    if slow:
+        warnings.warn(f"int8 mode falls back to sim (the same quantized numbers in float arithmetic): {slow}",
+                      RuntimeWarning, stacklevel=3)
+        return "sim"
+    return mode
 
 
 class QuantMixin:
@@ -96,8 +166,7 @@ class QuantMixin:
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
-        if mode == "int8":
-            require_int8()
+        mode = resolve_mode(mode)
         if mode in ("sim", "int8") and not self.calibrated:
             mode = "float"  # never called during calibration (e.g. the unused classifier head)
         self.mode = mode
@@ -187,22 +256,22 @@ class QuantWeighted(QuantMixin):
 
         def gemm(codes_x: torch.Tensor, scale: float, b: Optional[torch.Tensor], _keep=codes) -> torch.Tensor:
             # _keep: the codes stay alive as long as the packed weight (oneDNN does not say whether it copies)
-            return torch.ops.onednn.qlinear_pointwise(codes_x, scale, 0, self.int8_linear, w_scales, zeros, b, 1.0, 0,
-                                                      torch.float32, "none", [], "")
+            return qlinear(codes_x, scale, self.int8_linear, w_scales, zeros, b)
 
         if kind == "gelu":  # two groups, two scales: two integer products
             neg_scale = second_scale("gelu", bits)
 
             def run(x2: torch.Tensor) -> torch.Tensor:
-                out = gemm(quant_codes(x2, a_scale, bits, low=0), a_scale, bias)
+                out = gemm(quant_codes(x2, a_scale, bits, low=0, unsigned=True), a_scale, bias)
                 # the second product accumulates into the first's output (oneDNN's sum post-op):
                 # no second output tensor (512 MB in the decoder's last upscaling) to allocate and add
                 return torch.ops.onednn.qlinear_pointwise.binary(
-                    quant_codes(x2, neg_scale, bits, low=-q, high=0), neg_scale, 0, self.int8_linear, w_scales,
+                    quant_codes(x2, neg_scale, bits, low=-q, high=0, unsigned=True), neg_scale, 128, self.int8_linear,
+                    w_scales,
                     zeros, out, None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
         elif kind == "":
             def run(x2: torch.Tensor) -> torch.Tensor:
-                return gemm(quant_codes(x2, a_scale, bits), a_scale, bias)
+                return gemm(quant_codes(x2, a_scale, bits, unsigned=True), a_scale, bias)
         else:
             return None
         return run
@@ -417,7 +486,6 @@ def compile_frozen(module: nn.Module) -> nn.Module:
 
 def set_mode(model: nn.Module, mode: str) -> None:
     """Switch every quantized layer of `model` to one mode ("float", "sim", "int8", ...)."""
-    if mode == "int8":
-        require_int8()
+    mode = resolve_mode(mode)
     for layer in quant_layers(model).values():
         layer.set_mode(mode)
