@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from pipelines.distill import HUGE_PAGES_ENV, DistillJob, distill, label_rows, split_ids
-from pipelines.embeddings import load_embeddings, precompute_embeddings
-from pipelines.parquet import read_table
+from pipelines.precompute import precompute_embeddings
+    from pipelines.storage.embeddings import load_embeddings
+from pipelines.storage.files import read_table
 from pipelines.runtime import init_ray
 from tinysam import build_sam
 from tinysam.distill import DistillConfig, Distiller, init_student_decoder

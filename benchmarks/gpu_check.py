@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipelines.automask import automask, make_generator
-from pipelines.embeddings import precompute_embeddings
+from pipelines.precompute import precompute_embeddings
 from pipelines.runtime import init_ray
 from pipelines.sources import decode_image, list_images, read_bytes
 from tinysam import build_sam

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.embeddings import precompute_embeddings
+from pipelines.precompute import precompute_embeddings
 from pipelines.runtime import init_ray
 from pipelines.sources import decode_image, list_images, read_bytes
 from tinysam import build_sam

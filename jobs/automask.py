@@ -7,8 +7,9 @@
 Output: Parquet under --output, one row per image (id, source, width, height, masks as COCO RLE with
 bbox, area, predicted_iou, stability_score, point_coords, crop_box); optionally SA-1B JSON per image
 (--sa1b-json), one COCO results file (--coco-json) and overlay PNGs of the first N images (--preview N).
-Reruns skip images already written; bad images go to <output>/_errors and are counted.
-Exit status: 0 all written, 1 some images failed, 2 stopped early (--max-failures) or bad arguments.
+Reruns skip images already written (a tar shard whose images are all written is not read
+again); a rerun with another model or settings is refused unless --overwrite. Bad images go to
+<output>/_errors and are counted.
 """
 
 import argparse
@@ -18,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
 from pipelines.automask import MODES, automask, generator_parameters
-from pipelines.cli import add_corpus_arguments, corpus_kwargs, run_job
+from pipelines.cli import add_corpus_arguments, corpus_kwargs, job_parser, run_job
 from pipelines.runtime import init_ray
 
 def _bool(text: str) -> bool:
@@ -30,8 +31,7 @@ def _bool(text: str) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = job_parser(__doc__)
     p.add_argument("--input", help="folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)")
     p.add_argument("--embeddings", help="a precompute job's output: reuse its embeddings instead of the encoder")
     p.add_argument("--model", default="vit_t", help="model type (vit_t, vit_b, vit_l, vit_h)")

@@ -25,7 +25,8 @@ from tinysam.weights import CheckpointError  # noqa: E402
 
 
 def parse(argv=None) -> Tuple[DistillJob, Optional[int]]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--embeddings", required=True, help="a precompute job's output (folder or s3:// prefix)")
     p.add_argument("--teacher-checkpoint", help="the checkpoint that made the embeddings (its decoder is the teacher's)")
     p.add_argument("--student", default="vit_t", help="student model type (vit_t; vit_t_mini for quick runs)")

@@ -23,7 +23,7 @@ from tinysam.eval.report import report_markdown
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--annotations", required=True, help="COCO-format ground truth (COCO, LVIS, ...)")
     p.add_argument("--images", required=True, help="folder the ground truth's file_name entries are relative to")

@@ -4,23 +4,23 @@
         --output s3://bucket/embeddings --teacher vit_h --checkpoint sam_vit_h --num-gpus-per-actor 1
     python jobs/precompute_embeddings.py --input photos/ --output out/ --teacher vit_t --checkpoint mobile_sam
 
-Reruns skip images already written; bad images go to <output>/_errors and are counted.
-Exit status: 0 all written, 1 some images failed, 2 stopped early (--max-failures) or bad arguments.
+Reruns skip images already written (a tar shard whose images are all written is not read
+again); a rerun with another model or settings is refused unless --overwrite. Bad images go to
+<output>/_errors and are counted.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
-from pipelines.cli import add_corpus_arguments, corpus_kwargs, run_job
-from pipelines.embeddings import precompute_embeddings
+from pipelines.cli import add_corpus_arguments, corpus_kwargs, job_parser, run_job
+from pipelines.precompute import precompute_embeddings
 from pipelines.runtime import init_ray
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = job_parser(__doc__)
     p.add_argument("--input", required=True, help="folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)")
     p.add_argument("--teacher", default="vit_h", help="model type of the teacher encoder (vit_h, vit_l, vit_b, vit_t)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embedding type")

@@ -21,7 +21,7 @@ from tinysam.weights import CheckpointError
 
 def main(argv=None) -> int:
     d = QuantConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", default="vit_t", help="model type (a TinyViT model: vit_t)")
     p.add_argument("--checkpoint", default="mobile_sam",

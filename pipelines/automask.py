@@ -1,12 +1,13 @@
 """Bulk auto-masking with Ray Data: images -> everything-mode actors -> SA-1B-style masks in Parquet.
 
 Stages, top to bottom:
-  list images (driver)       -> skip ids already in the output
-  prepare_images (CPU)       -> the precompute job's reading and preprocessing (pipelines/stages.py);
+  plan_inputs (driver)       -> files and shards not yet done (pipelines/reading.py)
+  read + prepare (CPU)       -> the precompute job's reading and preprocessing (one pass per shard);
   or load_stored_embeddings  -> rows of a precompute job's output, when the encoder already ran
   AutoMasker (pool)          -> the model loaded once per actor: encoder in batches, then hierarchical
                                 (default) or dense everything mode over the batch's images together
-  write_masks (CPU)          -> one atomic Parquet file per batch (+ SA-1B JSON per image); errors table
+  write_batch (CPU)          -> ~128 MiB atomic Parquet files (pipelines/storage/masks.py; + SA-1B JSON
+                                per image); errors table
 After the run, from the Parquet output: a COCO results file (`coco_json`) and overlay PNGs (`preview`).
 
 Torch and the models are imported inside the actor: the read and write workers import this
@@ -19,44 +20,36 @@ import posixpath
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from tinysam.utils.sa1b import sa1b_document
 
-from .parquet import ids_by_file, parquet_files, read_table, write_bytes_atomic, write_table_atomic
-from .sources import decode_image, filesystem, read_bytes
+from .reading import DEFAULT_MAX_MEGAPIXELS, Plan, plan_inputs
+from .sources import ImageRef, decode_image, filesystem, read_bytes
 from .stages import (
     JobSummary,
     SamActor,
     batch_file_name,
+    finish_summary,
     image_pipeline,
+    model_and_write,
     ok_rows,
-    pending_images,
     preflight,
     run_to_output,
-    write_errors,
 )
+from .storage import embeddings as stored
+from .storage.errors import write_errors
+from .storage.files import check_provenance, read_done, read_table, write_bytes_atomic
+from .storage.masks import default_rows_per_file, iter_results, write_masks
 
 MODES = ("hierarchical", "dense")
 SA1B_DIR = "sa1b"  # per-image SA-1B JSON files under the output
 PREVIEW_DIR = "previews"
-
-MASK_TYPE = pa.struct([
-    ("segmentation", pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])),
-    ("area", pa.int64()),
-    ("bbox", pa.list_(pa.float64())),  # XYWH
-    ("predicted_iou", pa.float64()),
-    ("stability_score", pa.float64()),
-    ("point_coords", pa.list_(pa.list_(pa.float64()))),
-    ("crop_box", pa.list_(pa.float64())),  # XYWH
-])
-
 
 def generator_class(mode: str) -> type:
     """The everything-mode generator of `mode`."""
@@ -146,7 +139,8 @@ class AutoMasker(SamActor):
             generate_s = time.perf_counter() - start
             for i, recs in zip(rows, records):
                 masks[i] = json.dumps(recs)
-        out = {k: v for k, v in batch.items() if k in ("image_id", "source", "orig_h", "orig_w", "error")}
+        out = {k: v for k, v in batch.items()
+               if k in ("image_id", "source", "source_offset", "source_length", "orig_h", "orig_w", "error")}
         out["masks"] = np.array(masks, dtype=object)
         share = np.where(ok, 1.0 / max(1, rows.size), 0.0)
         out["encode_seconds"] = share * encode_s
@@ -163,63 +157,44 @@ def load_stored_embeddings(batch: Dict[str, np.ndarray], storage_options: Option
     position = {str(i): k for k, i in enumerate(batch["image_id"])}
     for file in sorted(set(str(f) for f in batch["embedding_file"])):
         try:
-            fs, path = filesystem(file, storage_options)
-            table = pq.read_table(path, filesystem=fs)
-            table = table.filter(pc.is_in(table["image_id"], value_set=pa.array(list(position))))
-            stored = table["embedding"].combine_chunks().to_numpy_ndarray()
+            table = stored.read_rows(file, list(position), storage_options)
+            values = table["embedding"].combine_chunks().to_numpy_ndarray()
             for j, image_id in enumerate(table["image_id"].to_pylist()):
                 k = position[image_id]
-                embeddings[k] = stored[j]
+                embeddings[k] = values[j]
                 for key in ("orig_h", "orig_w", "input_h", "input_w"):
                     out[key][k] = table[key][j].as_py()
         except Exception as e:  # a damaged embeddings file fails its rows, not the run
             for k, f in enumerate(batch["embedding_file"]):
                 if str(f) == file:
                     errors[k] = f"{file}: stored embeddings unreadable ({type(e).__name__}: {e})"
-    shape = next((e.shape for e in embeddings if e is not None), (256, 64, 64))
+    shape = next((e.shape for e in embeddings if e is not None), stored.EMBEDDING_SHAPE)
     for k, e in enumerate(embeddings):
         if e is None and not errors[k]:
             errors[k] = f"{batch['source'][k]}: no stored embedding for id {batch['image_id'][k]}"
     out["embedding"] = np.stack([e if e is not None else np.zeros(shape, np.float16) for e in embeddings])
-    return {"image_id": batch["image_id"], "source": batch["source"], "error": np.array(errors), **out}
+    keep = {k: batch[k] for k in ("image_id", "source", "source_offset", "source_length")}
+    return {**keep, "error": np.array(errors), **out}
 
 
-def write_masks(batch: Dict[str, np.ndarray], output: str, model: str, checkpoint_sha256: str, mode: str,
-                params: str, sa1b_json: bool = False, storage_options: Optional[dict] = None) -> Dict[str, Any]:
+def write_batch(batch: Dict[str, np.ndarray], output: str, provenance: Dict[str, Any], sa1b_json: bool = False,
+                storage_options: Optional[dict] = None) -> Dict[str, Any]:
     """The batch's images as one Parquet file (one row per image, masks as a list of structs);
     with `sa1b_json` also `<output>/sa1b/<id>.json` per image. Bad rows go to the errors table."""
     ok = ok_rows(batch)
     ids = [str(i) for i in batch["image_id"]]
     name = batch_file_name(ids)
     records = [json.loads(m) if good else [] for m, good in zip(batch["masks"], ok)]
-    written = 0
-    if ok.any():
-        if sa1b_json:  # before the Parquet row: a rerun redoes an image whose JSON may be missing
-            for i in np.flatnonzero(ok):
-                doc = sa1b_document(ids[i], str(batch["source"][i]), int(batch["orig_w"][i]), int(batch["orig_h"][i]),
-                                    records[i])
-                write_bytes_atomic(json.dumps(doc).encode(), output, f"{SA1B_DIR}/{ids[i]}.json", storage_options)
-        n = int(ok.sum())
-        good = np.flatnonzero(ok)
-        table = pa.table({
-            "image_id": pa.array([ids[i] for i in good], pa.string()),
-            "source": pa.array([str(batch["source"][i]) for i in good], pa.string()),
-            "width": pa.array(batch["orig_w"][ok], pa.int32()),
-            "height": pa.array(batch["orig_h"][ok], pa.int32()),
-            "num_masks": pa.array([len(records[i]) for i in good], pa.int32()),
-            "masks": pa.array([records[i] for i in good], pa.list_(MASK_TYPE)),
-            "model": pa.array([model] * n, pa.string()),
-            "checkpoint_sha256": pa.array([checkpoint_sha256] * n, pa.string()),
-            "mode": pa.array([mode] * n, pa.string()),
-            "params": pa.array([params] * n, pa.string()),
-            "encode_seconds": pa.array(batch["encode_seconds"][ok], pa.float64()),
-            "generate_seconds": pa.array(batch["generate_seconds"][ok], pa.float64()),
-        })
-        written = write_table_atomic(table, output, f"part-{name}.parquet", storage_options)
+    if sa1b_json:  # before the Parquet row: a rerun redoes an image whose JSON may be missing
+        for i in np.flatnonzero(ok):
+            doc = sa1b_document(ids[i], str(batch["source"][i]), int(batch["orig_w"][i]), int(batch["orig_h"][i]),
+                                records[i])
+            write_bytes_atomic(json.dumps(doc).encode(), output, f"{SA1B_DIR}/{ids[i]}.json", storage_options)
+    written = write_masks(batch, ok, records, output, name, provenance, storage_options)
     write_errors(batch, ok, output, name, storage_options)
     return {
-        "image_id": np.asarray(ids), "ok": ok, "bytes": np.where(ok, written // max(1, int(ok.sum())), 0),
-        "num_masks": np.array([len(r) for r in records]),
+        "image_id": np.asarray(ids), "source": batch["source"], "ok": ok,
+        "bytes": np.where(ok, written // max(1, int(ok.sum())), 0), "num_masks": np.array([len(r) for r in records]),
         "encode_seconds": batch["encode_seconds"], "generate_seconds": batch["generate_seconds"],
     }
 
@@ -253,40 +228,50 @@ def automask(
     limit: Optional[int] = None,
     max_failures: Optional[int] = None,
     rows_per_file: Optional[int] = None,
+    max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS,
+    overwrite: bool = False,
     sa1b_json: bool = False,
     coco_json: Optional[str] = None,
     preview: int = 0,
     storage_options: Optional[dict] = None,
+    actor_options: Optional[Dict[str, Any]] = None,
 ) -> AutomaskSummary:
     """Masks for every image of `input` not yet in `output` (or, with `embeddings`, for every image
-    of a precompute job's output). Ray must be initialised by the caller."""
+    of a precompute job's output). Ray must be initialised by the caller. `checkpoint=None` means
+    random weights (tests); the jobs require one."""
     params = dict(params or {})
     check_params(mode, params)  # a typo fails here, not in every actor
     checkpoint_sha = preflight(model, checkpoint, output, storage_options)
+    provenance = {"model": model, "checkpoint_sha256": checkpoint_sha, "mode": mode,
+                  "params": json.dumps(params, sort_keys=True)}
     if embeddings:
         if params.get("crop_n_layers"):
             raise ValueError("crop layers need the images: run without --embeddings")
-        refs, todo, files = _pending_stored(embeddings, output, model, checkpoint_sha, limit, storage_options)
+        plan, files = _pending_stored(embeddings, output, provenance, limit, overwrite, storage_options)
     elif input:
-        refs, todo = pending_images(input, output, limit, storage_options)
+        plan = plan_inputs(input, output, provenance, limit, overwrite, storage_options)
     else:
         raise ValueError("give an input (images) or embeddings (a precompute job's output)")
-    summary = AutomaskSummary(images=len(refs), skipped=len(refs) - len(todo))
-    if todo:
+    summary = AutomaskSummary()
+    if plan.files or plan.shards:
         actor_kwargs = {"model_type": model, "checkpoint": checkpoint, "mode": mode, "params": params}
-        write_kwargs = {"output": output, "model": model, "checkpoint_sha256": checkpoint_sha, "mode": mode,
-                        "params": json.dumps(params, sort_keys=True), "sa1b_json": sa1b_json}
-        stored = {"read_fn": load_stored_embeddings, "extra_columns": {"embedding_file": files}} if embeddings else {}
-        ds = image_pipeline(todo, AutoMasker, actor_kwargs, write_masks, write_kwargs, batch_size, concurrency,
-                            num_gpus_per_actor, num_cpus_per_actor, rows_per_file, storage_options,
-                            keep_original=bool(params.get("crop_n_layers")), **stored)
+        write_kwargs = {"output": output, "provenance": provenance, "sa1b_json": sa1b_json}
+        args = (AutoMasker, actor_kwargs, write_batch, write_kwargs, batch_size, concurrency, num_gpus_per_actor,
+                num_cpus_per_actor, rows_per_file or default_rows_per_file(), storage_options)
+        if embeddings:
+            ds = _stored_rows(plan, files, batch_size, storage_options)
+            ds = model_and_write(ds, *args, actor_options=actor_options)
+        else:
+            ds = image_pipeline(plan, *args, keep_original=bool(params.get("crop_n_layers")),
+                                max_megapixels=max_megapixels, output=output, actor_options=actor_options)
 
         def count(result: Dict[str, np.ndarray], i: int) -> None:
             summary.masks += int(result["num_masks"][i])
             summary.encode_seconds += float(result["encode_seconds"][i])
             summary.generate_seconds += float(result["generate_seconds"][i])
 
-        run_to_output(ds, summary, {r.image_id: r.source for r in todo}, output, max_failures, on_row=count)
+        run_to_output(ds, summary, output, max_failures, on_row=count)
+    finish_summary(summary, plan, output, storage_options)
     if coco_json:
         write_coco_results(output, coco_json, storage_options)
     if preview:
@@ -294,35 +279,36 @@ def automask(
     return summary
 
 
-def _pending_stored(embeddings: str, output: str, model: str, checkpoint_sha: str, limit: Optional[int],
-                    storage_options: Optional[dict]):
-    """Images of a precompute job's output not yet masked; refuses embeddings of another model."""
-    from .parquet import existing_ids
-    from .sources import ImageRef
+def _pending_stored(embeddings: str, output: str, provenance: Dict[str, Any], limit: Optional[int],
+                    overwrite: bool, storage_options: Optional[dict]):
+    """(plan, {id: embeddings file}) for the images of a precompute job's output not yet masked;
+    refuses embeddings of another model."""
+    stored.require_made_by(embeddings, provenance["model"], provenance["checkpoint_sha256"], "this job's model",
+                           storage_options)
+    index = stored.read_index(embeddings, storage_options).sort_by("source")
+    index = index.slice(0, limit) if limit is not None else index
+    done, provenances = read_done(output, storage_options)
+    if check_provenance(output, provenances, provenance, overwrite, storage_options):
+        done, _ = read_done(output, storage_options)
+    ids = index["image_id"].to_pylist()
+    finished = done.contains(ids) if ids else np.zeros(0, bool)
+    todo = index.filter(pa.array(~finished))
+    todo_ids = todo["image_id"].to_pylist()
+    plan = Plan(files=[ImageRef(i, s) for i, s in zip(todo_ids, todo["source"].to_pylist())], done=done,
+                listed=len(ids), skipped=int(finished.sum()),
+                ranges=dict(zip(todo_ids, zip(todo["source_offset"].to_pylist(), todo["source_length"].to_pylist()))))
+    return plan, stored.files_by_id(embeddings, storage_options)
 
-    meta = read_table(embeddings, columns=["image_id", "source", "teacher", "checkpoint_sha256"],
-                      storage_options=storage_options)
-    stored_by = set(zip(meta["teacher"].to_pylist(), meta["checkpoint_sha256"].to_pylist()))
-    if stored_by != {(model, checkpoint_sha)}:
-        raise ValueError(f"{embeddings}: embeddings were made by {sorted(stored_by)}, not by this job's model "
-                         f"({model}, checkpoint sha256 {checkpoint_sha}); the decoder must match the encoder")
-    refs = sorted((ImageRef(i, s) for i, s in zip(meta["image_id"].to_pylist(), meta["source"].to_pylist())),
-                  key=lambda r: r.source)
-    refs = refs[:limit] if limit is not None else refs
-    done = existing_ids(output, storage_options=storage_options)
-    return refs, [r for r in refs if r.image_id not in done], ids_by_file(embeddings, storage_options=storage_options)
 
+def _stored_rows(plan: Plan, files: Dict[str, str], batch_size: int, storage_options: Optional[dict]):
+    """The plan's images as rows of stored embeddings (a lazy Dataset)."""
+    import ray
 
-def iter_results(output: str, image_ids: Optional[set] = None,
-                 storage_options: Optional[dict] = None) -> Iterator[Dict[str, Any]]:
-    """Rows of the job's output (image_id, source, width, height, masks), file by file, optionally
-    only those of `image_ids`; memory holds one file's rows at a time."""
-    for file in parquet_files(output, storage_options):
-        fs, path = filesystem(file, storage_options)
-        table = pq.read_table(path, filesystem=fs, columns=["image_id", "source", "width", "height", "masks"])
-        if image_ids is not None:
-            table = table.filter(pc.is_in(table["image_id"], value_set=pa.array(sorted(image_ids), pa.string())))
-        yield from table.to_pylist()
+    items = [{"image_id": r.image_id, "source": r.source, "source_offset": plan.ranges[r.image_id][0],
+              "source_length": plan.ranges[r.image_id][1], "embedding_file": files[r.image_id]} for r in plan.files]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+    return ds.map_batches(load_stored_embeddings, batch_size=batch_size, num_cpus=0.5,
+                          fn_kwargs={"storage_options": storage_options})
 
 
 def coco_image_ids(image_ids: List[str]) -> Dict[str, int]:
@@ -374,8 +360,9 @@ def _put(data_or_file, url: str, storage_options: Optional[dict]) -> None:
     fs, target = filesystem(url, storage_options)
     fs.makedirs(posixpath.dirname(target) or ".", exist_ok=True)
     if "file" in fs.protocol or "local" in fs.protocol:
-        shutil.copyfile(data_or_file, target + ".tmp")
-        os.replace(target + ".tmp", target)
+        tmp = f"{target}.{uuid.uuid4().hex}.tmp"  # unique: two jobs finishing together do not race
+        shutil.copyfile(data_or_file, tmp)
+        os.replace(tmp, target)
     else:  # one upload: visible when it completes
         fs.put_file(data_or_file, target)
 
@@ -392,7 +379,8 @@ def write_previews(output: str, n: int, storage_options: Optional[dict] = None) 
     first = set(sorted(ids)[:n])
     written = []
     for row in sorted(iter_results(output, first, storage_options), key=lambda r: r["image_id"]):
-        image = to_rgb_uint8(decode_image(read_bytes(row["source"], storage_options)[0], row["source"]), row["source"])
+        data, _ = read_bytes(row["source"], storage_options, offset=row["source_offset"], length=row["source_length"])
+        image = to_rgb_uint8(decode_image(data, row["source"]), row["source"])
         overlay = overlay_masks(image, [coco_rle_to_mask(m["segmentation"]) for m in row["masks"]])
         ok, png = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
         if not ok:

@@ -1,7 +1,7 @@
 """Command-line pieces shared by the batch jobs: the corpus/cluster arguments, exit codes, summaries.
 
 Exit status of every job: 0 all written, 1 some images failed, 2 stopped early (--max-failures)
-or refused before any work (bad arguments, checkpoint or output).
+or refused before any work (bad arguments, checkpoint, input or output).
 """
 
 import argparse
@@ -11,27 +11,51 @@ from typing import Any, Callable, Dict
 
 from tinysam.weights import CheckpointError
 
+from .reading import DEFAULT_MAX_MEGAPIXELS
 from .stages import JobSummary, TooManyFailures
+
+EXIT_CODES = """exit status:
+  0  every image written (or already present)
+  1  some images failed: they are in <output>/_errors, the rest is written
+  2  refused before any work (bad arguments, checkpoint, input or output, an output made with
+     other settings), or stopped early (--max-failures)"""
+
+
+def job_parser(doc: str) -> argparse.ArgumentParser:
+    """A job's parser: its docstring as description, the exit codes in --help, no abbreviated flags."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=EXIT_CODES, allow_abbrev=False)
+
+
+def checkpoint_arg(text: str):
+    """--checkpoint: a name, path or URL; "none" asks for random weights explicitly (tests)."""
+    return None if text.lower() == "none" else text
 
 
 def add_corpus_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     """--output, --checkpoint, batching, actors, limits: the same in every job."""
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet files")
-    p.add_argument("--checkpoint", help="known name, path, http(s):// or s3:// (default: random weights, for tests)")
+    p.add_argument("--checkpoint", required=True, type=checkpoint_arg,
+                   help="known name (e.g. mobile_sam), path, http(s):// or s3:// URL; 'none' for random weights")
     p.add_argument("--batch-size", type=int, default=batch_size, help="images per actor call")
     p.add_argument("--concurrency", type=int, default=1, help="model actors")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     p.add_argument("--num-cpus-per-actor", type=int, default=1, help="CPUs (and torch threads on CPU) per actor")
-    p.add_argument("--limit", type=int, help="only the first N images (in sorted order)")
+    p.add_argument("--limit", type=int, help="only N images: files in sorted order, then shard members")
     p.add_argument("--max-failures", type=int, help="stop once more than N images failed")
-    p.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default: --batch-size)")
+    p.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default: files of ~128 MiB)")
+    p.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
+                   help=f"larger images are reported, not decoded (default {DEFAULT_MAX_MEGAPIXELS:g})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo the rows of an output made with another model or settings (default: refuse)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored when joining a cluster)")
 
 
 def corpus_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The keyword arguments of `add_corpus_arguments` for a pipeline function."""
     return {k: getattr(args, k) for k in ("output", "checkpoint", "batch_size", "concurrency", "num_gpus_per_actor",
-                                          "num_cpus_per_actor", "limit", "max_failures", "rows_per_file")}
+                                          "num_cpus_per_actor", "limit", "max_failures", "rows_per_file",
+                                          "max_megapixels", "overwrite")}
 
 
 def run_job(run: Callable[[], JobSummary], report: Callable[[JobSummary], None]) -> int:
@@ -43,6 +67,10 @@ def run_job(run: Callable[[], JobSummary], report: Callable[[JobSummary], None])
         return 2
     s = summary
     print(f"images {s.images}: written {s.written}, already present {s.skipped}, failed {s.failed}")
+    if s.unsupported:
+        print(f"unsupported files (not images or .tar shards), not read: {len(s.unsupported)}")
+        for source in s.unsupported[:20]:
+            print(f"  unsupported: {source}")
     report(s)
     for source in s.failures:
         print(f"  failed: {source}")

@@ -22,8 +22,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .parquet import read_table
-from .stages import ok_rows, prepare_images
+from .reading import prepare_images, read_sources
+from .stages import ok_rows
+from .storage.embeddings import made_by, read_table, require_made_by
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
@@ -109,7 +110,9 @@ def label_rows(batch: Dict[str, np.ndarray], max_masks: int, storage_options: Op
     from tinysam.distill.data import LOW_RES, label_masks
 
     batch = {k: np.asarray(v) for k, v in batch.items()}
-    prepared = prepare_images({"image_id": batch["image_id"], "source": batch["source"]}, storage_options)
+    # tar members by their stored byte range: one ranged read per image, never the shard
+    prepared = prepare_images(read_sources({k: batch[k] for k in ("image_id", "source", "source_offset",
+                                                                    "source_length")}, storage_options))
     ok = ok_rows(prepared)
     gt = np.zeros((len(ok), max_masks, LOW_RES, LOW_RES), np.uint8)
     count = np.zeros(len(ok), np.int32)
@@ -130,7 +133,8 @@ def labelled_split(ids: List[str], files: List[str], max_masks: int, filesystem=
     """The rows of `ids` from the embeddings Parquet `files`, through `label_rows` (a lazy Ray
     dataset). Ray Data pushes the columns and the id filter down into the Parquet read (one read
     operator in the optimised plan): each split decodes only its own rows' embeddings."""
-    rows = stored_rows(ids, files, ["image_id", "source", "embedding", "annotations"], filesystem)
+    rows = stored_rows(ids, files, ["image_id", "source", "source_offset", "source_length", "embedding", "annotations"],
+                       filesystem)
     return rows.map_batches(label_rows, fn_kwargs={"max_masks": max_masks, "storage_options": storage_options},
                             batch_size=8)
 
@@ -146,24 +150,18 @@ def stored_rows(ids: List[str], files: List[str], columns: List[str], filesystem
 
 def teacher_of(embeddings: str, storage_options: Optional[dict] = None) -> Dict[str, Any]:
     """Ids, teacher type and checkpoint hash of a precompute job's output (no embeddings read)."""
-    table = read_table(embeddings, columns=["image_id", "teacher", "checkpoint_sha256"], storage_options=storage_options)
-    if table.num_rows == 0:
-        raise ValueError(f"{embeddings}: no embeddings (run jobs/precompute_embeddings.py first)")
-    teachers = set(table["teacher"].to_pylist())
-    shas = set(table["checkpoint_sha256"].to_pylist())
-    if len(teachers) != 1 or len(shas) != 1:
-        raise ValueError(f"{embeddings}: embeddings of several teachers {sorted(teachers)} / checkpoints; distil from one")
-    return {"ids": table["image_id"].to_pylist(), "teacher": teachers.pop(), "sha256": shas.pop()}
+    teacher, sha = made_by(embeddings, storage_options)
+    ids = read_table(embeddings, columns=["image_id"], storage_options=storage_options)["image_id"].to_pylist()
+    return {"ids": ids, "teacher": teacher, "sha256": sha}
 
 
-def check_teacher(info: Dict[str, Any], teacher_checkpoint: Optional[str]) -> None:
+def check_teacher(info: Dict[str, Any], embeddings: str, teacher_checkpoint: Optional[str],
+                  storage_options: Optional[dict] = None) -> None:
     """The teacher's decoder must be the one whose encoder made the embeddings."""
     from tinysam.weights import resolve_checkpoint, sha256_file
 
     sha = sha256_file(resolve_checkpoint(teacher_checkpoint)) if teacher_checkpoint else "random-init"
-    if sha != info["sha256"]:
-        raise ValueError(f"teacher checkpoint {teacher_checkpoint!r} (sha256 {sha[:12]}) is not the one that made the "
-                         f"embeddings (sha256 {info['sha256'][:12]}): the decoder must match the encoder")
+    require_made_by(embeddings, info["teacher"], sha, f"teacher checkpoint {teacher_checkpoint!r}", storage_options)
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
@@ -299,7 +297,7 @@ def check_job(job: DistillJob) -> Tuple[Dict[str, Any], List[str], List[str], in
     from tinysam.distill import DistillConfig
 
     info = teacher_of(job.embeddings, job.storage_options)
-    check_teacher(info, job.teacher_checkpoint)
+    check_teacher(info, job.embeddings, job.teacher_checkpoint, job.storage_options)
     if job.student_checkpoint:
         from tinysam.build_sam import check_checkpoint
 
@@ -326,7 +324,7 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
 
     info, train_ids, val_ids, per_epoch = checked or check_job(job)
     total = job.steps or job.epochs * per_epoch
-    from .parquet import parquet_files
+    from .storage.files import parquet_files
 
     files = parquet_files(job.embeddings, job.storage_options)
     fs = _read_filesystem(job)
@@ -337,7 +335,7 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
         datasets["train"] = datasets["train"].materialize()
     start = None  # the scale an encoder from scratch starts at: a training image's embedding, never a held-out one's
     if not job.student_checkpoint:  # read here, not through Ray Data: a dataset's start-up costs seconds
-        from .embeddings import load_embeddings
+        from .storage.embeddings import load_embeddings
 
         start = load_embeddings(job.embeddings, train_ids[:1], job.storage_options)[1].numpy()
     config = {
@@ -389,7 +387,7 @@ def export_student(student, path: str, storage_options: Optional[dict] = None) -
 
     import torch
 
-    from .parquet import write_bytes_atomic
+    from .storage.files import write_bytes_atomic
 
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, buf)
@@ -399,7 +397,7 @@ def export_student(student, path: str, storage_options: Optional[dict] = None) -
 
 
 def _write_text(path: str, text: str, storage_options: Optional[dict]) -> None:
-    from .parquet import write_bytes_atomic
+    from .storage.files import write_bytes_atomic
 
     folder, name = posixpath.split(path)
     write_bytes_atomic(text.encode(), folder, name, storage_options)

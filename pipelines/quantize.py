@@ -15,7 +15,7 @@ from tinysam.build_sam import build_sam
 from tinysam.quant import QuantConfig, check_quantizable, quantize_sam, save_quantized
 from tinysam.transforms import to_rgb_uint8
 
-from .sources import decode_image, list_images, read_bytes
+from .sources import decode_image, iter_images
 
 
 @dataclass
@@ -38,11 +38,10 @@ def calibration_images(spec: str, count: int, storage_options: Optional[Dict[str
                        ) -> Tuple[List[np.ndarray], List[str], List[Tuple[str, str]]]:
     """The first `count` readable images of `spec` (sorted), their sources and the skipped ones."""
     images, used, skipped = [], [], []
-    for ref in list_images(spec, storage_options=storage_options):
+    for ref, data, _ in iter_images(spec, storage_options):  # tar shards in one pass each
         if len(images) == count:
             break
         try:
-            data, _ = read_bytes(ref.source, storage_options)
             images.append(to_rgb_uint8(decode_image(data, ref.source), ref.source))
             used.append(ref.source)
         except (OSError, ValueError) as e:

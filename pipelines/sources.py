@@ -1,5 +1,12 @@
-"""Inputs shared by every job: list images (folder, s3:// prefix, list file, SA-1B tar shards),
-give each a stable id, read its bytes and decode it with a per-row error instead of a crash."""
+"""Inputs shared by every job: list images and SA-1B tar shards, give each image a stable id,
+stream each shard once, and decode with a per-row error instead of a crash.
+
+The driver lists files and shards, never the members inside a shard: at SA-1B scale (~1,000
+shards of ~11,000 images) that would be a pass over every shard before any work. A shard is one
+unit of work: one task streams it from its start to its end (`iter_shard`), from local disk or
+any fsspec URL, and emits each image with its SA-1B JSON and its byte range in the shard, so that
+later readers (distillation, previews) fetch one image with a ranged read (`read_bytes`).
+"""
 
 import hashlib
 import io
@@ -7,13 +14,15 @@ import json
 import os
 import posixpath
 import tarfile
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import fsspec
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+SHARD_EXTENSIONS = (".tar",)
+SIDECAR_EXTENSIONS = (".json", ".txt", ".lst", ".md")  # not images, not reported as unsupported
 TAR_SEP = "::"  # "shard.tar::sa_1.jpg" names a member of a tar shard
 
 
@@ -23,10 +32,38 @@ class ImageRef:
     source: str  # a path or URL, or "<tar>::<member>"
 
 
+@dataclass
+class Inputs:
+    """What the driver lists: image files, tar shards, and files it cannot read as images."""
+
+    files: List[ImageRef] = field(default_factory=list)
+    shards: List[str] = field(default_factory=list)
+    unsupported: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Member:
+    """One image of a shard, as streamed: bytes, SA-1B annotations, byte range in the shard."""
+
+    image_id: str
+    source: str
+    data: bytes
+    annotations: Optional[dict]
+    offset: int
+    length: int
+    error: str = ""
+
+
 def filesystem(path: str, storage_options: Optional[Dict[str, Any]] = None):
-    """(fsspec filesystem, path without protocol) for a local path or any fsspec URL."""
-    fs, stripped = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    return fs, stripped
+    """(fsspec filesystem, path without protocol) for a local path or any fsspec URL.
+
+    `storage_options` are the filesystem's options (e.g. s3fs' key, secret, client_kwargs); a
+    ready fsspec filesystem may be passed instead as `storage_options={"filesystem": fs}`."""
+    options = dict(storage_options or {})
+    fs = options.pop("filesystem", None)
+    if fs is not None:
+        return fs, fs._strip_protocol(path)
+    return fsspec.core.url_to_fs(path, **options)
 
 
 def url_for(fs, path: str) -> str:
@@ -44,72 +81,156 @@ def image_id_for(source: str) -> str:
     return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:10]}"
 
 
-def list_images(spec: str, limit: Optional[int] = None,
-                storage_options: Optional[Dict[str, Any]] = None) -> List[ImageRef]:
-    """Every image named by `spec`, sorted by source so runs are repeatable.
+def list_inputs(spec: str, storage_options: Optional[Dict[str, Any]] = None,
+                exclude: Optional[str] = None) -> Inputs:
+    """Image files and tar shards named by `spec`, sorted so runs are repeatable.
 
-    `spec` is a folder or prefix (local or s3://), a .txt list file (one path or URL a line), or a
-    .tar shard / folder of shards holding SA-1B `sa_N.jpg` + `sa_N.json` pairs.
+    `spec` is a folder or prefix (local or s3://), a .txt list file (one path or URL a line), a
+    .tar shard, or a folder of shards holding SA-1B `sa_N.jpg` + `sa_N.json` pairs. Files under
+    `exclude` (the job's output, when it lies inside the input) are left out.
     """
     fs, path = filesystem(spec, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"{spec}: no such file, folder or prefix")
     if fs.isdir(path):
-        files = sorted(fs.find(path))
-        sources = [url_for(fs, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-        for shard in (f for f in files if f.lower().endswith(".tar")):
-            sources += _tar_members(url_for(fs, shard), storage_options)
-    elif path.lower().endswith(".tar"):
-        sources = _tar_members(spec, storage_options)
+        found = [url_for(fs, f) for f in sorted(fs.find(path))]
     elif path.lower().endswith((".txt", ".lst")):
         with fs.open(path, "rt") as f:
-            sources = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            found = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     else:
-        sources = [spec]
-    sources = sorted(set(sources))
-    refs = [ImageRef(image_id_for(s), s) for s in sources]
+        found = [spec]
+    if exclude:
+        out_fs, out_path = filesystem(exclude, storage_options)
+        inside = out_path.rstrip("/") + "/"
+        found = [u for u in found if not filesystem(u, storage_options)[1].startswith(inside)]
+    inputs = Inputs()
+    for url in sorted(set(found)):
+        name = url.lower()
+        if name.endswith(IMAGE_EXTENSIONS):
+            inputs.files.append(ImageRef(image_id_for(url), url))
+        elif name.endswith(SHARD_EXTENSIONS):
+            inputs.shards.append(url)
+        elif not name.endswith(SIDECAR_EXTENSIONS) and not posixpath.basename(name).startswith("."):
+            inputs.unsupported.append(url)
+    return inputs
+
+
+def list_images(spec: str, limit: Optional[int] = None,
+                storage_options: Optional[Dict[str, Any]] = None) -> List[ImageRef]:
+    """The image files named by `spec` (shards are not opened: use `iter_images` for them)."""
+    refs = list_inputs(spec, storage_options).files
     return refs[:limit] if limit is not None else refs
 
 
-def _tar_members(shard: str, storage_options) -> List[str]:
-    with fsspec.open(shard, "rb", **(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        return [f"{shard}{TAR_SEP}{m.name}" for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)]
+def iter_shard(shard: str, storage_options: Optional[Dict[str, Any]] = None,
+               skip: Optional[Callable[[str], bool]] = None) -> Iterator[Member]:
+    """Every image of a tar shard in one sequential pass, with its SA-1B JSON when the shard has
+    one (`sa_N.json` beside `sa_N.jpg`, before or after it). Images whose id `skip` accepts are
+    passed over without being kept. A damaged shard ends with one Member whose `error` says where
+    it broke; the images before the damage are still yielded."""
+    # SA-1B keeps each image next to its JSON, so at most one image and one JSON wait for their pair:
+    # memory stays at one member whatever the shard's size.
+    pending: Dict[str, Member] = {}  # an image waiting for its JSON
+    notes: Dict[str, dict] = {}  # a JSON waiting for its image
+    skipped = None  # the stem of the last image passed over: its JSON is not parsed
+    fs, path = filesystem(shard, storage_options)
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                stem, ext = os.path.splitext(info.name)
+                ext = ext.lower()
+                if ext in IMAGE_EXTENSIONS:
+                    source = f"{shard}{TAR_SEP}{info.name}"
+                    image_id = image_id_for(source)
+                    yield from pending.values()  # an older image whose JSON never came
+                    pending = {}
+                    if skip is not None and skip(image_id):
+                        notes, skipped = {}, stem
+                        continue
+                    member = Member(image_id, source, tar.extractfile(info).read(), notes.pop(stem, None),
+                                    info.offset_data, info.size)
+                    notes = {}
+                    if member.annotations is not None:
+                        yield member
+                    else:
+                        pending = {stem: member}
+                elif ext == ".json" and stem != skipped:
+                    try:
+                        note = json.loads(tar.extractfile(info).read())
+                    except ValueError:
+                        note = None
+                    if stem in pending:
+                        member = pending.pop(stem)
+                        member.annotations = note
+                        yield member
+                    elif note is not None:
+                        notes = {stem: note}
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield from pending.values()
+        pending = {}
+        yield Member(f"shard-{hashlib.sha1(shard.encode()).hexdigest()[:10]}", shard, b"", None, 0, 0,
+                     error=f"{shard}: damaged tar shard ({type(e).__name__}: {e}); images before the damage were read")
+    yield from pending.values()
 
 
-def read_bytes(source: str, storage_options: Optional[Dict[str, Any]] = None) -> Tuple[bytes, Optional[dict]]:
-    """The file's bytes, and for an SA-1B tar member its annotation JSON (None elsewhere)."""
+def iter_images(spec: str, storage_options: Optional[Dict[str, Any]] = None
+                ) -> Iterator[Tuple[ImageRef, bytes, Optional[dict]]]:
+    """(ref, bytes, annotations) of every image of `spec`, in process: files in sorted order, then
+    each shard in one pass. Unreadable files give empty bytes (the decoder names them)."""
+    inputs = list_inputs(spec, storage_options)
+    for ref in inputs.files:
+        try:
+            data, annotations = read_bytes(ref.source, storage_options)
+        except OSError:
+            data, annotations = b"", None
+        yield ref, data, annotations
+    for shard in inputs.shards:
+        for member in iter_shard(shard, storage_options):
+            yield ImageRef(member.image_id, member.source), member.data, member.annotations
+
+
+def read_bytes(source: str, storage_options: Optional[Dict[str, Any]] = None, offset: Optional[int] = None,
+               length: Optional[int] = None) -> Tuple[bytes, Optional[dict]]:
+    """The bytes of one image (annotations: None). A tar member is read by its byte range in the
+    shard (`offset`, `length`, as the jobs store them): one ranged read, never the shard."""
     if TAR_SEP not in source:
-        with fsspec.open(source, "rb", **(storage_options or {})) as f:
-            return f.read(), None
+        fs, path = filesystem(source, storage_options)
+        return fs.cat_file(path), None
     shard, member = source.split(TAR_SEP, 1)
-    wanted = {member, os.path.splitext(member)[0] + ".json"}
-    found: Dict[str, bytes] = {}
-    with fsspec.open(shard, "rb", **(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for m in tar:
-            if m.name in wanted:
-                found[m.name] = tar.extractfile(m).read()
-                if len(found) == len(wanted):
-                    break
-    if member not in found:
-        raise FileNotFoundError(f"{source}: member not in shard")
-    ann = found.get(os.path.splitext(member)[0] + ".json")
-    return found[member], (json.loads(ann) if ann else None)
+    if offset is None or length is None or offset < 0:
+        raise ValueError(f"{source}: a tar member is read by its byte range; none was given")
+    fs, path = filesystem(shard, storage_options)
+    return fs.cat_file(path, start=int(offset), end=int(offset) + int(length)), None
 
 
-def decode_image(data: bytes, source: str) -> np.ndarray:
-    """Decode image bytes to an array (any depth; `tinysam.transforms` converts), or raise ValueError."""
+def decode_image(data: bytes, source: str, max_pixels: Optional[int] = None) -> np.ndarray:
+    """Decode image bytes to an array (any depth; `tinysam.transforms` converts), with the EXIF
+    orientation applied as viewers (and OpenCV's imread) show it, or raise ValueError. Images
+    above `max_pixels` are refused from their header, before their pixels are decoded."""
     if not data:
         raise ValueError(f"{source}: empty file")
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ImageTooLarge(f"{source}: {im.width}x{im.height} is {im.width * im.height / 1e6:.1f} Mpx, "
+                                    f"above the limit of {max_pixels / 1e6:.1f} Mpx (--max-megapixels)")
             im.load()
+            im = ImageOps.exif_transpose(im)
             if im.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "1"):
                 im = im.convert("RGBA" if "A" in im.mode else "RGB")
             array = np.array(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except ImageTooLarge:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{source}: not a decodable image ({type(e).__name__}: {e})") from e
     if array.size == 0:
         raise ValueError(f"{source}: image has no pixels")
     return array
+
+
+class ImageTooLarge(ValueError):
+    """An image above the job's pixel limit: reported, never decoded."""

@@ -21,7 +21,7 @@ PARAMS = {"points_per_side": 8}
 
 
 def _rows(output, storage_options=None):
-    from pipelines.automask import iter_results
+    from pipelines.storage.masks import iter_results
 
     return {r["image_id"]: r for r in iter_results(str(output), storage_options=storage_options)}
 
@@ -78,7 +78,7 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
 
     # Stored embeddings (the precompute job's) replace the encoder: the same masks as the job from
     # the images, up to a few border pixels (fp16 storage of the embedding).
-    from pipelines.embeddings import precompute_embeddings
+    from pipelines.precompute import precompute_embeddings
 
     emb = tmp_path / "emb"
     precompute_embeddings(str(photos_dir), str(emb), teacher="vit_t", checkpoint=str(mobile_sam_path), limit=2)
@@ -98,7 +98,7 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
 
 def test_bad_inputs_are_reported_and_skipped(ray_local, photos_dir, tmp_path, mobile_sam_path):
     from pipelines.automask import automask
-    from pipelines.parquet import read_errors
+    from pipelines.storage.errors import read_errors
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

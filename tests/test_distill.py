@@ -198,8 +198,8 @@ def test_training_workers_allocate_with_huge_pages(monkeypatch):
 
 def test_each_split_reads_only_its_own_rows(prepared, tmp_path, mobile_sam_path, ray_local):
     from pipelines.distill import labelled_split, split_ids
-    from pipelines.embeddings import write_batch
-    from pipelines.parquet import parquet_files
+    from pipelines.precompute import write_batch
+    from pipelines.storage.files import parquet_files
     from tinysam.weights import sha256_file
 
     write_batch(dict(prepared), str(tmp_path / "emb"), "vit_t", sha256_file(mobile_sam_path))
@@ -229,7 +229,7 @@ def job_on_s3(prepared, tmp_path, mobile_sam_path, s3_endpoint):
     every 2 steps) and environment. Returns (arguments, environment, the bucket's filesystem)."""
     import s3fs
 
-    from pipelines.embeddings import write_batch
+    from pipelines.precompute import write_batch
     from tinysam.weights import sha256_file
 
     from .conftest import s3_env

@@ -31,7 +31,7 @@ def test_data_workers_do_not_import_torch():
     # Ray's read and write workers import these modules; torch's import costs seconds of CPU that
     # the model actor needs on a small machine (benchmarks/automask.py).
     code = (
-        "import sys, pipelines.stages, pipelines.automask, pipelines.embeddings, tinysam.transforms\n"
+        "import sys, pipelines.stages, pipelines.automask, pipelines.precompute, tinysam.transforms\n"
         "heavy = sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )

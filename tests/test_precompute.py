@@ -17,8 +17,9 @@ JOB = REPO / "jobs" / "precompute_embeddings.py"
 
 def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos_dir, tmp_path, vit_t,
                                                                mobile_sam_path):
-    from pipelines.embeddings import load_embeddings, precompute_embeddings
-    from pipelines.parquet import read_table
+    from pipelines.precompute import precompute_embeddings
+    from pipelines.storage.embeddings import load_embeddings
+    from pipelines.storage.files import read_table
     from PIL import Image
 
     out = tmp_path / "emb"
@@ -49,8 +50,9 @@ def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos
 
 
 def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, tmp_path, mobile_sam_path):
-    from pipelines.embeddings import precompute_embeddings
-    from pipelines.parquet import read_errors, read_table
+    from pipelines.precompute import precompute_embeddings
+    from pipelines.storage.errors import read_errors
+    from pipelines.storage.files import read_table
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -71,7 +73,7 @@ def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, 
         assert name in reason
     assert "empty" in reasons["empty.jpg"]
 
-    from pipelines.embeddings import TooManyFailures
+    from pipelines.stages import TooManyFailures
 
     with pytest.raises(TooManyFailures, match="more than --max-failures 0"):
         precompute_embeddings(str(corpus), str(tmp_path / "strict"), teacher="vit_t",
@@ -79,7 +81,7 @@ def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, 
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path, photos_dir, mobile_sam_path):
-    from pipelines.embeddings import precompute_embeddings
+    from pipelines.precompute import precompute_embeddings
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -101,11 +103,11 @@ def test_unreadable_checkpoint_fails_before_any_work(ray_local, tmp_path, photos
 
 
 def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir, mobile_sam_path):
-    from pipelines.parquet import read_table
+    from pipelines.storage.files import read_table
 
     out = tmp_path / "emb"
     cmd = [sys.executable, str(JOB), "--input", str(photos_dir), "--output", str(out), "--teacher", "vit_t",
-           "--checkpoint", str(mobile_sam_path), "--batch-size", "1", "--num-cpus", "2"]
+           "--checkpoint", str(mobile_sam_path), "--batch-size", "1", "--rows-per-file", "1", "--num-cpus", "2"]
     kill_midway_and_rerun(cmd, out, total=3)
     ids = read_table(str(out), columns=["image_id"])["image_id"].to_pylist()
     assert len(ids) == 3 and len(set(ids)) == 3
@@ -114,7 +116,8 @@ def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir,
 def test_s3_round_trip(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     import s3fs
 
-    from pipelines.embeddings import load_embeddings, precompute_embeddings
+    from pipelines.precompute import precompute_embeddings
+    from pipelines.storage.embeddings import load_embeddings
 
     options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint}}
     fs = s3fs.S3FileSystem(**options)
@@ -136,8 +139,8 @@ def test_sa1b_tar_shard_keeps_ids_and_annotations(ray_local, photos_dir, tmp_pat
     import json
     import tarfile
 
-    from pipelines.embeddings import precompute_embeddings
-    from pipelines.parquet import read_table
+    from pipelines.precompute import precompute_embeddings
+    from pipelines.storage.files import read_table
     from tinysam.utils.rle import mask_to_coco_rle
 
     shard = tmp_path / "sa_000000.tar"
@@ -156,12 +159,23 @@ def test_sa1b_tar_shard_keeps_ids_and_annotations(ray_local, photos_dir, tmp_pat
                 tar.addfile(info, io.BytesIO(payload))
     out = tmp_path / "emb"
     first = precompute_embeddings(str(shard), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path), limit=1)
-    assert first.written == 1
-    assert read_table(str(out))["image_id"].to_pylist() == ["3"]  # sorted by source: sa_3 before sa_7
-    precompute_embeddings(str(shard), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path))
+    assert (first.written, first.failed) == (1, 0)
+    [first_id] = read_table(str(out))["image_id"].to_pylist()
+    rest = precompute_embeddings(str(shard), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path))
+    assert (rest.written, rest.skipped) == (1, 1)
     table = read_table(str(out)).to_pylist()
-    assert sorted(r["image_id"] for r in table) == ["3", "7"]
+    assert sorted(r["image_id"] for r in table) == ["3", "7"] and first_id in ("3", "7")
     for row in table:
         ann = json.loads(row["annotations"])
         assert ann["image"]["image_id"] == int(row["image_id"])
         assert ann["annotations"][0]["segmentation"]["size"] == [row["orig_h"], row["orig_w"]]
+        # the stored byte range is the image's own bytes in the shard
+        with open(shard, "rb") as f:
+            f.seek(row["source_offset"])
+            assert f.read(row["source_length"]) == (photos_dir / ("coffee.jpg" if row["image_id"] == "7"
+                                                                  else "chelsea.jpg")).read_bytes()
+    # every image written: a third run does not open the shard (its manifest says it is complete)
+    shard.rename(tmp_path / "moved.tar")
+    shard.write_bytes(b"")  # same name, no content: reading it would fail
+    again = precompute_embeddings(str(shard), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path))
+    assert (again.written, again.failed, again.skipped) == (0, 0, 2)

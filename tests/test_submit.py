@@ -6,7 +6,7 @@ from .conftest import submit_job
 
 
 def test_precompute_job_submitted_to_a_local_head(ray_head, tmp_path, photos_dir, mobile_sam_path):
-    from pipelines.parquet import read_table
+    from pipelines.storage.files import read_table
 
     out = tmp_path / "emb"
     done = submit_job(ray_head, ["python", "jobs/precompute_embeddings.py", "--input", str(photos_dir),

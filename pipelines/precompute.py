@@ -1,0 +1,103 @@
+"""Precompute teacher image embeddings with Ray Data: images -> encoder actors -> Parquet.
+
+Stages, top to bottom:
+  plan_inputs (driver)   -> files and shards not yet done (pipelines/reading.py)
+  read + prepare (CPU)   -> files, or one pass per tar shard; decode, resize + pad
+  TeacherEncoder (pool)  -> the image encoder, loaded once per actor, autocast on GPU
+  write_batch (CPU)      -> ~128 MiB atomic Parquet files (pipelines/storage/embeddings.py);
+                            bad images to the errors table
+"""
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from .reading import DEFAULT_MAX_MEGAPIXELS, plan_inputs
+from .stages import JobSummary, SamActor, batch_file_name, finish_summary, image_pipeline, ok_rows, preflight, run_to_output
+from .storage.embeddings import EMBEDDING_SHAPE, default_rows_per_file, write_embeddings
+from .storage.errors import write_errors
+
+DTYPES = ("float16", "float32")
+
+
+class TeacherEncoder(SamActor):
+    """Ray actor: loads the teacher once, encodes batches of prepared images."""
+
+    def __init__(self, model_type: str, checkpoint: Optional[str], dtype: str = "float16",
+                 device: Optional[str] = None, cpu_threads: Optional[int] = None) -> None:
+        super().__init__(model_type, checkpoint, device, cpu_threads)
+        self.sam.prompt_encoder = self.sam.mask_decoder = None  # only the encoder is used
+        self.out_dtype = np.float16 if dtype == "float16" else np.float32
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        import torch
+
+        ok = ok_rows(batch)
+        emb = np.zeros((len(ok), *EMBEDDING_SHAPE), self.out_dtype)
+        if ok.any():
+            with torch.inference_mode():
+                emb[ok] = self.encode(batch, np.flatnonzero(ok)).cpu().numpy().astype(self.out_dtype)
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["embedding"] = emb
+        return out
+
+
+def write_batch(batch: Dict[str, np.ndarray], output: str, provenance: Dict[str, Any],
+                storage_options: Optional[dict] = None) -> Dict[str, Any]:
+    """Write the batch's good rows as one Parquet file and its bad rows to the errors table."""
+    ok = ok_rows(batch)
+    ids = [str(i) for i in batch["image_id"]]
+    name = batch_file_name(ids)
+    written = write_embeddings(batch, ok, output, name, provenance["model"], provenance["checkpoint_sha256"],
+                               provenance, storage_options)
+    write_errors(batch, ok, output, name, storage_options)
+    per_row = np.where(ok, written // max(1, int(ok.sum())), 0)
+    return {"image_id": np.asarray(ids), "source": batch["source"], "ok": ok, "bytes": per_row}
+
+
+@dataclass
+class PrecomputeSummary(JobSummary):
+    @property
+    def mib_per_image(self) -> float:
+        return self.bytes_written / max(1, self.written) / 2**20
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {**super().as_dict(), "mib_per_image": self.mib_per_image}
+
+
+def precompute_embeddings(
+    input: str,
+    output: str,
+    teacher: str = "vit_h",
+    checkpoint: Optional[str] = None,
+    batch_size: int = 4,
+    concurrency: int = 1,
+    num_gpus_per_actor: float = 0.0,
+    num_cpus_per_actor: int = 1,
+    dtype: str = "float16",
+    limit: Optional[int] = None,
+    max_failures: Optional[int] = None,
+    rows_per_file: Optional[int] = None,
+    max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS,
+    overwrite: bool = False,
+    storage_options: Optional[dict] = None,
+    actor_options: Optional[Dict[str, Any]] = None,
+) -> PrecomputeSummary:
+    """Embed every image of `input` not yet in `output`. Ray must be initialised by the caller.
+    `checkpoint=None` means random weights (tests); the jobs require one."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+    checkpoint_sha = preflight(teacher, checkpoint, output, storage_options)
+    provenance = {"model": teacher, "checkpoint_sha256": checkpoint_sha, "dtype": dtype}
+    plan = plan_inputs(input, output, provenance, limit, overwrite, storage_options)
+    summary = PrecomputeSummary()
+    if plan.files or plan.shards:
+        ds = image_pipeline(
+            plan, TeacherEncoder, {"model_type": teacher, "checkpoint": checkpoint, "dtype": dtype},
+            write_batch, {"output": output, "provenance": provenance}, batch_size, concurrency,
+            num_gpus_per_actor, num_cpus_per_actor, rows_per_file or default_rows_per_file(dtype), storage_options,
+            max_megapixels=max_megapixels, output=output, actor_options=actor_options)
+        run_to_output(ds, summary, output, max_failures)
+    finish_summary(summary, plan, output, storage_options)
+    return summary
