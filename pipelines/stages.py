@@ -70,10 +70,18 @@ def image_pipeline(plan: Plan, actor_cls: type, actor_kwargs: Dict[str, Any], wr
                    storage_options: Optional[dict] = None, keep_original: bool = False,
                    max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS, output: str = "",
                    actor_options: Optional[Dict[str, Any]] = None):
-    """plan -> read tasks (files; one pass per shard) -> decode tasks -> an actor pool of
-    `actor_cls` -> `write_fn` tasks, `rows_per_file` rows a file (a lazy Dataset).
+    """plan -> `read_dataset` -> an actor pool of `actor_cls` -> `write_fn` tasks, `rows_per_file`
+    rows a file (a lazy Dataset). `actor_options` are extra Ray options of the model actors (e.g.
+    a scheduling strategy)."""
+    ds = read_dataset(plan, output, batch_size, storage_options, max_megapixels, keep_original)
+    return model_and_write(ds, actor_cls, actor_kwargs, write_fn, write_kwargs, batch_size, concurrency,
+                           num_gpus_per_actor, num_cpus_per_actor, rows_per_file, storage_options, actor_options)
 
-    `actor_options` are extra Ray options of the model actors (e.g. a scheduling strategy)."""
+
+def read_dataset(plan: Plan, output: str, batch_size: int, storage_options: Optional[dict] = None,
+                 max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS, keep_original: bool = False):
+    """The jobs' read side (a lazy Dataset of prepared rows): read tasks for the files, one task per
+    shard streaming it once, then decode tasks."""
     import ray
 
     parts = []
@@ -89,10 +97,8 @@ def image_pipeline(plan: Plan, actor_cls: type, actor_kwargs: Dict[str, Any], wr
                                   fn_kwargs={"output": output, "done": plan.done, "storage_options": storage_options})
         parts.append(read.limit(plan.limit) if plan.limit is not None else read)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    ds = ds.map_batches(prepare_images, batch_size=batch_size, num_cpus=0.5,
-                        fn_kwargs={"max_megapixels": max_megapixels, "keep_original": keep_original})
-    return model_and_write(ds, actor_cls, actor_kwargs, write_fn, write_kwargs, batch_size, concurrency,
-                           num_gpus_per_actor, num_cpus_per_actor, rows_per_file, storage_options, actor_options)
+    return ds.map_batches(prepare_images, batch_size=batch_size, num_cpus=0.5,
+                          fn_kwargs={"max_megapixels": max_megapixels, "keep_original": keep_original})
 
 
 def model_and_write(ds, actor_cls: type, actor_kwargs: Dict[str, Any], write_fn: Callable,

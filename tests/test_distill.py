@@ -36,16 +36,12 @@ def shard(tmp_path_factory, vit_t):
 def prepared(shard):
     """The shard through the jobs' preprocessing, with the real vit_t's embeddings (as stored by
     the precompute job)."""
-    import tarfile
-
-    from pipelines.sources import TAR_SEP
-    from pipelines.stages import prepare_images
+    from pipelines.reading import prepare_images, read_shards
+    from pipelines.storage.files import DoneIds
     from tinysam.transforms import normalize_and_pad
 
-    with tarfile.open(shard) as tar:
-        names = sorted(m.name for m in tar if m.name.endswith(".jpg"))
-    batch = prepare_images({"image_id": np.array([n[3:-4] for n in names]),
-                            "source": np.array([f"{shard}{TAR_SEP}{n}" for n in names])})
+    [read] = read_shards({"shard": np.array([str(shard)])}, output=str(shard.parent / "out"), done=DoneIds.of([]))
+    batch = prepare_images(read)
     teacher = build_sam("vit_t", "mobile_sam")
     with torch.no_grad():
         batch["embedding"] = np.stack([
@@ -59,9 +55,14 @@ def rows(prepared):
     """Training rows as the Ray Data stage makes them."""
     from pipelines.distill import label_rows
 
-    batch = {k: prepared[k] for k in ("image_id", "source", "embedding")}
+    batch = {k: prepared[k] for k in ("image_id", "source", "source_offset", "source_length", "embedding")}
     batch["annotations"] = prepared["annotations"].astype(object)
     return label_rows(batch, max_masks=32)
+
+
+def provenance(sha: str) -> dict:
+    """What the precompute job records of a vit_t teacher's embeddings."""
+    return {"model": "vit_t", "checkpoint_sha256": sha, "dtype": "float16"}
 
 
 def one(rows, i):
@@ -202,7 +203,7 @@ def test_each_split_reads_only_its_own_rows(prepared, tmp_path, mobile_sam_path,
     from pipelines.storage.files import parquet_files
     from tinysam.weights import sha256_file
 
-    write_batch(dict(prepared), str(tmp_path / "emb"), "vit_t", sha256_file(mobile_sam_path))
+    write_batch(dict(prepared), str(tmp_path / "emb"), provenance(sha256_file(mobile_sam_path)))
     files = parquet_files(str(tmp_path / "emb"))
     train, val = split_ids([str(i) for i in prepared["image_id"]], 0.34)
     assert train and val
@@ -235,7 +236,7 @@ def job_on_s3(prepared, tmp_path, mobile_sam_path, s3_endpoint):
     from .conftest import s3_env
 
     emb = tmp_path / "emb"
-    write_batch(dict(prepared), str(emb), "vit_t", sha256_file(mobile_sam_path))
+    write_batch(dict(prepared), str(emb), provenance(sha256_file(mobile_sam_path)))
     fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_endpoint})
     if not fs.exists("runs"):
         fs.mkdir("runs")

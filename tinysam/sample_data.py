@@ -89,6 +89,50 @@ def write_pseudo_labelled_shard(folder: Path, model, names: Tuple[str, ...] = SA
     return write_sa1b_shard(shard, items)
 
 
+def write_synthetic_sa1b_shard(path: Path, count: int, first: int = 1, size: Tuple[int, int] = (1500, 2250),
+                               masks_per_image: int = 100, variants: int = 4) -> Path:
+    """An SA-1B-like tar shard of `count` members for scale tests and benchmarks: JPEGs of SA-1B's
+    size (the sample photos resized to `size`, quality 90: a few hundred KB each) and SA-1B JSONs of
+    `masks_per_image` masks. A few variants are made and cycled, so a large shard is quick to
+    write; ids run from `first`. Returns the shard's path."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from .transforms import to_rgb_uint8
+    from .utils.rle import mask_to_coco_rle
+    from .utils.sa1b import write_sa1b_shard
+
+    h, w = size
+    rng = np.random.default_rng(0)
+    jpegs, docs = [], []
+    for k, (name, img) in enumerate(sample_images(SAMPLE_PHOTOS[:variants])):
+        rgb = np.array(Image.fromarray(to_rgb_uint8(img, name)).resize((w, h), Image.BILINEAR))
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+        annotations = []
+        for m in range(masks_per_image):
+            y0, x0 = int(rng.integers(0, h - 64)), int(rng.integers(0, w - 64))
+            y1, x1 = y0 + int(rng.integers(32, min(400, h - y0))), x0 + int(rng.integers(32, min(400, w - x0)))
+            mask = np.zeros((h, w), bool)
+            mask[y0:y1, x0:x1] = True
+            annotations.append({"id": m, "segmentation": mask_to_coco_rle(mask), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                "area": int(mask.sum()), "predicted_iou": 0.9, "point_coords": [[x0 + 1, y0 + 1]],
+                                "stability_score": 0.95, "crop_box": [0, 0, w, h]})
+        doc = {"image": {"image_id": -1, "width": w, "height": h, "file_name": "sa_-1.jpg"}, "annotations": annotations}
+        docs.append(json.dumps(doc).encode())
+
+    def items():
+        for n in range(first, first + count):
+            k = n % len(jpegs)
+            doc = docs[k].replace(b'"image_id": -1', b'"image_id": %d' % n).replace(b"sa_-1.jpg", b"sa_%d.jpg" % n)
+            yield n, jpegs[k], doc
+
+    return write_sa1b_shard(Path(path), items(), encoded=True)
+
+
 def _bbbc038_dir() -> Path:
     return cache_dir() / "data" / "bbbc038"
 

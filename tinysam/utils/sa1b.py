@@ -16,13 +16,16 @@ def sa1b_document(image_id: str, source: str, width: int, height: int, records: 
     }
 
 
-def write_sa1b_shard(path: Path, items: Iterable[Tuple[int, bytes, Dict[str, Any]]]) -> Path:
-    """Write (number, JPEG bytes, document) items as an SA-1B tar shard, atomically."""
+def write_sa1b_shard(path: Path, items: Iterable[Tuple[int, bytes, Any]], encoded: bool = False) -> Path:
+    """Write (number, JPEG bytes, document) items as an SA-1B tar shard, atomically; with `encoded`
+    the documents are JSON bytes already."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_suffix(".tar.part")
     with tarfile.open(part, "w") as tar:
         for n, jpeg, doc in items:
-            for member, payload in ((f"sa_{n}.jpg", jpeg), (f"sa_{n}.json", json.dumps(doc).encode())):
+            text = doc if encoded else json.dumps(doc).encode()
+            for member, payload in ((f"sa_{n}.jpg", jpeg), (f"sa_{n}.json", text)):
                 info = tarfile.TarInfo(member)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))

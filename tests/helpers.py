@@ -1,0 +1,74 @@
+"""Helpers shared by the tests (fixtures stay in conftest.py)."""
+
+import os
+from typing import Dict
+
+
+class CountingFileSystem:
+    """An fsspec filesystem that counts what is read through it: wraps another one and appends
+    "open <path>" and "read <path> <bytes>" lines to `log` (a local file, so that Ray's worker
+    processes can count too). Pass it to the jobs as `storage_options={"filesystem": fs}`; ship
+    this module to the workers with `ray.cloudpickle.register_pickle_by_value`."""
+
+    def __init__(self, inner, log: str) -> None:
+        self.inner, self.log = inner, log
+
+    def __getattr__(self, name):
+        if name in ("inner", "log") or name.startswith("__"):  # unpickling: not set yet
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def _note(self, line: str) -> None:
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+
+    def open(self, path, mode="rb", **kwargs):
+        f = self.inner.open(path, mode, **kwargs)
+        if "r" not in mode:
+            return f
+        self._note(f"open {path}")
+        return _CountingFile(f, lambda n: self._note(f"read {path} {n}"))
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        data = self.inner.cat_file(path, start=start, end=end, **kwargs)
+        self._note(f"open {path}")
+        self._note(f"read {path} {len(data)}")
+        return data
+
+
+class _CountingFile:
+    def __init__(self, f, report) -> None:
+        self.f, self.report, self.count = f, report, 0
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.count += len(data)
+        return data
+
+    def close(self):
+        self.report(self.count)
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getattr__(self, name):
+        if name == "f" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.f, name)
+
+
+def read_counts(log: str, suffix: str) -> Dict[str, int]:
+    """{"opens": n, "bytes": n} of the paths ending in `suffix`, from a CountingFileSystem log."""
+    counts = {"opens": 0, "bytes": 0}
+    if not os.path.exists(log):
+        return counts
+    with open(log) as f:
+        for line in f:
+            kind, path, *rest = line.split()
+            if path.endswith(suffix):
+                counts["opens" if kind == "open" else "bytes"] += 1 if kind == "open" else int(rest[0])
+    return counts

@@ -1,0 +1,128 @@
+"""A job on a two-node Ray cluster whose second node dies mid-run (run by tests/test_lost_node.py).
+
+    python -m tests.lost_node precompute INPUT OUTPUT CHECKPOINT
+    python -m tests.lost_node distill ARGS_JSON
+
+A head and a second node, each with its own raylet (ray.cluster_utils.Cluster). The model actors
+(precompute) or one training worker (distill) run on the second node; once the job has made
+progress (a first output file, or a first checkpoint), the node is removed without grace: its
+raylet and workers are SIGKILLed. Prints one line "RESULT {json}": whether the job finished, and
+what was there when the node died.
+"""
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def start_cluster(head_cpus: int, node_cpus: int, node_resources: dict = None):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # the dashboard serves the state API: which node each actor is on when the node dies
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": True})
+    node = cluster.add_node(num_cpus=node_cpus, resources=node_resources or {})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster, node
+
+
+def actors_on(node_id: str) -> list:
+    """Class names of the live actors on a node."""
+    from ray.util.state import list_actors
+
+    try:
+        return sorted(a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.node_id == node_id)
+    except Exception as e:  # the state API is a check of the test, not of the job
+        return [f"unknown ({type(e).__name__})"]
+
+
+def kill_when(cluster, node, ready, state: dict) -> threading.Thread:
+    """Remove `node` without grace (SIGKILL) once `ready()` is true."""
+
+    def watch() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not ready():
+            time.sleep(0.1)
+        state["progress_at_kill"] = ready()
+        state["actors_on_node"] = actors_on(node.node_id)
+        cluster.remove_node(node, allow_graceful=False)
+        state["killed"] = True
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def precompute(input: str, output: str, checkpoint: str) -> dict:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipelines.precompute import precompute_embeddings
+
+    cluster, node = start_cluster(head_cpus=3, node_cpus=2)
+    state = {"killed": False}
+    files = lambda: sorted(Path(output).glob("part-*.parquet"))  # noqa: E731
+    kill_when(cluster, node, lambda: len(files()) >= 1, state)
+    # soft: the actor starts on the second node, and may be restarted elsewhere once it is gone
+    on_node = NodeAffinitySchedulingStrategy(node.node_id, soft=True)
+    try:
+        summary = precompute_embeddings(input, output, teacher="vit_t", checkpoint=checkpoint, batch_size=1,
+                                        rows_per_file=1, actor_options={"scheduling_strategy": on_node})
+        state.update(outcome="finished", written=summary.written, failed=summary.failed)
+    except Exception as e:  # the job may fail: the test then reruns it
+        state.update(outcome="failed", error=f"{type(e).__name__}: {e}"[:2000])
+    state["files_at_end"] = len(files())
+    return state
+
+
+def registered_checkpoints(storage: Path) -> int:
+    """Checkpoints Ray Train has registered (a checkpoint folder appears before it is registered;
+    a run that dies in between rightly starts again from zero)."""
+    try:
+        return len(json.loads((storage / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def distill(args: list) -> dict:
+    """jobs/distill.py's main on the cluster: the head fits one training worker at most, so at least
+    one runs on the second node; once Ray Train has registered the first checkpoint the second node
+    dies, and a third node (what an autoscaler would add) takes its place."""
+    import importlib.util
+
+    cluster, node = start_cluster(head_cpus=1, node_cpus=2)
+    storage = Path(args[args.index("--storage-path") + 1]) / args[args.index("--name") + 1]
+    path = Path(__file__).resolve().parents[1] / "jobs" / "distill.py"
+    spec = importlib.util.spec_from_file_location("distill_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    state = {"killed": False}
+
+    def run() -> None:
+        try:
+            state["exit"] = job.main(args)
+            state["outcome"] = "finished" if state["exit"] == 0 else "failed"
+        except Exception as e:
+            state.update(outcome="failed", error=f"{type(e).__name__}: {e}"[:2000])
+
+    # The job in a thread: starting a node sets a signal handler, which only the main thread may.
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive() and not registered_checkpoints(storage):
+        time.sleep(0.1)
+    state["progress_at_kill"] = registered_checkpoints(storage)
+    state["actors_on_node"] = actors_on(node.node_id)
+    cluster.remove_node(node, allow_graceful=False)
+    state["killed"] = True
+    cluster.add_node(num_cpus=2)
+    thread.join(timeout=400)
+    return state
+
+
+if __name__ == "__main__":
+    kind, rest = sys.argv[1], sys.argv[2:]
+    result = precompute(*rest) if kind == "precompute" else distill(json.loads(rest[0]))
+    print("RESULT " + json.dumps(result), flush=True)

@@ -1,0 +1,73 @@
+"""A lost node on a real two-node Ray cluster (a head and a second raylet, on this machine): a
+job whose model actors or training worker ran there finishes, or fails and a rerun finishes, with
+exactly one row per image and no half-written file. The scenarios run in tests/lost_node.py, in a
+process of their own (this process may hold a local Ray already)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .conftest import job_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scenario(*args: str, timeout: float = 600) -> dict:
+    done = subprocess.run([sys.executable, "-m", "tests.lost_node", *args], cwd=REPO, env=job_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    out = done.stdout + done.stderr
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert lines, out[-4000:]
+    return {**json.loads(lines[-1][7:]), "log": out[-4000:]}
+
+
+def test_precompute_survives_losing_the_node_of_its_model_actor(tmp_path, photos_dir, mobile_sam_path):
+    from pipelines.storage.files import read_table
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for k in range(3):  # 9 images: the node dies after the first is written
+        for photo in sorted(photos_dir.glob("*.jpg")):
+            shutil.copy(photo, corpus / f"{photo.stem}{k}.jpg")
+    out = tmp_path / "emb"
+    result = scenario("precompute", str(corpus), str(out), str(mobile_sam_path))
+    assert result["killed"] and result["progress_at_kill"], result["log"]
+    assert any("MapWorker" in name for name in result["actors_on_node"]), result  # the model actor was there
+    if result["outcome"] != "finished":  # Ray could not carry on: a plain rerun finishes the job
+        rerun = subprocess.run([sys.executable, str(REPO / "jobs" / "precompute_embeddings.py"), "--input",
+                                str(corpus), "--output", str(out), "--teacher", "vit_t", "--checkpoint",
+                                str(mobile_sam_path), "--num-cpus", "2"],
+                               env=job_env(), capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    ids = read_table(str(out), columns=["image_id"])["image_id"].to_pylist()
+    assert len(ids) == 9 and len(set(ids)) == 9, result
+    for file in out.glob("*.parquet"):  # every visible file is whole
+        assert pq.read_metadata(file).num_rows >= 1
+    print(f"\nlost node: the job {result['outcome']} ({result.get('error', '')[:200]}); "
+          f"actors on the lost node: {result['actors_on_node']}")
+
+
+def test_distillation_resumes_from_its_checkpoint_after_losing_a_worker_node(ray_local, tmp_path, vit_t,
+                                                                           mobile_sam_path):
+    """Training workers on the second node (the head fits one worker at most); the node dies after the
+    step-2 checkpoint and a third node joins, as an autoscaler would add one: Ray Train restarts the
+    worker group from that checkpoint, and the run ends at its last step."""
+    from pipelines.precompute import precompute_embeddings
+    from tinysam.sample_data import write_pseudo_labelled_shard
+
+    shard = write_pseudo_labelled_shard(tmp_path / "sa1b", vit_t, points_per_side=4)
+    emb = tmp_path / "emb"
+    precompute_embeddings(str(shard), str(emb), teacher="vit_t", checkpoint=str(mobile_sam_path))
+    args = ["--embeddings", str(emb), "--teacher-checkpoint", str(mobile_sam_path), "--student", "vit_t_mini",
+            "--checkpoint-every", "2", "--prompts-per-image", "4", "--max-iterations", "2", "--warmup-steps", "2",
+            "--storage-path", str(tmp_path / "runs"), "--name", "lost", "--steps", "4"]
+    result = scenario("distill", json.dumps(args))
+    assert result["killed"] and result["progress_at_kill"], result["log"]
+    assert any("TrainWorker" in name or "RayTrainWorker" in name for name in result["actors_on_node"]), result
+    assert result["outcome"] == "finished", result["log"]
+    summary = json.loads(next(line for line in result["log"].splitlines() if line.startswith("SUMMARY "))[8:])
+    assert summary["steps"] == 4 and summary["restarts"] == [2], summary
