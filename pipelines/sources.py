@@ -43,12 +43,13 @@ class Inputs:
 
 @dataclass
 class Member:
-    """One image of a shard, as streamed: bytes, SA-1B annotations, byte range in the shard."""
+    """One image of a shard, as streamed: bytes, its SA-1B JSON text (not parsed: the reader only
+    carries it), byte range in the shard."""
 
     image_id: str
     source: str
     data: bytes
-    annotations: Optional[dict]
+    annotations: Optional[str]
     offset: int
     length: int
     error: str = ""
@@ -131,7 +132,7 @@ def iter_shard(shard: str, storage_options: Optional[Dict[str, Any]] = None,
     # SA-1B keeps each image next to its JSON, so at most one image and one JSON wait for their pair:
     # memory stays at one member whatever the shard's size.
     pending: Dict[str, Member] = {}  # an image waiting for its JSON
-    notes: Dict[str, dict] = {}  # a JSON waiting for its image
+    notes: Dict[str, str] = {}  # a JSON waiting for its image
     skipped = None  # the stem of the last image passed over: its JSON is not parsed
     fs, path = filesystem(shard, storage_options)
     try:
@@ -157,15 +158,12 @@ def iter_shard(shard: str, storage_options: Optional[Dict[str, Any]] = None,
                     else:
                         pending = {stem: member}
                 elif ext == ".json" and stem != skipped:
-                    try:
-                        note = json.loads(tar.extractfile(info).read())
-                    except ValueError:
-                        note = None
+                    note = tar.extractfile(info).read().decode("utf-8", errors="replace")
                     if stem in pending:
                         member = pending.pop(stem)
                         member.annotations = note
                         yield member
-                    elif note is not None:
+                    else:
                         notes = {stem: note}
     except (tarfile.TarError, OSError, EOFError) as e:
         yield from pending.values()
@@ -188,7 +186,11 @@ def iter_images(spec: str, storage_options: Optional[Dict[str, Any]] = None
         yield ref, data, annotations
     for shard in inputs.shards:
         for member in iter_shard(shard, storage_options):
-            yield ImageRef(member.image_id, member.source), member.data, member.annotations
+            try:
+                annotations = json.loads(member.annotations) if member.annotations else None
+            except ValueError:
+                annotations = None
+            yield ImageRef(member.image_id, member.source), member.data, annotations
 
 
 def read_bytes(source: str, storage_options: Optional[Dict[str, Any]] = None, offset: Optional[int] = None,
