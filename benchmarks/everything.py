@@ -41,12 +41,13 @@ def load_images(names):
     return out
 
 
-def peak_memory_child(checkpoint: str, mode: str) -> None:
-    """In a fresh process: RSS peak of one generate() on a 1024x1024 image, above the RSS before it."""
+def peak_memory_child(checkpoint: str, mode: str, size: str) -> None:
+    """In a fresh process: RSS peak of one generate() on a WxH photo, above the RSS before it."""
     from PIL import Image
 
     model = build_sam("vit_t", checkpoint)
-    image = np.array(Image.fromarray(sample_images(("astronaut",))[0][1]).resize((1024, 1024)))
+    w, h = (int(v) for v in size.split("x"))
+    image = np.array(Image.fromarray(sample_images(("astronaut",))[0][1]).resize((w, h)))
     cls = SamHierarchicalMaskGenerator if mode == "hierarchical" else SamAutomaticMaskGenerator
     gen = cls(model)
     gen.generate(image[:64, :64])  # warm-up allocations outside the measurement
@@ -62,9 +63,9 @@ def peak_memory_child(checkpoint: str, mode: str) -> None:
     print(json.dumps({"mode": mode, "masks": len(masks), "rss_before": before, "peak": status("VmHWM:")}))
 
 
-def measure_peak(checkpoint: str, mode: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--peak-memory-child", mode, "--checkpoint", checkpoint],
-                         capture_output=True, text=True, check=True)
+def measure_peak(checkpoint: str, mode: str, size: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--peak-memory-child", mode, "--checkpoint", checkpoint,
+                          "--peak-size", size], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -73,10 +74,16 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", default=["astronaut", "coffee", "chelsea", "nuclei"])
     parser.add_argument("--checkpoint", default="mobile_sam")
     parser.add_argument("--skip-official", action="store_true")
+    parser.add_argument("--peak-sizes", nargs="+", default=["1024x1024", "4000x3000"],
+                        help="photo sizes (WxH) whose peak memory is measured")
+    parser.add_argument("--peak-only", action="store_true", help="only the peak memory")
     parser.add_argument("--peak-memory-child", choices=["dense", "hierarchical"], help=argparse.SUPPRESS)
+    parser.add_argument("--peak-size", default="1024x1024", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_memory_child:
-        return peak_memory_child(args.checkpoint, args.peak_memory_child)
+        return peak_memory_child(args.checkpoint, args.peak_memory_child, args.peak_size)
+    if args.peak_only:
+        return report_peaks(args.checkpoint, args.peak_sizes)
 
     model = build_sam("vit_t", args.checkpoint)
     runners = {
@@ -132,11 +139,18 @@ def main() -> None:
             ]
             print(f"speed-up of {key} over official dense: median {statistics.median(ratios):.2f}x "
                   f"(per image {', '.join(f'{x:.2f}' for x in ratios)})")
-    for mode in ("dense", "hierarchical"):
-        peak = measure_peak(args.checkpoint, mode)
-        extra = (peak["peak"] - peak["rss_before"]) / 2**20
-        print(f"peak memory of one {mode} call on 1024x1024: {extra:.0f} MiB above the {peak['rss_before'] / 2**20:.0f} MiB "
-              f"process (peak RSS {peak['peak'] / 2**20:.0f} MiB), {peak['masks']} masks")
+    report_peaks(args.checkpoint, args.peak_sizes)
+
+
+def report_peaks(checkpoint: str, sizes) -> None:
+    for size in sizes:
+        for mode in ("dense", "hierarchical"):
+            peak = measure_peak(checkpoint, mode, size)
+            extra = (peak["peak"] - peak["rss_before"]) / 2**20
+            w, h = (int(v) for v in size.split("x"))
+            print(f"peak memory of one {mode} call on {size}: {extra:.0f} MiB above the "
+                  f"{peak['rss_before'] / 2**20:.0f} MiB process ({extra / (w * h / 1e6):.0f} MiB per Mpx; peak RSS "
+                  f"{peak['peak'] / 2**20:.0f} MiB), {peak['masks']} masks", flush=True)
 
 
 if __name__ == "__main__":

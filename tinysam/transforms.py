@@ -51,15 +51,22 @@ def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
         return np.ascontiguousarray(image)
     if image.dtype == np.bool_ or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
         raise ValueError(f"{name}: unsupported pixel type {image.dtype}")
-    data = image.astype(np.float64)
-    if not np.isfinite(data).all():
+    floating = np.issubdtype(image.dtype, np.floating)
+    if floating and not np.isfinite(image).all():
         raise ValueError(f"{name}: image holds NaN or infinite values")
-    if np.issubdtype(image.dtype, np.floating) and data.min() >= 0.0 and data.max() <= 1.0:
-        data = data * 255.0
+    lo, hi = float(image.min()), float(image.max())
+    if floating and lo >= 0.0 and hi <= 1.0:
+        offset, scale = 0.0, 255.0
     else:
-        lo, hi = data.min(), data.max()
-        data = (data - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(data)
-    return np.clip(np.rint(data), 0, 255).astype(np.uint8)
+        offset, scale = lo, (255.0 / (hi - lo) if hi > lo else 0.0)
+    # Row blocks of float64: the same arithmetic as one whole-image copy, without that copy (a 16-bit
+    # image near the pixel limit would need ~4 GB of float64).
+    out = np.empty(image.shape, np.uint8)
+    step = max(1, (1 << 22) // max(1, image.shape[1] * image.shape[2]))
+    for r in range(0, image.shape[0], step):
+        block = (image[r:r + step].astype(np.float64) - offset) * scale
+        out[r:r + step] = np.clip(np.rint(block), 0, 255)
+    return out
 
 
 def resize_longest_side(image: np.ndarray, long_side_length: int = IMAGE_SIZE) -> np.ndarray:

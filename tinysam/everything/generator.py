@@ -20,6 +20,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 
 from ..modeling import Sam, folded_decoder
 from ..transforms import ResizeLongestSide, prepare_image, to_rgb_uint8
+from ..utils.malloc import allocation_for
 from ..utils.rle import mask_to_uncompressed_rle
 from .amg import (
     box_xyxy_to_xywh,
@@ -33,6 +34,9 @@ from .amg import (
 )
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+# Full-resolution logits one upsampling chunk may hold: 16 masks of 1024x1024, one of 16 Mpx (a
+# chunk also holds its masks, their uint8 copy and the RLE encoder's Fortran-ordered copy).
+UPSAMPLE_PIXELS = 16 * 1024 * 1024
 
 
 @dataclass
@@ -99,7 +103,9 @@ class SamAutomaticMaskGenerator:
         fast_decoder: bool = True,
     ) -> None:
         """Arguments as the official generator's (see its docs), plus: `upsample_chunk` bounds how
-        many masks are held at full resolution at once, `decoder_chunk` how many prompts go through
+        many masks are held at full resolution at once (fewer on large images: at most
+        UPSAMPLE_PIXELS of logits a chunk, so peak memory grows with the pixels, not pixels times
+        masks), `decoder_chunk` how many prompts go through
         the decoder at once (its activations dominate peak memory; a few prompts at a time also keep
         each prompt's image tokens in cache); `fast_decoder` runs the decoder folded (see
         `modeling/folded_decoder.py`; a quantized decoder gets the channels-last upscaling instead),
@@ -169,6 +175,10 @@ class SamAutomaticMaskGenerator:
 
     def _generate(self, embeddings, input_sizes, jobs, image_sizes) -> List[List[Dict[str, Any]]]:
         """Crops' embeddings -> records per image: decode and filter each crop, merge crops, post-process."""
+        with allocation_for(max(h * w for h, w in image_sizes)):  # see tinysam/utils/malloc.py
+            return self._generate_records(embeddings, input_sizes, jobs, image_sizes)
+
+    def _generate_records(self, embeddings, input_sizes, jobs, image_sizes) -> List[List[Dict[str, Any]]]:
         self.last_stats = {"decoded_points": 0}
         crop_sizes = [(box[3] - box[1], box[2] - box[0]) for _, box, _ in jobs]
         orig_sizes = [image_sizes[i] for i, _, _ in jobs]
@@ -267,8 +277,9 @@ class SamAutomaticMaskGenerator:
         orig_h, orig_w = orig_size
         x0, y0 = crop_box[0], crop_box[1]
         offset = torch.tensor([x0, y0, x0, y0])
-        for start in range(0, len(keep), self.upsample_chunk):
-            idx = keep[start:start + self.upsample_chunk]
+        chunk = max(1, min(self.upsample_chunk, UPSAMPLE_PIXELS // max(1, crop_size[0] * crop_size[1])))
+        for start in range(0, len(keep), chunk):
+            idx = keep[start:start + chunk]
             logits = upsample_logits(low_res[idx].float(), input_size, crop_size, self.model.image_encoder.img_size)
             stab = stability_score(logits, self.model.mask_threshold, self.stability_score_offset)
             ok = stab >= self.stability_score_thresh if self.stability_score_thresh > 0.0 else torch.ones_like(stab, dtype=torch.bool)
