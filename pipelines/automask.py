@@ -103,10 +103,9 @@ class AutoMasker(SamActor):
 
     def __init__(self, model_type: str, checkpoint: Optional[str], mode: str = "hierarchical",
                  params: Optional[Dict[str, Any]] = None, device: Optional[str] = None,
-                 cpu_threads: Optional[int] = None) -> None:
-        # fp32 encoder: on an H200, masks from bf16 embeddings differed (mean best IoU 0.97, some lost)
-        # while the encoder was ~1% of the time (benchmarks/gpu_check.py).
-        super().__init__(model_type, checkpoint, device, cpu_threads, bf16=False)
+                 cpu_threads: Optional[int] = None, memory_gb: Optional[float] = None) -> None:
+        # fp32 encoder: bf16 embeddings changed the masks (docs/benchmarks.md, "On a GPU")
+        super().__init__(model_type, checkpoint, device, cpu_threads, bf16=False, memory_gb=memory_gb)
         self.generator = make_generator(self.sam, mode, params)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
@@ -116,36 +115,53 @@ class AutoMasker(SamActor):
             return self._masks(batch)
 
     def _masks(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
-        import torch
-
         ok = ok_rows(batch)
         rows = np.flatnonzero(ok)
         masks = [""] * len(ok)
-        encode_s = generate_s = 0.0
+        errors = [str(e) for e in batch["error"]]
+        timing = [0.0, 0.0]
         if rows.size:
-            start = time.perf_counter()
-            if self.generator.crop_n_layers:  # crops are encoded from the full-resolution image
-                records = self.generator.generate_batch([batch["image"][i] for i in rows])
-            else:
-                if "embedding" in batch:
-                    embeddings = torch.as_tensor(np.stack([batch["embedding"][i] for i in rows]))
-                else:
-                    embeddings = self.encode(batch, rows)
-                encode_s = time.perf_counter() - start
-                start = time.perf_counter()
-                records = self.generator.generate_from_embeddings(
-                    embeddings, list(zip(batch["input_h"][rows], batch["input_w"][rows])),
-                    list(zip(batch["orig_h"][rows], batch["orig_w"][rows])))
-            generate_s = time.perf_counter() - start
+            try:
+                records = self._generate(batch, rows, timing)
+            except Exception:  # one image must not fail its batch: each alone, its own error if it fails
+                records = []
+                for i in rows:
+                    try:
+                        records += self._generate(batch, np.array([i]), timing)
+                    except Exception as e:
+                        records.append(None)
+                        errors[i] = f"{batch['source'][i]}: everything mode failed ({type(e).__name__}: {e})"[:2000]
             for i, recs in zip(rows, records):
-                masks[i] = json.dumps(recs)
+                masks[i] = "" if recs is None else json.dumps(recs)
         out = {k: v for k, v in batch.items()
-               if k in ("image_id", "source", "source_offset", "source_length", "orig_h", "orig_w", "error")}
+               if k in ("image_id", "source", "source_offset", "source_length", "orig_h", "orig_w")}
+        out["error"] = np.array(errors, dtype=object)
         out["masks"] = np.array(masks, dtype=object)
         share = np.where(ok, 1.0 / max(1, rows.size), 0.0)
-        out["encode_seconds"] = share * encode_s
-        out["generate_seconds"] = share * generate_s
+        out["encode_seconds"] = share * timing[0]
+        out["generate_seconds"] = share * timing[1]
         return out
+
+    def _generate(self, batch: Dict[str, np.ndarray], rows: np.ndarray, timing: List[float]) -> List[list]:
+        """Mask records of the prepared rows `rows`; adds encoder and generator seconds to `timing`."""
+        import torch
+
+        start = time.perf_counter()
+        if self.generator.crop_n_layers:  # crops are encoded from the full-resolution image
+            records = self.generator.generate_batch([batch["image"][i] for i in rows])
+            timing[1] += time.perf_counter() - start
+            return records
+        if "embedding" in batch:
+            embeddings = torch.as_tensor(np.stack([batch["embedding"][i] for i in rows]))
+        else:
+            embeddings = self.encode(batch, rows)
+        timing[0] += time.perf_counter() - start
+        start = time.perf_counter()
+        records = self.generator.generate_from_embeddings(
+            embeddings, list(zip(batch["input_h"][rows], batch["input_w"][rows])),
+            list(zip(batch["orig_h"][rows], batch["orig_w"][rows])))
+        timing[1] += time.perf_counter() - start
+        return records
 
 
 def load_stored_embeddings(batch: Dict[str, np.ndarray], storage_options: Optional[dict] = None) -> Dict[str, Any]:
@@ -230,6 +246,7 @@ def automask(
     rows_per_file: Optional[int] = None,
     max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS,
     overwrite: bool = False,
+    actor_memory_gb: Optional[float] = None,
     sa1b_json: bool = False,
     coco_json: Optional[str] = None,
     preview: int = 0,
@@ -254,7 +271,8 @@ def automask(
         raise ValueError("give an input (images) or embeddings (a precompute job's output)")
     summary = AutomaskSummary()
     if plan.files or plan.shards:
-        actor_kwargs = {"model_type": model, "checkpoint": checkpoint, "mode": mode, "params": params}
+        actor_kwargs = {"model_type": model, "checkpoint": checkpoint, "mode": mode, "params": params,
+                        "memory_gb": actor_memory_gb}
         write_kwargs = {"output": output, "provenance": provenance, "sa1b_json": sa1b_json}
         args = (AutoMasker, actor_kwargs, write_batch, write_kwargs, batch_size, concurrency, num_gpus_per_actor,
                 num_cpus_per_actor, rows_per_file or default_rows_per_file(), storage_options)

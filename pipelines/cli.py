@@ -46,6 +46,9 @@ def add_corpus_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default: files of ~128 MiB)")
     p.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                    help=f"larger images are reported, not decoded (default {DEFAULT_MAX_MEGAPIXELS:g})")
+    p.add_argument("--actor-memory-gb", type=float,
+                   help="memory an actor may allocate beyond its model (default: no cap); an image that needs "
+                        "more is reported alone instead of the system killing the actor")
     p.add_argument("--overwrite", action="store_true",
                    help="redo the rows of an output made with another model or settings (default: refuse)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored when joining a cluster)")
@@ -55,7 +58,7 @@ def corpus_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The keyword arguments of `add_corpus_arguments` for a pipeline function."""
     return {k: getattr(args, k) for k in ("output", "checkpoint", "batch_size", "concurrency", "num_gpus_per_actor",
                                           "num_cpus_per_actor", "limit", "max_failures", "rows_per_file",
-                                          "max_megapixels", "overwrite")}
+                                          "max_megapixels", "overwrite", "actor_memory_gb")}
 
 
 def run_job(run: Callable[[], JobSummary], report: Callable[[JobSummary], None]) -> int:

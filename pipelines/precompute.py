@@ -25,8 +25,9 @@ class TeacherEncoder(SamActor):
     """Ray actor: loads the teacher once, encodes batches of prepared images."""
 
     def __init__(self, model_type: str, checkpoint: Optional[str], dtype: str = "float16",
-                 device: Optional[str] = None, cpu_threads: Optional[int] = None) -> None:
-        super().__init__(model_type, checkpoint, device, cpu_threads)
+                 device: Optional[str] = None, cpu_threads: Optional[int] = None,
+                 memory_gb: Optional[float] = None) -> None:
+        super().__init__(model_type, checkpoint, device, cpu_threads, memory_gb=memory_gb)
         self.sam.prompt_encoder = self.sam.mask_decoder = None  # only the encoder is used
         self.out_dtype = np.float16 if dtype == "float16" else np.float32
 
@@ -81,6 +82,7 @@ def precompute_embeddings(
     rows_per_file: Optional[int] = None,
     max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS,
     overwrite: bool = False,
+    actor_memory_gb: Optional[float] = None,
     storage_options: Optional[dict] = None,
     actor_options: Optional[Dict[str, Any]] = None,
 ) -> PrecomputeSummary:
@@ -94,7 +96,8 @@ def precompute_embeddings(
     summary = PrecomputeSummary()
     if plan.files or plan.shards:
         ds = image_pipeline(
-            plan, TeacherEncoder, {"model_type": teacher, "checkpoint": checkpoint, "dtype": dtype},
+            plan, TeacherEncoder,
+            {"model_type": teacher, "checkpoint": checkpoint, "dtype": dtype, "memory_gb": actor_memory_gb},
             write_batch, {"output": output, "provenance": provenance}, batch_size, concurrency,
             num_gpus_per_actor, num_cpus_per_actor, rows_per_file or default_rows_per_file(dtype), storage_options,
             max_megapixels=max_megapixels, output=output, actor_options=actor_options)

@@ -12,7 +12,8 @@ Torch and the models are imported where they are used.
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
@@ -20,11 +21,15 @@ import numpy as np
 from tinysam.transforms import IMAGE_SIZE, normalize_and_pad
 
 from .reading import DEFAULT_MAX_MEGAPIXELS, Plan, prepare_images, read_shards, read_sources
+from .sources import TAR_SEP, ImageRef
 from .storage.errors import ERRORS_DIR
-from .storage.files import ensure_writable
+from .storage.files import DoneIds, ensure_writable, id_hashes
 
 if TYPE_CHECKING:
     import torch
+
+
+IMAGE_ATTEMPTS = 3  # an image whose batch kills its actor this often is reported, not retried again
 
 
 class TooManyFailures(RuntimeError):
@@ -41,13 +46,16 @@ class JobSummary:
     seconds: float = 0.0
     failures: List[str] = field(default_factory=list)
     unsupported: List[str] = field(default_factory=list)  # input files that are not images or shards
+    seen: List[np.ndarray] = field(default_factory=list, repr=False)  # hashes of the ids the run got back
+
+    def as_dict(self) -> Dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "seen"}
+        return {**values, "images_per_second": self.images_per_second}
 
     @property
     def images_per_second(self) -> float:
         return (self.written + self.failed) / self.seconds if self.seconds else 0.0
 
-    def as_dict(self) -> Dict[str, Any]:
-        return {**asdict(self), "images_per_second": self.images_per_second}
 
 
 def preflight(model_type: str, checkpoint: Optional[str], output: str,
@@ -105,20 +113,36 @@ def model_and_write(ds, actor_cls: type, actor_kwargs: Dict[str, Any], write_fn:
                     write_kwargs: Dict[str, Any], batch_size: int, concurrency: int, num_gpus_per_actor: float,
                     num_cpus_per_actor: int, rows_per_file: int, storage_options: Optional[dict],
                     actor_options: Optional[Dict[str, Any]] = None):
-    """Prepared rows -> an actor pool of `actor_cls` -> `write_fn` tasks of `rows_per_file` rows."""
+    """Prepared rows -> an actor pool of `actor_cls` -> `write_fn` tasks of `rows_per_file` rows.
+
+    A batch whose actor dies (out of memory, a crash) is retried on a restarted actor, at most
+    IMAGE_ATTEMPTS times in all; then its block is dropped instead of the job stalling or failing,
+    and `report_lost` names its images in the errors table."""
     import ray
 
-    ds = ds.map_batches(
+    ray.data.DataContext.get_current().max_errored_blocks = -1  # counted and reported as lost images
+    retries = {"max_restarts": -1, "max_task_retries": IMAGE_ATTEMPTS - 1}
+    with warnings.catch_warnings():  # Ray 2.60 takes task retries only as ray_remote_args (deprecated)
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = _actor_stage(ds, actor_cls, actor_kwargs, batch_size, concurrency, num_gpus_per_actor, num_cpus_per_actor,
+                          {**retries, **(actor_options or {})})
+    return ds.map_batches(write_fn, batch_size=rows_per_file, num_cpus=0.5,
+                          fn_kwargs={**write_kwargs, "storage_options": storage_options})
+
+
+def _actor_stage(ds, actor_cls, actor_kwargs, batch_size, concurrency, num_gpus_per_actor, num_cpus_per_actor,
+                 remote_args):
+    import ray
+
+    return ds.map_batches(
         actor_cls,
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus_per_actor,
         num_cpus=num_cpus_per_actor,
         fn_constructor_kwargs={**actor_kwargs, "cpu_threads": None if num_gpus_per_actor else num_cpus_per_actor},
-        **(actor_options or {}),
+        **remote_args,
     )
-    return ds.map_batches(write_fn, batch_size=rows_per_file, num_cpus=0.5,
-                          fn_kwargs={**write_kwargs, "storage_options": storage_options})
 
 
 class SamActor:
@@ -126,11 +150,13 @@ class SamActor:
     prepared rows. With `bf16` the encoder runs under bf16 autocast on CUDA (SAM-H: 3.4x)."""
 
     def __init__(self, model_type: str, checkpoint: Optional[str], device: Optional[str] = None,
-                 cpu_threads: Optional[int] = None, bf16: bool = True) -> None:
+                 cpu_threads: Optional[int] = None, bf16: bool = True, memory_gb: Optional[float] = None) -> None:
         import torch
 
         from tinysam.build_sam import build_sam
 
+        if memory_gb:
+            cap_memory(memory_gb)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if cpu_threads:  # Ray pins worker processes to one thread unless told otherwise
             torch.set_num_threads(cpu_threads)
@@ -152,6 +178,18 @@ class SamActor:
             return self.sam.image_encoder(x).float()
 
 
+def cap_memory(gb: float) -> None:
+    """Let this process allocate at most `gb` GiB beyond what it has mapped now (RLIMIT_AS): an
+    image that needs more fails alone, with a MemoryError (numpy) or an allocation RuntimeError
+    (torch), instead of the whole worker being killed by the system for memory."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        mapped = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+    limit = mapped + int(gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def ok_rows(batch: Dict[str, np.ndarray]) -> np.ndarray:
     return np.array([not e for e in batch["error"]], dtype=bool)
 
@@ -169,6 +207,7 @@ def run_to_output(ds, summary: JobSummary, output: str, max_failures: Optional[i
     """
     start = time.perf_counter()
     for result in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        summary.seen.append(id_hashes(str(i) for i in result["image_id"]))
         for i, (source, ok, nbytes) in enumerate(zip(result["source"], result["ok"], result["bytes"])):
             if ok:
                 summary.written += 1
@@ -192,5 +231,30 @@ def finish_summary(summary: JobSummary, plan: Plan, output: str, storage_options
     from .storage.shards import count_done
 
     summary.skipped = plan.skipped + count_done(output, plan.shards, plan.done, storage_options)
+    report_lost(summary, plan, output, storage_options)
     summary.images = summary.skipped + summary.written + summary.failed
     summary.unsupported = plan.unsupported
+
+
+def report_lost(summary: JobSummary, plan: Plan, output: str, storage_options: Optional[dict] = None) -> None:
+    """Images the run read but never got back (their batch killed its actor IMAGE_ATTEMPTS times)
+    go to the errors table and count as failed; a rerun tries them again."""
+    from .storage.errors import write_errors
+    from .storage.shards import read_manifest
+
+    seen = DoneIds(np.unique(np.concatenate(summary.seen))) if summary.seen else DoneIds.of([])
+    lost = [r for r in plan.files if r.image_id not in seen]
+    for shard in plan.shards:
+        ids = read_manifest(output, shard, storage_options) or []
+        missing = ~plan.done.contains(ids) & ~seen.contains(ids) if ids else np.zeros(0, bool)
+        lost += [ImageRef(i, f"{shard}{TAR_SEP}(member of image {i})") for i, m in zip(ids, missing) if m]
+    if not lost:
+        return
+    reason = (f"its batch killed the model actor {IMAGE_ATTEMPTS} times (out of memory or a crash); try "
+              "--batch-size 1, a higher --max-megapixels cap, or more memory per actor")
+    batch = {"image_id": np.array([r.image_id for r in lost]), "source": np.array([r.source for r in lost]),
+             "error": np.array([f"{r.source}: {reason}" for r in lost])}
+    write_errors(batch, np.zeros(len(lost), bool), output, f"lost-{batch_file_name(batch['image_id'])}",
+                 storage_options)
+    summary.failed += len(lost)
+    summary.failures += [r.source for r in lost]
