@@ -1,5 +1,5 @@
 # make demo: set up everything on a fresh machine and run the main job on sample images.
-# make test: set up everything and run the test suite.
+# make test: set up everything, lint, and run the test suite.
 # Both are idempotent: the virtual env, weights and data are created once and reused.
 
 PYTHON ?= python3
@@ -17,7 +17,7 @@ DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 # kill-and-resume tests). The slowest tests are listed at the end.
 PYTEST_ARGS ?= -n 2 --dist loadfile --durations=25
 
-.PHONY: demo predictor-demo test test-slow venv weights clean
+.PHONY: demo predictor-demo lint test test-slow venv weights clean
 
 # uv installs (the packages pip would pick, from the same indexes: pip's own extra indexes and
 # find-links, e.g. a machine's local mirrors, are passed on) in under half of pip's time: it
@@ -54,7 +54,10 @@ demo: weights
 predictor-demo: weights
 	$(PY) jobs/predict_demo.py --output $(DEMO_OUTPUT)/predictor
 
-test: weights
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: weights lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 # The tests that take more than the suite's 20 minutes allow (pytest -m slow): --resume of a
