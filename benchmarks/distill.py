@@ -35,7 +35,7 @@ import torch
 
 from pipelines.distill import HUGE_PAGES_ENV, DistillJob, distill, label_rows, split_ids
 from pipelines.precompute import precompute_embeddings
-    from pipelines.storage.embeddings import load_embeddings
+from pipelines.storage.embeddings import load_embeddings
 from pipelines.storage.files import read_table
 from pipelines.runtime import init_ray
 from tinysam import build_sam
