@@ -118,9 +118,8 @@ def model_and_write(ds, actor_cls: type, actor_kwargs: Dict[str, Any], write_fn:
     A batch whose actor dies (out of memory, a crash) is retried on a restarted actor, at most
     IMAGE_ATTEMPTS times in all; then its block is dropped instead of the job stalling or failing,
     and `report_lost` names its images in the errors table."""
-    import ray
 
-    ray.data.DataContext.get_current().max_errored_blocks = -1  # counted and reported as lost images
+    ds.context.max_errored_blocks = -1  # this dataset's own context: lost blocks are reported as lost images
     retries = {"max_restarts": -1, "max_task_retries": IMAGE_ATTEMPTS - 1}
     with warnings.catch_warnings():  # Ray 2.60 takes task retries only as ray_remote_args (deprecated)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")

@@ -72,3 +72,20 @@ def read_counts(log: str, suffix: str) -> Dict[str, int]:
             if path.endswith(suffix):
                 counts["opens" if kind == "open" else "bytes"] += 1 if kind == "open" else int(rest[0])
     return counts
+
+
+class DyingEncoder:
+    """A stand-in for the model actor that dies (os._exit, as the OOM killer would end it) on any
+    batch holding an image named "poison", and gives zero embeddings otherwise."""
+
+    def __init__(self, cpu_threads=None, **_) -> None:
+        pass
+
+    def __call__(self, batch):
+        import numpy as np
+
+        if any("poison" in str(s) for s in batch["source"]):
+            os._exit(1)
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["embedding"] = np.zeros((len(batch["image_id"]), 256, 64, 64), np.float16)
+        return out

@@ -171,3 +171,34 @@ def test_unsupported_and_tiny_files_are_counted_and_named(ray_local, corpus, tmp
     assert summary["unsupported"] == [str(corpus / "anim.gif")] and "unsupported: " in log
     [reason] = read_errors(str(out))["reason"].to_pylist()
     assert "dot.png: 1x1 px is below the 16 px minimum" in reason
+
+
+def test_an_image_that_kills_its_actor_is_reported_after_three_attempts(ray_local, corpus, tmp_path, photos_dir):
+    """The jobs' stages with a model actor that dies on one image: Ray restarts the actor and
+    retries the batch, 3 attempts in all; then the batch is dropped, the image goes to the errors
+    table, and the other images are written."""
+    import ray
+
+    from pipelines.precompute import write_batch
+    from pipelines.reading import plan_inputs
+    from pipelines.stages import JobSummary, finish_summary, image_pipeline, run_to_output
+    from pipelines.storage.errors import read_errors
+    from pipelines.storage.files import read_table
+
+    from . import helpers
+
+    ray.cloudpickle.register_pickle_by_value(helpers)
+    shutil.copy(photos_dir / "astronaut.jpg", corpus / "poison.jpg")
+    out = tmp_path / "emb"
+    provenance = {"model": "stand-in", "checkpoint_sha256": "none", "dtype": "float16"}
+    plan = plan_inputs(str(corpus), str(out), provenance)
+    ds = image_pipeline(plan, helpers.DyingEncoder, {}, write_batch, {"output": str(out), "provenance": provenance},
+                        batch_size=1, rows_per_file=1, output=str(out))
+    summary = JobSummary()
+    run_to_output(ds, summary, str(out))
+    finish_summary(summary, plan, str(out))
+    assert (summary.written, summary.failed, summary.images) == (2, 1, 3)
+    assert sorted(i.split("-")[0] for i in read_table(str(out), columns=["image_id"])["image_id"].to_pylist()) == [
+        "chelsea", "coffee"]
+    [reason] = read_errors(str(out))["reason"].to_pylist()
+    assert "poison.jpg" in reason and "killed the model actor 3 times" in reason
