@@ -72,7 +72,7 @@ def precompute(input: str, output: str, checkpoint: str) -> dict:
                                         rows_per_file=1, actor_options={"scheduling_strategy": on_node})
         state.update(outcome="finished", written=summary.written, failed=summary.failed)
     except Exception as e:  # the job may fail: the test then reruns it
-        state.update(outcome="failed", error=f"{type(e).__name__}: {e}"[:2000])
+        state.update(outcome="failed", failed=None, error=f"{type(e).__name__}: {e}"[:2000])
     state["files_at_end"] = len(files())
     return state
 

@@ -36,3 +36,27 @@ def test_data_workers_do_not_import_torch():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).parents[1]))
+
+
+def test_import_structure_has_no_upward_arrows():
+    """tinysam/ imports neither pipelines/, jobs/ nor Ray; tinysam/modeling/ imports nothing of the
+    rest of the library (the models stand alone, as in the official package)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "tinysam"
+    for path in root.rglob("*.py"):
+        in_modeling = path.parent.name == "modeling"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [(0, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [(node.level, node.module or "")]
+            else:
+                continue
+            for level, name in names:
+                top = name.split(".")[0]
+                assert level or top not in ("pipelines", "jobs", "ray"), f"{path}: imports {name}"
+                if in_modeling and level:
+                    assert level == 1, f"{path}: imports {'.' * level}{name} from outside tinysam/modeling"
+                if in_modeling and not level:
+                    assert top != "tinysam", f"{path}: imports {name}"

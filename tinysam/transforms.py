@@ -6,7 +6,7 @@ Matching PIL exactly is what makes stored embeddings equal the official predicto
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Tuple
 
 import numpy as np
 from PIL import Image
@@ -14,9 +14,7 @@ from PIL import Image
 if TYPE_CHECKING:  # torch is imported where it is used: decoding workers need only numpy and PIL
     import torch
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-IMAGE_SIZE = 1024
+from .modeling.pixels import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD, normalize_and_pad  # noqa: F401 (part of this API)
 
 
 def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int = IMAGE_SIZE) -> Tuple[int, int]:
@@ -73,23 +71,6 @@ def resize_longest_side(image: np.ndarray, long_side_length: int = IMAGE_SIZE) -
     """Resize an HxWx3 uint8 image so its longest side is `long_side_length` (PIL bilinear)."""
     h, w = get_preprocess_shape(image.shape[0], image.shape[1], long_side_length)
     return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-
-
-def normalize_and_pad(
-    x: "torch.Tensor",
-    size: int = IMAGE_SIZE,
-    mean: Union[Sequence[float], "torch.Tensor"] = PIXEL_MEAN,
-    std: Union[Sequence[float], "torch.Tensor"] = PIXEL_STD,
-) -> "torch.Tensor":
-    """(..., 3, h, w) 0..255 pixels -> normalised and zero-padded (..., 3, size, size) floats."""
-    import torch
-    import torch.nn.functional as F
-
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    x = (x.to(torch.float32) - mean_t) / std_t
-    h, w = x.shape[-2:]
-    return F.pad(x, (0, size - w, 0, size - h))
 
 
 @dataclass(frozen=True)

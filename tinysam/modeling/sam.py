@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..transforms import PIXEL_MEAN, PIXEL_STD, normalize_and_pad
+from .pixels import PIXEL_MEAN, PIXEL_STD, normalize_and_pad
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 
