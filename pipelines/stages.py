@@ -243,7 +243,8 @@ def report_lost(summary: JobSummary, plan: Plan, output: str, storage_options: O
 
     seen = DoneIds(np.unique(np.concatenate(summary.seen))) if summary.seen else DoneIds.of([])
     lost = [r for r in plan.files if r.image_id not in seen]
-    for shard in plan.shards:
+    # With --limit the shards' remaining members were left unread on purpose, not lost.
+    for shard in plan.shards if plan.limit is None else []:
         ids = read_manifest(output, shard, storage_options) or []
         missing = ~plan.done.contains(ids) & ~seen.contains(ids) if ids else np.zeros(0, bool)
         lost += [ImageRef(i, f"{shard}{TAR_SEP}(member of image {i})") for i, m in zip(ids, missing) if m]
