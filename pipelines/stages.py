@@ -4,6 +4,8 @@
   image_pipeline   -> the read side (pipelines/reading.py), the model actors, the write tasks
   SamActor         -> a model loaded once per actor; encodes prepared images on its device
   run_to_output    -> drive the dataset, count results, stop after too many failures
+  finish_summary   -> count what shards passed over; report_lost: images the run never got back
+                      (their batch killed its actor IMAGE_ATTEMPTS times) to the errors table
 
 Module level imports stay light (numpy, PIL, pyarrow): Ray's decoding and writing workers import
 this module, and on a small machine torch's import would compete with the model for the cores.
