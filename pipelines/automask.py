@@ -44,7 +44,7 @@ from .stages import (
 )
 from .storage import embeddings as stored
 from .storage.errors import write_errors
-from .storage.files import check_provenance, read_done, read_table, write_bytes_atomic
+from .storage.files import read_table, resume_ids, write_bytes_atomic
 from .storage.masks import default_rows_per_file, iter_results, write_masks
 
 MODES = ("hierarchical", "dense")
@@ -305,15 +305,13 @@ def _pending_stored(embeddings: str, output: str, provenance: Dict[str, Any], li
                            storage_options)
     index = stored.read_index(embeddings, storage_options).sort_by("source")
     index = index.slice(0, limit) if limit is not None else index
-    done, provenances = read_done(output, storage_options)
-    if check_provenance(output, provenances, provenance, overwrite, storage_options):
-        done, _ = read_done(output, storage_options)
+    done = resume_ids(output, provenance, overwrite, storage_options)
     ids = index["image_id"].to_pylist()
     finished = done.contains(ids) if ids else np.zeros(0, bool)
     todo = index.filter(pa.array(~finished))
     todo_ids = todo["image_id"].to_pylist()
     plan = Plan(files=[ImageRef(i, s) for i, s in zip(todo_ids, todo["source"].to_pylist())], done=done,
-                listed=len(ids), skipped=int(finished.sum()),
+                skipped=int(finished.sum()),
                 ranges=dict(zip(todo_ids, zip(todo["source_offset"].to_pylist(), todo["source_length"].to_pylist()))))
     return plan, stored.files_by_id(embeddings, storage_options)
 

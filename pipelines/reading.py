@@ -20,7 +20,7 @@ import numpy as np
 from tinysam.transforms import IMAGE_SIZE, resize_longest_side, to_rgb_uint8
 
 from .sources import ImageRef, decode_image, iter_shard, list_inputs, read_bytes
-from .storage.files import DoneIds, check_provenance, read_done
+from .storage.files import DoneIds, resume_ids
 from .storage.shards import shard_progress, write_manifest
 
 MIN_SIDE = 16  # px: smaller images are reported, not masked (SAM's grid needs some pixels)
@@ -35,11 +35,9 @@ class Plan:
     files: List[ImageRef] = field(default_factory=list)
     shards: List[str] = field(default_factory=list)
     done: DoneIds = field(default_factory=lambda: DoneIds(np.zeros(0, np.uint64)))
-    listed: int = 0  # images known before reading (files, and members of shards read before)
-    skipped: int = 0  # of those, already in the output
+    skipped: int = 0  # images known to be in the output already (files, complete shards)
     unsupported: List[str] = field(default_factory=list)
     limit: Optional[int] = None  # images to read from the shards (None: all)
-    deleted: List[str] = field(default_factory=list)  # files of other provenance removed (--overwrite)
     ranges: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # {image_id: (offset, length)} of stored rows
 
 
@@ -52,17 +50,14 @@ def plan_inputs(input: str, output: str, provenance: Dict[str, Any], limit: Opti
         unsupported = f" ({len(inputs.unsupported)} unsupported files, e.g. {inputs.unsupported[0]})" \
             if inputs.unsupported else ""
         raise FileNotFoundError(f"no images found under {input}{unsupported}")
-    done, provenances = read_done(output, storage_options)
-    deleted = check_provenance(output, provenances, provenance, overwrite, storage_options)
-    if deleted:
-        done, _ = read_done(output, storage_options)
+    done = resume_ids(output, provenance, overwrite, storage_options)
     files = inputs.files[:limit] if limit is not None else inputs.files
     finished = done.contains([r.image_id for r in files]) if files else np.zeros(0, bool)
     shards, complete_images = shard_progress(output, inputs.shards, done, storage_options)
     remaining = None if limit is None else max(0, limit - len(files))
     return Plan(files=[r for r, f in zip(files, finished) if not f], shards=shards if remaining != 0 else [],
-                done=done, listed=len(files) + complete_images, skipped=int(finished.sum()) + complete_images,
-                unsupported=inputs.unsupported, limit=remaining, deleted=deleted)
+                done=done, skipped=int(finished.sum()) + complete_images, unsupported=inputs.unsupported,
+                limit=remaining)
 
 
 def _row(image_id: str, source: str, data: bytes = b"", annotations: Optional[str] = None, offset: int = -1,

@@ -4,7 +4,7 @@
   image_pipeline   -> the read side (pipelines/reading.py), the model actors, the write tasks
   SamActor         -> a model loaded once per actor; encodes prepared images on its device
   run_to_output    -> drive the dataset, count results, stop after too many failures
-  finish_summary   -> count what shards passed over; report_lost: images the run never got back
+  finish_summary   -> count what shards passed over, and report the images the run never got back
                       (their batch killed its actor IMAGE_ATTEMPTS times) to the errors table
 
 Module level imports stay light (numpy, PIL, pyarrow): Ray's decoding and writing workers import
@@ -227,29 +227,31 @@ def run_to_output(ds, summary: JobSummary, output: str, max_failures: Optional[i
 
 
 def finish_summary(summary: JobSummary, plan: Plan, output: str, storage_options: Optional[dict] = None) -> None:
-    """Count what the run passed over inside shards (from their manifests, now written) and the
-    total it saw."""
-    from .storage.shards import count_done
-
-    summary.skipped = plan.skipped + count_done(output, plan.shards, plan.done, storage_options)
-    report_lost(summary, plan, output, storage_options)
-    summary.images = summary.skipped + summary.written + summary.failed
-    summary.unsupported = plan.unsupported
-
-
-def report_lost(summary: JobSummary, plan: Plan, output: str, storage_options: Optional[dict] = None) -> None:
-    """Images the run read but never got back (their batch killed its actor IMAGE_ATTEMPTS times)
-    go to the errors table and count as failed; a rerun tries them again."""
-    from .storage.errors import write_errors
+    """Complete the counts from one pass over the read shards' manifests (now written): images
+    passed over as done, and images the run read but never got back (their batch killed its actor
+    IMAGE_ATTEMPTS times), which go to the errors table as failed; a rerun tries them again."""
     from .storage.shards import read_manifest
 
     seen = DoneIds(np.unique(np.concatenate(summary.seen))) if summary.seen else DoneIds.of([])
     lost = [r for r in plan.files if r.image_id not in seen]
-    # With --limit the shards' remaining members were left unread on purpose, not lost.
-    for shard in plan.shards if plan.limit is None else []:
+    skipped = plan.skipped
+    for shard in plan.shards:
         ids = read_manifest(output, shard, storage_options) or []
-        missing = ~plan.done.contains(ids) & ~seen.contains(ids) if ids else np.zeros(0, bool)
-        lost += [ImageRef(i, f"{shard}{TAR_SEP}(member of image {i})") for i, m in zip(ids, missing) if m]
+        was_done = plan.done.contains(ids) if ids else np.zeros(0, bool)
+        skipped += int(was_done.sum())
+        if plan.limit is None:  # with --limit the members past the limit were left unread on purpose
+            missing = ~was_done & ~seen.contains(ids) if ids else np.zeros(0, bool)
+            lost += [ImageRef(i, f"{shard}{TAR_SEP}(member of image {i})") for i, m in zip(ids, missing) if m]
+    summary.skipped = skipped
+    summary.unsupported = plan.unsupported
+    report_lost(summary, lost, output, storage_options)
+    summary.images = summary.skipped + summary.written + summary.failed
+
+
+def report_lost(summary: JobSummary, lost: List[ImageRef], output: str, storage_options: Optional[dict] = None) -> None:
+    """`lost` images to the errors table, counted as failed."""
+    from .storage.errors import write_errors
+
     if not lost:
         return
     reason = (f"its batch killed the model actor {IMAGE_ATTEMPTS} times (out of memory or a crash); try "

@@ -185,6 +185,16 @@ def check_provenance(output: str, provenances: Dict[str, List[str]], wanted: Dic
     return deleted
 
 
+def resume_ids(output: str, provenance: Dict[str, Any], overwrite: bool,
+               storage_options: Optional[Dict[str, Any]] = None) -> DoneIds:
+    """The ids a rerun skips: refuses an output of other provenance (or, with `overwrite`, deletes
+    those files first), then reads what is left (`read_done`)."""
+    done, provenances = read_done(output, storage_options)
+    if check_provenance(output, provenances, provenance, overwrite, storage_options):
+        done, _ = read_done(output, storage_options)
+    return done
+
+
 def describe_difference(stored_json: str, wanted: Dict[str, Any]) -> str:
     """"key: stored -> this run" for each setting that differs."""
     try:

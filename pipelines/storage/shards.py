@@ -50,12 +50,3 @@ def shard_progress(output: str, shards: List[str], done: DoneIds,
         else:
             todo.append(shard)
     return todo, complete_images
-
-
-def count_done(output: str, shards: List[str], done: DoneIds, storage_options: Optional[Dict[str, Any]] = None) -> int:
-    """Images of `shards` (those with a manifest) that are in `done`."""
-    total = 0
-    for shard in shards:
-        ids = read_manifest(output, shard, storage_options)
-        total += int(done.contains(ids).sum()) if ids else 0
-    return total
