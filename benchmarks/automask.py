@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from pipelines.automask import automask, make_generator
+from pipelines.automask import automask
+from pipelines.automask.worker import make_generator
+from tinysam.everything import EverythingConfig
 from pipelines.runtime import init_ray
 from pipelines.sources import decode_image, list_images, read_bytes
 from tinysam import build_sam
@@ -24,10 +26,10 @@ from tinysam.sample_data import write_sample_corpus
 from tinysam.transforms import prepare_image, to_rgb_uint8
 
 
-def in_process_loop(folder: Path, model_type: str, checkpoint: str, mode: str, params: dict) -> dict:
+def in_process_loop(folder: Path, model_type: str, checkpoint: str, everything: EverythingConfig) -> dict:
     """The generator called image by image, with the time split into read/decode, encoder and
     everything mode (decoder + post-processing)."""
-    generator = make_generator(build_sam(model_type, checkpoint), mode, params)
+    generator = make_generator(build_sam(model_type, checkpoint), everything)
     times = {"read_decode": 0.0, "encoder": 0.0, "everything": 0.0}
     masks = 0
     refs = list_images(str(folder))
@@ -62,15 +64,15 @@ def main() -> None:
     parser.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    params = {"points_per_side": args.points_per_side}
+    everything = EverythingConfig(args.mode, points_per_side=args.points_per_side)
 
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
         folder = write_sample_corpus(work, args.images)
-        loop = in_process_loop(folder, args.model, args.checkpoint, args.mode, params)
+        loop = in_process_loop(folder, args.model, args.checkpoint, everything)
         init_ray(num_cpus=args.threads + 2)  # room for the read and write tasks beside the actor
         summary = automask(str(folder), str(work / "out"), model=args.model, checkpoint=args.checkpoint,
-                           mode=args.mode, params=params, batch_size=args.batch_size,
+                           everything=everything, batch_size=args.batch_size,
                            num_cpus_per_actor=args.threads, num_gpus_per_actor=args.num_gpus_per_actor)
         n = args.images
         print(f"{n} images, {args.model}, {args.mode} {args.points_per_side}x{args.points_per_side}, "

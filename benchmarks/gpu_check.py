@@ -22,7 +22,9 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 import torch
 
-from pipelines.automask import automask, make_generator
+from pipelines.automask import automask
+from pipelines.automask.worker import make_generator
+from tinysam.everything import EverythingConfig
 from pipelines.precompute import precompute_embeddings
 from pipelines.runtime import init_ray
 from pipelines.sources import decode_image, list_images, read_bytes
@@ -98,7 +100,7 @@ def everything_on_gpu(checkpoint: str) -> Dict[str, Any]:
     images = [im for _, im in sample_images(("astronaut", "coffee", "chelsea", "rocket", "camera"))]
     prepared = [prepare_image(im) for im in images]
     for mode in ("dense", "hierarchical"):
-        gen = make_generator(model, mode, {"points_per_side": 32})
+        gen = make_generator(model, EverythingConfig(mode, points_per_side=32))
         ious, counts, times = [], [], []
         for im, p in zip(images, prepared):
             x = p.tensor[None].cuda()
@@ -117,8 +119,8 @@ def everything_on_gpu(checkpoint: str) -> Dict[str, Any]:
         out[f"{mode}_bf16_vs_fp32_min_best_iou"] = round(float(np.min(ious)), 4)
     # The same generator on the CPU, same weights and fp32 embeddings: the GPU path's masks must match.
     cpu_model = build_sam("vit_t", checkpoint).eval()
-    gen_gpu = make_generator(model, "dense", {"points_per_side": 32})
-    gen_cpu = make_generator(cpu_model, "dense", {"points_per_side": 32})
+    gen_gpu = make_generator(model, EverythingConfig("dense", points_per_side=32))
+    gen_cpu = make_generator(cpu_model, EverythingConfig("dense", points_per_side=32))
     with torch.inference_mode():
         emb = encode(model, prepared[0].tensor[None].cuda(), False)
         gpu = gen_gpu.generate_from_embeddings(emb, [prepared[0].input_size], [images[0].shape[:2]])[0]
@@ -198,7 +200,7 @@ def precompute_on_gpu(work: Path, images: int, batch_size: int) -> Dict[str, Any
 def automask_on_gpu(work: Path, checkpoint: str, images: int, batch_size: int) -> Dict[str, Any]:
     folder = write_sample_corpus(work / "automask_in", images)
     model = on_gpu("vit_t", checkpoint)
-    gen = make_generator(model, "hierarchical", {"points_per_side": 32})
+    gen = make_generator(model, EverythingConfig("hierarchical", points_per_side=32))
 
     def run_batch(batch):
         prepared = [prepare_image(im) for im in batch]
@@ -209,7 +211,7 @@ def automask_on_gpu(work: Path, checkpoint: str, images: int, batch_size: int) -
     loop = loop_images_per_s(folder, run_batch, batch_size)
     with GpuSampler() as gpu:
         summary = automask(str(folder), str(work / "automask_out"), model="vit_t", checkpoint=checkpoint,
-                           mode="hierarchical", params={"points_per_side": 32}, batch_size=batch_size,
+                           everything=EverythingConfig(points_per_side=32), batch_size=batch_size,
                            num_gpus_per_actor=1, num_cpus_per_actor=4)
     return {"images": images, "batch_size": batch_size, "loop_images_per_s": round(loop, 2),
             "job_images_per_s_incl_start": round(summary.images_per_second, 2), "job_seconds": round(summary.seconds, 1),

@@ -12,22 +12,21 @@ again); a rerun with another model or settings is refused unless --overwrite. Ba
 <output>/_errors and are counted.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
-from pipelines.automask import MODES, automask, generator_parameters
-from pipelines.cli import add_corpus_arguments, corpus_kwargs, job_parser, run_job
-from pipelines.runtime import init_ray
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+from pipelines.automask import automask  # noqa: E402
+from pipelines.cli import (  # noqa: E402
+    add_corpus_arguments,
+    add_everything_arguments,
+    corpus_kwargs,
+    everything_config,
+    job_parser,
+    run_job,
+)
+from pipelines.runtime import init_ray  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,21 +34,18 @@ def main(argv=None) -> int:
     p.add_argument("--input", help="folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)")
     p.add_argument("--embeddings", help="a precompute job's output: reuse its embeddings instead of the encoder")
     p.add_argument("--model", default="vit_t", help="model type (vit_t, vit_b, vit_l, vit_h)")
-    p.add_argument("--mode", choices=MODES, default="hierarchical")
     p.add_argument("--sa1b-json", action="store_true", help="also write <output>/sa1b/<id>.json per image")
     p.add_argument("--coco-json", help="also write one COCO results file (and <name>_images.json) here")
     p.add_argument("--preview", type=int, default=0, metavar="N", help="overlay PNGs of the first N images")
     add_corpus_arguments(p, batch_size=1)  # CPU: no gain from batching (benchmarks/automask.py); GPUs: raise it
-    g = p.add_argument_group("everything-mode parameters (default: the generator's own)")
-    for name, default in generator_parameters().items():
-        # bool before int (bool is an int); the one None default is a point count
-        kind = _bool if isinstance(default, bool) else float if isinstance(default, float) else int
-        g.add_argument("--" + name.replace("_", "-"), dest=f"gen_{name}", type=kind, default=None,
-                       metavar=kind.__name__.strip("_").upper(), help="hierarchical mode: default points-per-side / 4" if default is None else f"default {default}")
+    add_everything_arguments(p)
     args = p.parse_args(argv)
     if not args.input and not args.embeddings:
         p.error("give --input or --embeddings")
-    params = {k[4:]: v for k, v in vars(args).items() if k.startswith("gen_") and v is not None}
+    try:
+        everything = everything_config(args)  # a bad setting fails here, not in every actor
+    except ValueError as e:
+        p.error(str(e))
 
     init_ray(args.num_cpus)
 
@@ -61,7 +57,7 @@ def main(argv=None) -> int:
         if args.preview:
             print(f"previews: {args.output.rstrip('/')}/previews/")
 
-    return run_job(lambda: automask(args.input, model=args.model, mode=args.mode, params=params,
+    return run_job(lambda: automask(args.input, model=args.model, everything=everything,
                                     embeddings=args.embeddings, sa1b_json=args.sa1b_json, coco_json=args.coco_json,
                                     preview=args.preview, **corpus_kwargs(args)), report)
 

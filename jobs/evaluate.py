@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
 from tinysam.eval.evaluate import PROTOCOLS, EvalConfig
-from tinysam.eval.everything import EverythingConfig
+from tinysam.everything.config import EverythingConfig
 from tinysam.eval.report import report_markdown
 
 

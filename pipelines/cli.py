@@ -5,10 +5,12 @@ or refused before any work (bad arguments, checkpoint, input or output).
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any, Callable, Dict
 
+from tinysam.everything.config import MODES, EverythingConfig
 from tinysam.weights import CheckpointError
 
 from .reading import DEFAULT_MAX_MEGAPIXELS
@@ -59,6 +61,35 @@ def corpus_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: getattr(args, k) for k in ("output", "checkpoint", "batch_size", "concurrency", "num_gpus_per_actor",
                                           "num_cpus_per_actor", "limit", "max_failures", "rows_per_file",
                                           "max_megapixels", "overwrite", "actor_memory_gb")}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_everything_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per `EverythingConfig` field (`points_per_side` -> --points-per-side), with the help
+    text written there. Unset flags stay None: the config's defaults apply, and dense mode can tell
+    a hierarchical-only flag that was given from one that was not."""
+    g = p.add_argument_group("everything mode (tinysam/everything/config.py)")
+    for f in dataclasses.fields(EverythingConfig):
+        kind = {"bool": _bool, "float": float, "str": str}.get(type(f.default).__name__, int)
+        extra = {"choices": MODES} if f.name == "mode" else {"metavar": kind.__name__.strip("_").upper()}
+        default = "" if f.default is None else f" (default {f.default:g})" if isinstance(f.default, float) \
+            else f" (default {f.default})"
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f"everything_{f.name}", type=kind, default=None,
+                       help=f.metadata["help"] + default, **extra)
+
+
+def everything_config(args: argparse.Namespace) -> EverythingConfig:
+    """The `EverythingConfig` of the flags `add_everything_arguments` declared (ValueError if invalid)."""
+    prefix = "everything_"
+    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    return EverythingConfig.from_dict(given)
 
 
 def run_job(run: Callable[[], JobSummary], report: Callable[[JobSummary], None]) -> int:

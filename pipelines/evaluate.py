@@ -49,7 +49,7 @@ def config_to_json(config) -> str:
     return json.dumps({"protocols": list(config.protocols), "detections": config.detections,
                        "n_points": list(config.n_points), "max_dets": config.max_dets,
                        "point_max_objects": config.point_max_objects,
-                       "everything": [vars(c) for c in config.everything]})
+                       "everything": [json.loads(c.to_json()) for c in config.everything]})
 
 
 def config_from_json(text: str):
@@ -57,7 +57,7 @@ def config_from_json(text: str):
 
     d = json.loads(text)
     detections = {int(k): v for k, v in d["detections"].items()} if d["detections"] is not None else None
-    return EvalConfig(d["protocols"], detections, d["n_points"], [EverythingConfig(**c) for c in d["everything"]],
+    return EvalConfig(d["protocols"], detections, d["n_points"], [EverythingConfig.from_dict(c) for c in d["everything"]],
                       d["max_dets"], d["point_max_objects"])
 
 

@@ -12,12 +12,13 @@ import pytest
 from PIL import Image
 
 from tinysam import SamHierarchicalMaskGenerator
+from tinysam.everything import EverythingConfig
 from tinysam.utils.metrics import best_match_ious
 from tinysam.utils.rle import coco_rle_to_mask
 
 from .conftest import load_job
 
-PARAMS = {"points_per_side": 8}
+EVERYTHING = EverythingConfig(points_per_side=8)
 
 
 def _rows(output, storage_options=None):
@@ -33,13 +34,17 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
     from pipelines.automask import automask
 
     out = tmp_path / "masks"
-    summary = automask(str(photos_dir), str(out), model="vit_t", checkpoint=str(mobile_sam_path), params=PARAMS,
+    summary = automask(str(photos_dir), str(out), model="vit_t", checkpoint=str(mobile_sam_path), everything=EVERYTHING,
                        batch_size=2, num_cpus_per_actor=2, sa1b_json=True, coco_json=str(out / "coco.json"),
                        preview=2)
     assert (summary.written, summary.failed, summary.skipped) == (3, 0, 0)
     rows = _rows(out)
     assert summary.masks == sum(len(r["masks"]) for r in rows.values()) > 0
-    generator = SamHierarchicalMaskGenerator(vit_t, output_mode="coco_rle", **PARAMS)
+    generator = SamHierarchicalMaskGenerator(vit_t, output_mode="coco_rle", **EVERYTHING.generator_kwargs())
+    from pipelines.storage.files import read_table
+
+    params = set(read_table(str(out), columns=["params"])["params"].to_pylist())
+    assert [EverythingConfig.from_dict(json.loads(p)) for p in params] == [EVERYTHING]  # the settings, stored
     for image_id, row in rows.items():
         image = np.array(Image.open(row["source"]).convert("RGB"))
         assert (row["height"], row["width"]) == image.shape[:2]
@@ -82,7 +87,7 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
 
     emb = tmp_path / "emb"
     precompute_embeddings(str(photos_dir), str(emb), teacher="vit_t", checkpoint=str(mobile_sam_path), limit=2)
-    stored = automask(None, str(tmp_path / "from-stored"), checkpoint=str(mobile_sam_path), params=PARAMS,
+    stored = automask(None, str(tmp_path / "from-stored"), checkpoint=str(mobile_sam_path), everything=EVERYTHING,
                       embeddings=str(emb))
     assert (stored.written, stored.failed) == (2, 0)
     assert stored.encode_seconds < 0.2  # the encoder did not run (it takes over a second per image here)
@@ -93,7 +98,7 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
                                [coco_rle_to_mask(m["segmentation"]) for m in row["masks"]])
         assert len(row["masks"]) > 0 and ious.min() >= 0.98, image_id
     with pytest.raises(ValueError, match="decoder must match the encoder"):
-        automask(None, str(tmp_path / "other"), checkpoint=None, params=PARAMS, embeddings=str(emb))
+        automask(None, str(tmp_path / "other"), checkpoint=None, everything=EVERYTHING, embeddings=str(emb))
 
 
 def test_bad_inputs_are_reported_and_skipped(ray_local, photos_dir, tmp_path, mobile_sam_path):
@@ -108,7 +113,7 @@ def test_bad_inputs_are_reported_and_skipped(ray_local, photos_dir, tmp_path, mo
     (corpus / "readme.png").write_text("not an image\n")
     out = tmp_path / "masks"
     summary = automask(str(corpus), str(out), model="vit_t", checkpoint=str(mobile_sam_path),
-                       params={"points_per_side": 4}, batch_size=3)  # one batch: the good image's row survives
+                       everything=EverythingConfig(points_per_side=4), batch_size=3)  # one batch: the good image's row survives
     assert (summary.written, summary.failed) == (1, 2)
     [image_id] = _rows(out)
     assert image_id.startswith("coffee")
@@ -118,12 +123,10 @@ def test_bad_inputs_are_reported_and_skipped(ray_local, photos_dir, tmp_path, mo
 
 
 def test_bad_parameters_fail_before_any_work(tmp_path, photos_dir, capsys):
-    from pipelines.automask import automask
-
-    with pytest.raises(ValueError, match="no parameter point_per_side"):
-        automask(str(photos_dir), str(tmp_path / "a"), params={"point_per_side": 8})
-    with pytest.raises(ValueError, match="no parameter round1_points_per_side"):
-        automask(str(photos_dir), str(tmp_path / "b"), mode="dense", params={"round1_points_per_side": 4})
+    with pytest.raises(ValueError, match="no setting point_per_side"):
+        EverythingConfig.from_dict({"point_per_side": 8})
+    with pytest.raises(ValueError, match="no setting round1_points_per_side"):
+        EverythingConfig(mode="dense", round1_points_per_side=4)
     with pytest.raises(SystemExit) as exit_status:  # argparse's refusal, exit status 2
         load_job("automask").main(["--input", str(photos_dir), "--output", str(tmp_path / "c"), "--mode", "sparse"])
     assert exit_status.value.code == 2 and "invalid choice: 'sparse'" in capsys.readouterr().err
@@ -142,7 +145,7 @@ def test_s3_in_and_out(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     for name in ("astronaut.jpg", "chelsea.jpg"):
         fs.put(str(photos_dir / name), f"automask/images/{name}")
     summary = automask("s3://automask/images", "s3://automask/masks", checkpoint=str(mobile_sam_path),
-                       params={"points_per_side": 4}, coco_json="s3://automask/masks/coco.json", preview=1,
+                       everything=EverythingConfig(points_per_side=4), coco_json="s3://automask/masks/coco.json", preview=1,
                        storage_options=options)
     assert (summary.written, summary.failed) == (2, 0)
     rows = _rows("s3://automask/masks", options)

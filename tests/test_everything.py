@@ -1,5 +1,7 @@
 """Everything mode against the official generator, with the real MobileSAM weights on real photos."""
 
+import json
+
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -160,3 +162,32 @@ def test_upsampling_matrices_equal_the_two_interpolations(vit_t, input_size, ori
     got = upsample_logits(logits, input_size, original_size, vit_t.image_encoder.img_size)
     assert got.shape == (3, *original_size)
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_everything_config_from_the_cli_to_the_generator(vit_t):
+    """The typed settings: the auto-masking job's flags build the config, the config builds the
+    generator (its grid has points_per_side squared points), bad settings are refused by name, and
+    the stored JSON reads back to the same config."""
+    import argparse
+
+    from pipelines.cli import add_everything_arguments, everything_config
+    from tinysam.everything import EverythingConfig, SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+
+    p = argparse.ArgumentParser()
+    add_everything_arguments(p)
+    config = everything_config(p.parse_args(["--mode", "dense", "--points-per-side", "12", "--fast-decoder", "no"]))
+    assert config == EverythingConfig("dense", points_per_side=12, fast_decoder=False)
+    generator = config.generator(vit_t)
+    assert type(generator) is SamAutomaticMaskGenerator and len(generator.point_grids[0]) == 144
+    hierarchical = everything_config(p.parse_args(["--points-per-side", "16", "--skip-margin", "0"])).generator(vit_t)
+    assert type(hierarchical) is SamHierarchicalMaskGenerator and hierarchical.skip_margin == 0
+    assert len(hierarchical.round1_selections[0][0]) == 16  # round 1: a quarter of the density, 4x4
+    with pytest.raises(ValueError, match="dense mode has no setting skip_margin"):
+        everything_config(p.parse_args(["--mode", "dense", "--skip-margin", "0.5"]))
+    with pytest.raises(ValueError, match="box_nms_thresh must be in"):
+        EverythingConfig(box_nms_thresh=1.5)
+    with pytest.raises(ValueError, match="no setting pointsperside"):
+        EverythingConfig.from_dict({"pointsperside": 8})
+    assert EverythingConfig.from_dict(json.loads(config.to_json())) == config
+    assert EverythingConfig.parse("hierarchical:4:16:9:0.5") == EverythingConfig(
+        points_per_side=16, round1_points_per_side=4, high_confidence_thresh=9.0, skip_margin=0.5)

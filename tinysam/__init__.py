@@ -8,27 +8,23 @@ import sys
 import types
 from typing import Any
 
+from .utils.lazy import lazy_exports
+
 # Names resolve on first use (PEP 562), so that `import tinysam.transforms` in a data-loading
 # worker does not pay for torch, torchvision and the models.
 _EXPORTS = {
     "MODEL_CONFIGS": "build_sam", "build_sam": "build_sam", "build_sam_vit_b": "build_sam",
     "build_sam_vit_h": "build_sam", "build_sam_vit_l": "build_sam", "build_sam_vit_t": "build_sam",
     "sam_model_registry": "build_sam",
-    "SamAutomaticMaskGenerator": "everything", "SamHierarchicalMaskGenerator": "everything",
+    "EverythingConfig": "everything", "SamAutomaticMaskGenerator": "everything",
+    "SamHierarchicalMaskGenerator": "everything",
     "SamPredictor": "predictor",
     "KNOWN_CHECKPOINTS": "weights", "CheckpointError": "weights", "load_checkpoint": "weights",
     "save_checkpoint": "weights",
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):
@@ -54,6 +50,7 @@ __all__ = [
     "MODEL_CONFIGS",
     "KNOWN_CHECKPOINTS",
     "CheckpointError",
+    "EverythingConfig",
     "SamAutomaticMaskGenerator",
     "SamHierarchicalMaskGenerator",
     "SamPredictor",

@@ -1,6 +1,11 @@
-"""Everything mode: dense (SAM-compatible) and hierarchical automatic mask generation."""
+"""Everything mode: dense (SAM-compatible) and hierarchical automatic mask generation, and the
+typed settings of both (`EverythingConfig`, torch-free: generators resolve on first use)."""
 
-from .generator import SamAutomaticMaskGenerator
-from .hierarchical import SamHierarchicalMaskGenerator
+from ..utils.lazy import lazy_exports
+from .config import MODES, EverythingConfig
 
-__all__ = ["SamAutomaticMaskGenerator", "SamHierarchicalMaskGenerator"]
+__getattr__ = lazy_exports(__name__, {
+    "SamAutomaticMaskGenerator": "generator", "SamHierarchicalMaskGenerator": "hierarchical",
+})
+
+__all__ = ["MODES", "EverythingConfig", "SamAutomaticMaskGenerator", "SamHierarchicalMaskGenerator"]

@@ -1,0 +1,125 @@
+"""What leaves the auto-masking actors: the Parquet rows (+ SA-1B JSON per image) written by a CPU
+task per batch, and after the run a COCO results file and overlay PNGs read back from the Parquet."""
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from tinysam.utils.sa1b import sa1b_document
+
+from ..sources import decode_image, filesystem, read_bytes
+from ..stages import batch_file_name, ok_rows
+from ..storage.errors import write_errors
+from ..storage.files import read_table, write_bytes_atomic
+from ..storage.masks import iter_results, write_masks
+
+SA1B_DIR = "sa1b"  # per-image SA-1B JSON files under the output
+PREVIEW_DIR = "previews"
+
+
+def write_batch(batch: Dict[str, np.ndarray], output: str, provenance: Dict[str, Any], sa1b_json: bool = False,
+                storage_options: Optional[dict] = None) -> Dict[str, Any]:
+    """The batch's images as one Parquet file (one row per image, masks as a list of structs);
+    with `sa1b_json` also `<output>/sa1b/<id>.json` per image. Bad rows go to the errors table."""
+    ok = ok_rows(batch)
+    ids = [str(i) for i in batch["image_id"]]
+    name = batch_file_name(ids)
+    records = [json.loads(m) if good else [] for m, good in zip(batch["masks"], ok)]
+    if sa1b_json:  # before the Parquet row: a rerun redoes an image whose JSON may be missing
+        for i in np.flatnonzero(ok):
+            doc = sa1b_document(ids[i], str(batch["source"][i]), int(batch["orig_w"][i]), int(batch["orig_h"][i]),
+                                records[i])
+            write_bytes_atomic(json.dumps(doc).encode(), output, f"{SA1B_DIR}/{ids[i]}.json", storage_options)
+    written = write_masks(batch, ok, records, output, name, provenance, storage_options)
+    write_errors(batch, ok, output, name, storage_options)
+    return {
+        "image_id": np.asarray(ids), "source": batch["source"], "ok": ok,
+        "bytes": np.where(ok, written // max(1, int(ok.sum())), 0), "num_masks": np.array([len(r) for r in records]),
+        "encode_seconds": batch["encode_seconds"], "generate_seconds": batch["generate_seconds"],
+    }
+
+
+def coco_image_ids(image_ids: List[str]) -> Dict[str, int]:
+    """COCO needs integer ids: SA-1B's own numeric ids when every id is one, else 1..N in sorted order."""
+    if image_ids and all(i.isdigit() for i in image_ids):
+        return {i: int(i) for i in image_ids}
+    return {i: k + 1 for k, i in enumerate(sorted(image_ids))}
+
+
+def write_coco_results(output: str, path: str, storage_options: Optional[dict] = None) -> Dict[str, str]:
+    """One COCO results file for the whole output (a list of {image_id, category_id, segmentation,
+    score, bbox, area}) at `path`, plus `<path stem>_images.json`, a COCO dataset of the images
+    (ids, file names, sizes) to load the results against. Streamed through a local temporary
+    file, then put in place in one step."""
+    ids = read_table(output, columns=["image_id"], storage_options=storage_options)["image_id"].to_pylist()
+    numeric = coco_image_ids(ids)
+    images_path = (path[:-5] if path.endswith(".json") else path) + "_images.json"
+    images = []
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
+        tmp.write("[")
+        first = True
+        for row in iter_results(output, storage_options=storage_options):
+            coco_id = numeric[row["image_id"]]
+            images.append({"id": coco_id, "file_name": row["source"], "width": row["width"],
+                           "height": row["height"], "tinysam_image_id": row["image_id"]})
+            for mask in row["masks"]:
+                ann = {"image_id": coco_id, "category_id": 1, "segmentation": mask["segmentation"],
+                       "score": mask["predicted_iou"], "bbox": mask["bbox"], "area": mask["area"],
+                       "stability_score": mask["stability_score"], "point_coords": mask["point_coords"]}
+                tmp.write(("" if first else ",\n") + json.dumps(ann))
+                first = False
+        tmp.write("]\n")
+    try:
+        images.sort(key=lambda im: im["id"])
+        dataset = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "object"}]}
+        _put(json.dumps(dataset).encode(), images_path, storage_options)
+        _put(tmp.name, path, storage_options)
+    finally:
+        os.unlink(tmp.name)
+    return {"results": path, "images": images_path}
+
+
+def _put(data_or_file, url: str, storage_options: Optional[dict]) -> None:
+    """Bytes or a local file to `url`, visible only once complete."""
+    folder, name = posixpath.split(url.rstrip("/"))
+    if isinstance(data_or_file, bytes):
+        write_bytes_atomic(data_or_file, folder or ".", name, storage_options)
+        return
+    fs, target = filesystem(url, storage_options)
+    fs.makedirs(posixpath.dirname(target) or ".", exist_ok=True)
+    if "file" in fs.protocol or "local" in fs.protocol:
+        tmp = f"{target}.{uuid.uuid4().hex}.tmp"  # unique: two jobs finishing together do not race
+        shutil.copyfile(data_or_file, tmp)
+        os.replace(tmp, target)
+    else:  # one upload: visible when it completes
+        fs.put_file(data_or_file, target)
+
+
+def write_previews(output: str, n: int, storage_options: Optional[dict] = None) -> List[str]:
+    """Overlay PNGs of the first `n` images (by id) to `<output>/previews/<id>.png`."""
+    import cv2
+
+    from tinysam.transforms import to_rgb_uint8
+    from tinysam.utils.rle import coco_rle_to_mask
+    from tinysam.visualize import overlay_masks
+
+    ids = read_table(output, columns=["image_id"], storage_options=storage_options)["image_id"].to_pylist()
+    first = set(sorted(ids)[:n])
+    written = []
+    for row in sorted(iter_results(output, first, storage_options), key=lambda r: r["image_id"]):
+        data, _ = read_bytes(row["source"], storage_options, offset=row["source_offset"], length=row["source_length"])
+        image = to_rgb_uint8(decode_image(data, row["source"]), row["source"])
+        overlay = overlay_masks(image, [coco_rle_to_mask(m["segmentation"]) for m in row["masks"]])
+        ok, png = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise OSError(f"{row['source']}: could not encode the preview PNG")
+        name = f"{PREVIEW_DIR}/{row['image_id']}.png"
+        write_bytes_atomic(png.tobytes(), output, name, storage_options)
+        written.append(f"{output.rstrip('/')}/{name}")
+    return written

@@ -1,0 +1,137 @@
+"""One typed description of an everything-mode run: the mode and every setting its generators take.
+
+The generators keep the official keyword arguments (drop-in); this dataclass is what the rest of
+the project passes around: the auto-masking job declares its flags from its fields (with the help
+text written here), the evaluation job parses its `--everything` specs into it, the actor builds
+its generator from it, and the Parquet `params` column stores it (`to_json`). It imports no torch,
+so a driver can validate settings before any model is loaded.
+"""
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Dict, Optional
+
+MODES = ("hierarchical", "dense")
+# Settings only the hierarchical generator has: refused in dense mode unless left at their default.
+HIERARCHICAL_ONLY = ("round1_points_per_side", "high_confidence_thresh", "skip_margin")
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class EverythingConfig:
+    """Dense mode (the official generator's grid) or TinySAM's hierarchical mode, with its settings.
+    Defaults are the official generator's, plus the hierarchical round and the memory bounds."""
+
+    mode: str = _setting("hierarchical", "hierarchical (TinySAM's two rounds) or dense (the official grid)")
+    points_per_side: int = _setting(32, "grid density: points along each side (hierarchical: round 2's grid)")
+    round1_points_per_side: Optional[int] = _setting(
+        None, "hierarchical round 1's grid density (default: points_per_side / 4)"
+    )
+    high_confidence_thresh: float = _setting(
+        8.5, "hierarchical: logit above which a round-1 mask's pixels count as done (tau)"
+    )
+    skip_margin: float = _setting(
+        0.25, "hierarchical: confident area, in grid spacings, a round-2 point needs around it to be skipped"
+    )
+    points_per_batch: int = _setting(64, "prompts decoded per model call")
+    pred_iou_thresh: float = _setting(0.88, "keep masks whose predicted IoU is at least this")
+    stability_score_thresh: float = _setting(0.95, "keep masks whose stability score is at least this")
+    stability_score_offset: float = _setting(1.0, "logit offset of the stability score")
+    box_nms_thresh: float = _setting(0.7, "box IoU above which the lower-scored of two masks is dropped")
+    crop_n_layers: int = _setting(0, "layers of image crops, each encoded again (0: the whole image only)")
+    crop_nms_thresh: float = _setting(0.7, "box NMS threshold between crops")
+    crop_overlap_ratio: float = _setting(512 / 1500, "overlap of neighbouring crops, as a fraction of the crop")
+    crop_n_points_downscale_factor: int = _setting(1, "grid density divided by this in each crop layer")
+    min_mask_region_area: int = _setting(0, "remove holes and islands smaller than this (pixels; 0: off)")
+    upsample_chunk: int = _setting(16, "masks upsampled to full resolution at once (bounds memory)")
+    decoder_chunk: int = _setting(4, "prompts through the mask decoder at once (bounds memory)")
+    fast_decoder: bool = _setting(True, "the folded decoder (same masks, faster); false: the official rounding")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("points_per_side", "points_per_batch", "upsample_chunk", "decoder_chunk",
+                     "crop_n_points_downscale_factor"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.round1_points_per_side is not None and self.round1_points_per_side < 1:
+            raise ValueError(f"round1_points_per_side must be >= 1, got {self.round1_points_per_side}")
+        for name in ("crop_n_layers", "min_mask_region_area", "skip_margin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mode == "dense":
+            changed = [n for n in HIERARCHICAL_ONLY if getattr(self, n) != _default(n)]
+            if changed:
+                raise ValueError(f"dense mode has no setting {', '.join(changed)} (hierarchical mode only)")
+
+    @classmethod
+    def from_dict(cls, settings: Dict[str, Any]) -> "EverythingConfig":
+        """From {name: value}; an unknown name is refused with the list of known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known - {"name"})  # "name" as `as_dict` writes it
+        if unknown:
+            raise ValueError(f"everything mode has no setting {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in settings.items() if k in known})
+
+    @classmethod
+    def parse(cls, spec: str) -> "EverythingConfig":
+        """'dense:32' or 'hierarchical:8:32:8.5:0.25' (round 1, round 2, tau, skip margin)."""
+        parts = spec.split(":")
+        try:
+            if parts[0] == "dense" and len(parts) <= 2:
+                return cls("dense", int(parts[1]) if len(parts) > 1 else 32)
+            if parts[0] == "hierarchical" and len(parts) <= 5:
+                r1 = int(parts[1]) if len(parts) > 1 else None
+                r2 = int(parts[2]) if len(parts) > 2 else 32
+                tau = float(parts[3]) if len(parts) > 3 else 8.5
+                margin = float(parts[4]) if len(parts) > 4 else 0.25
+                return cls("hierarchical", r2, r1, tau, margin)
+        except ValueError:
+            pass
+        raise ValueError(f"{spec!r}: expected dense[:POINTS] or hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN]]]]")
+
+    @property
+    def round1(self) -> int:
+        """Round 1's grid density (hierarchical mode)."""
+        return self.round1_points_per_side or max(1, self.points_per_side // 4)
+
+    @property
+    def name(self) -> str:
+        if self.mode == "dense":
+            return f"dense {self.points_per_side}"
+        return (f"hierarchical {self.round1}/{self.points_per_side} tau {self.high_confidence_thresh:g} "
+                f"margin {self.skip_margin:g}")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {**asdict(self), "name": self.name}
+
+    def to_json(self) -> str:
+        """Every setting, sorted: what the auto-masking job stores and compares on a rerun."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def generator_kwargs(self) -> Dict[str, Any]:
+        """The generator's keyword arguments (the official names)."""
+        kwargs = asdict(self)
+        del kwargs["mode"]
+        if self.mode == "dense":
+            for name in HIERARCHICAL_ONLY:
+                del kwargs[name]
+        return kwargs
+
+    def generator(self, model, output_mode: str = "binary_mask"):
+        """The generator of this mode and settings for `model`."""
+        from . import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+
+        cls = SamHierarchicalMaskGenerator if self.mode == "hierarchical" else SamAutomaticMaskGenerator
+        return cls(model, output_mode=output_mode, **self.generator_kwargs())
+
+
+def _default(name: str) -> Any:
+    f = next(f for f in fields(EverythingConfig) if f.name == name)
+    return None if f.default is MISSING else f.default
