@@ -17,7 +17,7 @@ DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 # kill-and-resume tests). The slowest tests are listed at the end.
 PYTEST_ARGS ?= -n 2 --dist loadfile --durations=25
 
-.PHONY: demo predictor-demo lint test test-slow venv weights clean
+.PHONY: demo predictor-demo lint test venv weights clean
 
 # uv installs (the packages pip would pick, from the same indexes: pip's own extra indexes and
 # find-links, e.g. a machine's local mirrors, are passed on) in under half of pip's time: it
@@ -59,11 +59,6 @@ lint: venv
 
 test: weights lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
-
-# The tests that take more than the suite's 20 minutes allow (pytest -m slow): --resume of a
-# distillation run in a second job.
-test-slow: weights
-	$(PY) -m pytest -ra -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(DEMO_OUTPUT) .pytest_cache

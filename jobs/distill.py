@@ -82,12 +82,13 @@ def parse(argv=None) -> Tuple[DistillJob, Optional[int]]:
     return job, a.num_cpus
 
 
-def main(argv=None) -> int:
+def main(argv=None, on_step=None) -> int:
+    """The job; `on_step(step, rank)` runs on every training worker after each step (test drills)."""
     job, num_cpus = parse(argv)
     try:
         checked = check_job(job)  # refusals come before Ray starts
         init_ray(num_cpus or job.num_workers * job.cpus_per_worker + 2, dashboard=True)
-        summary = distill(job, checked)
+        summary = distill(job, checked, on_step)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -89,3 +89,18 @@ class DyingEncoder:
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["embedding"] = np.zeros((len(batch["image_id"]), 256, 64, 64), np.float16)
         return out
+
+
+class KillWorkerAt:
+    """A distillation `on_step` callback for failure drills: the training worker of `rank` SIGKILLs
+    itself once, right after the report of step `step` (the marker file keeps the restart alive)."""
+
+    def __init__(self, step: int, rank: int, marker: str) -> None:
+        self.step, self.rank, self.marker = step, rank, marker
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step and rank == self.rank and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -21,8 +21,16 @@ def start_cluster(head_cpus: int, node_cpus: int, node_resources: dict = None):
     import ray
     from ray.cluster_utils import Cluster
 
-    # the dashboard serves the state API: which node each actor is on when the node dies
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": True})
+    import socket
+
+    # the dashboard serves the state API: which node each actor is on when the node dies. On a
+    # free port: a job in another test process may hold Ray's default 8265, and unlike ray.init
+    # the cluster utility does not move on to the next port.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": head_cpus, "include_dashboard": True, "dashboard_port": port})
     node = cluster.add_node(num_cpus=node_cpus, resources=node_resources or {})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)

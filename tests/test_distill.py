@@ -213,11 +213,14 @@ def test_each_split_reads_only_its_own_rows(prepared, tmp_path, mobile_sam_path,
         assert all(r["embedding"].shape == (256, 64, 64) and r["gt"].shape == (8, 256, 256) for r in rows)
 
 
-def run_distill_job(args: list, env: dict) -> tuple:
+def run_distill_job(args: list, env: dict, kill_worker_at: tuple = ()) -> tuple:
     """jobs/distill.py in a process with its own Ray (on this process's Ray, Ray Train's controller
     and Ray Data's split coordinator outlived a run and kept ~10% of the machine busy for the rest
-    of the suite). Returns its summary and output."""
-    done = subprocess.run([sys.executable, str(JOB), *args], env=env, capture_output=True, text=True, timeout=600)
+    of the suite); with `kill_worker_at` (step, rank, marker file) through tests/distill_drill.py.
+    Returns its summary and output."""
+    cmd = [sys.executable, "-m", "tests.distill_drill", *map(str, kill_worker_at)] if kill_worker_at else [
+        sys.executable, str(JOB)]
+    done = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600, cwd=JOB.parents[1])
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     return json.loads(next(line for line in out.splitlines() if line.startswith("SUMMARY "))[8:]), out
@@ -269,8 +272,7 @@ def test_ray_train_job_survives_a_killed_worker_and_exports(job_on_s3, s3_endpoi
     args = [*args, "--name", "killed", "--steps", "4"]
     export = tmp_path / "student.pth"
     # Worker rank 1 SIGKILLs itself right after the step-3 report: the last checkpoint is step 2.
-    summary, out = run_distill_job([*args, "--export", str(export)],
-                                   {**env, "TINYSAM_KILL_WORKER_AT": f"3:1:{tmp_path / 'killed'}"})
+    summary, out = run_distill_job([*args, "--export", str(export)], env, kill_worker_at=(3, 1, tmp_path / "killed"))
     assert (tmp_path / "killed").exists()
     assert summary["steps"] == 4
     assert summary["restarts"] == [2], out[-5000:]  # resumed from the step-2 checkpoint, not from zero
@@ -292,12 +294,9 @@ def test_ray_train_job_survives_a_killed_worker_and_exports(job_on_s3, s3_endpoi
     assert sorted(fs.find("runs/killed")) == before
 
 
-@pytest.mark.slow
 def test_resume_continues_a_run_in_a_new_job(job_on_s3):
     """--resume: a second job continues a finished run from its last checkpoint on S3, to more
-    steps than it first had, with the run's history (the first job's rows, the resume at step 2).
-    Two job starts take more of the suite's 20 minutes than it has (~230 s alone here, against
-    ~175 s for the test above): `make test-slow` runs it."""
+    steps than it first had, with the run's history (the first job's rows, the resume at step 2)."""
     args, env, _ = job_on_s3
     args = [*args, "--name", "resumed"]
     first, _ = run_distill_job([*args, "--steps", "2"], env)

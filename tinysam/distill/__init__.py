@@ -1,5 +1,5 @@
 """TinySAM distillation in pure PyTorch: losses, hard prompt sampling, the training step.
-The Ray Train job that runs it at scale is `pipelines/distill.py`."""
+The Ray Train job that runs it at scale is `pipelines/distill/`."""
 
 from .data import label_masks
 from .distiller import DistillConfig, Distiller, decode, init_student_decoder
