@@ -54,8 +54,10 @@ demo: weights
 predictor-demo: weights
 	$(PY) jobs/predict_demo.py --output $(DEMO_OUTPUT)/predictor
 
+# ruff: lint (pycodestyle, pyflakes, import order, bugbear) and the formatter's check, line length 120
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: weights lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

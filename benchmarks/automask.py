@@ -18,10 +18,10 @@ import torch
 
 from pipelines.automask import automask
 from pipelines.automask.worker import make_generator
-from tinysam.everything import EverythingConfig
 from pipelines.runtime import init_ray
 from pipelines.sources import decode_image, list_images, read_bytes
 from tinysam import build_sam
+from tinysam.everything import EverythingConfig
 from tinysam.sample_data import write_sample_corpus
 from tinysam.transforms import prepare_image, to_rgb_uint8
 
@@ -71,18 +71,31 @@ def main() -> None:
         folder = write_sample_corpus(work, args.images)
         loop = in_process_loop(folder, args.model, args.checkpoint, everything)
         init_ray(num_cpus=args.threads + 2)  # room for the read and write tasks beside the actor
-        summary = automask(str(folder), str(work / "out"), model=args.model, checkpoint=args.checkpoint,
-                           everything=everything, batch_size=args.batch_size,
-                           num_cpus_per_actor=args.threads, num_gpus_per_actor=args.num_gpus_per_actor)
+        summary = automask(
+            str(folder),
+            str(work / "out"),
+            model=args.model,
+            checkpoint=args.checkpoint,
+            everything=everything,
+            batch_size=args.batch_size,
+            num_cpus_per_actor=args.threads,
+            num_gpus_per_actor=args.num_gpus_per_actor,
+        )
         n = args.images
-        print(f"{n} images, {args.model}, {args.mode} {args.points_per_side}x{args.points_per_side}, "
-              f"job batch {args.batch_size}, {args.threads} threads")
-        print(f"  in-process loop: {loop['images_per_second']:.4f} images/s, {loop['masks'] / n:.1f} masks/image; "
-              f"per image: read+decode {loop['read_decode'] / n:.3f} s, encoder {loop['encoder'] / n:.2f} s, "
-              f"everything mode {loop['everything'] / n:.2f} s")
-        print(f"  Ray job        : {summary.images_per_second:.4f} images/s, {summary.masks_per_image:.1f} masks/image "
-              f"(incl. actor start and model load); actor time per image: encoder "
-              f"{summary.encode_seconds / n:.2f} s, everything mode {summary.generate_seconds / n:.2f} s")
+        print(
+            f"{n} images, {args.model}, {args.mode} {args.points_per_side}x{args.points_per_side}, "
+            f"job batch {args.batch_size}, {args.threads} threads"
+        )
+        print(
+            f"  in-process loop: {loop['images_per_second']:.4f} images/s, {loop['masks'] / n:.1f} masks/image; "
+            f"per image: read+decode {loop['read_decode'] / n:.3f} s, encoder {loop['encoder'] / n:.2f} s, "
+            f"everything mode {loop['everything'] / n:.2f} s"
+        )
+        print(
+            f"  Ray job        : {summary.images_per_second:.4f} images/s, {summary.masks_per_image:.1f} masks/image "
+            f"(incl. actor start and model load); actor time per image: encoder "
+            f"{summary.encode_seconds / n:.2f} s, everything mode {summary.generate_seconds / n:.2f} s"
+        )
         print(f"ratio job / loop: {summary.images_per_second / loop['images_per_second']:.3f}  (goal >= 0.9)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

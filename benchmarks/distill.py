@@ -18,7 +18,9 @@ job's precise BatchNorm on the step's batch).
 
 import os
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: the loop allocates as the job's workers do (worker_env)
+os.environ.setdefault(
+    "THP_MEM_ALLOC_ENABLE", "1"
+)  # before torch: the loop allocates as the job's workers do (worker_env)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # bars redraw from the driver during the steps
 
 import argparse
@@ -35,9 +37,9 @@ import torch
 
 from pipelines.distill import HUGE_PAGES_ENV, DistillJob, distill, label_rows, split_ids
 from pipelines.precompute import precompute_embeddings
+from pipelines.runtime import init_ray
 from pipelines.storage.embeddings import load_embeddings
 from pipelines.storage.files import read_table
-from pipelines.runtime import init_ray
 from tinysam import build_sam
 from tinysam.distill import DistillConfig, Distiller, init_student_decoder
 from tinysam.distill.distiller import match_embedding_statistics
@@ -91,8 +93,14 @@ def prepare(work: Path, photos: Tuple[str, ...], threads: int) -> str:
     """The photos with pseudo labels from the real vit_t, through the precompute job: its output folder."""
     shard = write_pseudo_labelled_shard(work / "sa1b", build_sam("vit_t", "mobile_sam"), photos, points_per_side=8)
     init_ray(num_cpus=threads + 2, dashboard=True)
-    precompute_embeddings(str(shard), str(work / "emb"), teacher="vit_t", checkpoint="mobile_sam", batch_size=4,
-                          num_cpus_per_actor=threads)
+    precompute_embeddings(
+        str(shard),
+        str(work / "emb"),
+        teacher="vit_t",
+        checkpoint="mobile_sam",
+        batch_size=4,
+        num_cpus_per_actor=threads,
+    )
     return str(work / "emb")
 
 
@@ -107,8 +115,10 @@ def learning_curve(embeddings: str, student_type: str, steps: int, every: int, v
     def evaluate() -> float:
         return distiller.evaluate([take(rows, [i]) for i in val])["miou_vs_teacher"]
 
-    print(f"{student_type} from scratch, vit_t teacher, {len(train)} training / {len(val)} held-out photos, "
-          f"batch 1, {torch.get_num_threads()} threads")
+    print(
+        f"{student_type} from scratch, vit_t teacher, {len(train)} training / {len(val)} held-out photos, "
+        f"batch 1, {torch.get_num_threads()} threads"
+    )
     print("| step | loss (mean since last row) | embedding L1 | held-out mIoU(student, teacher) | seconds |")
     print("|---|---|---|---|---|")
     order, start, window = np.random.default_rng(0), time.perf_counter(), []
@@ -119,8 +129,11 @@ def learning_curve(embeddings: str, student_type: str, steps: int, every: int, v
         window.append(distiller.train_step(batch))
         if step % every == 0 or step == steps:
             distiller.recompute_bn_statistics(batch)
-            print(f"| {step} | {np.mean([m['loss'] for m in window]):.3f} | {window[-1]['embedding']:.4f} | "
-                  f"{evaluate():.4f} | {time.perf_counter() - start:.0f} |", flush=True)
+            print(
+                f"| {step} | {np.mean([m['loss'] for m in window]):.3f} | {window[-1]['embedding']:.4f} | "
+                f"{evaluate():.4f} | {time.perf_counter() - start:.0f} |",
+                flush=True,
+            )
             window = []
 
 
@@ -141,20 +154,35 @@ def main() -> None:
             return
         # the loop runs before and after the Ray run (the machine drifts): its mean is the baseline
         before = in_process(embeddings, args.student, args.steps)
-        job = DistillJob(embeddings=embeddings, teacher_checkpoint="mobile_sam", student=args.student,
-                         num_workers=1, cpus_per_worker=args.threads, steps=args.steps, checkpoint_every=args.steps,
-                         storage_path=str(work / "runs"), name="bench", distill=METHOD)
+        job = DistillJob(
+            embeddings=embeddings,
+            teacher_checkpoint="mobile_sam",
+            student=args.student,
+            num_workers=1,
+            cpus_per_worker=args.threads,
+            steps=args.steps,
+            checkpoint_every=args.steps,
+            storage_path=str(work / "runs"),
+            name="bench",
+            distill=METHOD,
+        )
         summary = distill(job)
         after = in_process(embeddings, args.student, args.steps)
         loop = (before["step_seconds"] + after["step_seconds"]) / 2
         ray_step = 1 / summary.images_per_second  # median of (step + wait for data), one image per step
-        print(f"{args.steps} steps, {args.student} student, vit_t teacher, 1 worker, {args.threads} threads, batch 1, "
-              f"{HUGE_PAGES_ENV}={os.environ[HUGE_PAGES_ENV]} in both")
-        print(f"  in-process loop : {loop:.3f} s/step (before {before['step_seconds']:.3f}, "
-              f"after {after['step_seconds']:.3f}); per step {after['minor_faults']:.0f} minor page "
-              f"faults, {after['kernel_seconds']:.2f} s in the kernel")
-        print(f"  Ray Train       : {ray_step:.3f} s/step (median, data wait included), compute alone "
-              f"{summary.step_seconds:.3f} s/step; data wait {100 * summary.data_wait_fraction:.1f}% of step time")
+        print(
+            f"{args.steps} steps, {args.student} student, vit_t teacher, 1 worker, {args.threads} threads, batch 1, "
+            f"{HUGE_PAGES_ENV}={os.environ[HUGE_PAGES_ENV]} in both"
+        )
+        print(
+            f"  in-process loop : {loop:.3f} s/step (before {before['step_seconds']:.3f}, "
+            f"after {after['step_seconds']:.3f}); per step {after['minor_faults']:.0f} minor page "
+            f"faults, {after['kernel_seconds']:.2f} s in the kernel"
+        )
+        print(
+            f"  Ray Train       : {ray_step:.3f} s/step (median, data wait included), compute alone "
+            f"{summary.step_seconds:.3f} s/step; data wait {100 * summary.data_wait_fraction:.1f}% of step time"
+        )
         print(f"overhead Ray / loop: {100 * (ray_step / loop - 1):+.1f}%  (goal <= 10%)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -14,8 +14,8 @@ import warnings
 import torch
 
 from tinysam import build_sam
-from tinysam.transforms import prepare_image
 from tinysam.sample_data import sample_images
+from tinysam.transforms import prepare_image
 
 
 def main() -> None:
@@ -49,8 +49,10 @@ def main() -> None:
                     times[key].append(time.perf_counter() - t0)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"vit_t image encoder, {len(images)} images x {args.repeats} repeats, {args.threads} threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"vit_t image encoder, {len(images)} images x {args.repeats} repeats, {args.threads} threads, "
+        f"torch {torch.__version__}"
+    )
     for key in encoders:
         print(f"  {key:9s} median {med[key] * 1000:8.1f} ms/image   mean {statistics.mean(times[key]) * 1000:8.1f} ms")
     print(f"ratio ours/official: {med['ours'] / med['official']:.3f}  (goal <= 1.0)")

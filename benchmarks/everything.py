@@ -64,8 +64,12 @@ def peak_memory_child(checkpoint: str, mode: str, size: str) -> None:
 
 
 def measure_peak(checkpoint: str, mode: str, size: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--peak-memory-child", mode, "--checkpoint", checkpoint,
-                          "--peak-size", size], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak-memory-child", mode, "--checkpoint", checkpoint, "--peak-size", size],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -74,8 +78,12 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", default=["astronaut", "coffee", "chelsea", "nuclei"])
     parser.add_argument("--checkpoint", default="mobile_sam")
     parser.add_argument("--skip-official", action="store_true")
-    parser.add_argument("--peak-sizes", nargs="+", default=["1024x1024", "4000x3000"],
-                        help="photo sizes (WxH) whose peak memory is measured")
+    parser.add_argument(
+        "--peak-sizes",
+        nargs="+",
+        default=["1024x1024", "4000x3000"],
+        help="photo sizes (WxH) whose peak memory is measured",
+    )
     parser.add_argument("--peak-only", action="store_true", help="only the peak memory")
     parser.add_argument("--peak-memory-child", choices=["dense", "hierarchical"], help=argparse.SUPPRESS)
     parser.add_argument("--peak-size", default="1024x1024", help=argparse.SUPPRESS)
@@ -111,34 +119,50 @@ def main() -> None:
                 masks = [r["segmentation"] for r in gen.generate(rgb)]
             secs = time.perf_counter() - t0
             stats = getattr(gen, "last_stats", {})
-            skipped = f"{stats['skipped_points']} of {stats['round2_grid_points']}" if "skipped_points" in stats else None
+            skipped = (
+                f"{stats['skipped_points']} of {stats['round2_grid_points']}" if "skipped_points" in stats else None
+            )
             results[key] = (secs, masks, skipped)
         ref_key = "official dense" if "official dense" in results else "ours dense"
         for key, (secs, masks, skipped) in results.items():
-            row = {"image": name, "method": key, "seconds": secs, "masks": len(masks), "skipped": skipped,
-                   "agreement": best_match_miou(results[ref_key][1], masks)}
+            row = {
+                "image": name,
+                "method": key,
+                "seconds": secs,
+                "masks": len(masks),
+                "skipped": skipped,
+                "agreement": best_match_miou(results[ref_key][1], masks),
+            }
             if gt is not None:
                 row["gt_miou"] = best_match_miou(gt, masks)
             rows.append(row)
             extra = f"  GT mIoU {row['gt_miou']:.4f}" if gt is not None else ""
             extra += f"  skipped {skipped}" if skipped is not None else ""
-            print(f"{name:10s} {key:32s} {secs:7.1f} s  {len(masks):4d} masks  agreement {row['agreement']:.4f}{extra}",
-                  flush=True)
+            print(
+                f"{name:10s} {key:32s} {secs:7.1f} s  {len(masks):4d} masks  agreement {row['agreement']:.4f}{extra}",
+                flush=True,
+            )
 
     print("\n| image | method | s/image | masks | round-2 points skipped | agreement with official dense | GT mIoU |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         gt = f"{r['gt_miou']:.4f}" if "gt_miou" in r else ""
-        print(f"| {r['image']} | {r['method']} | {r['seconds']:.1f} | {r['masks']} | {r['skipped'] or ''} | "
-              f"{r['agreement']:.4f} | {gt} |")
+        print(
+            f"| {r['image']} | {r['method']} | {r['seconds']:.1f} | {r['masks']} | {r['skipped'] or ''} | "
+            f"{r['agreement']:.4f} | {gt} |"
+        )
     if "official dense" in runners:
         for key in [k for k in runners if k.startswith("ours")]:
             ratios = [
                 next(x["seconds"] for x in rows if x["image"] == img and x["method"] == "official dense") / r["seconds"]
-                for img in args.images for r in rows if r["image"] == img and r["method"] == key
+                for img in args.images
+                for r in rows
+                if r["image"] == img and r["method"] == key
             ]
-            print(f"speed-up of {key} over official dense: median {statistics.median(ratios):.2f}x "
-                  f"(per image {', '.join(f'{x:.2f}' for x in ratios)})")
+            print(
+                f"speed-up of {key} over official dense: median {statistics.median(ratios):.2f}x "
+                f"(per image {', '.join(f'{x:.2f}' for x in ratios)})"
+            )
     report_peaks(args.checkpoint, args.peak_sizes)
 
 
@@ -148,9 +172,12 @@ def report_peaks(checkpoint: str, sizes) -> None:
             peak = measure_peak(checkpoint, mode, size)
             extra = (peak["peak"] - peak["rss_before"]) / 2**20
             w, h = (int(v) for v in size.split("x"))
-            print(f"peak memory of one {mode} call on {size}: {extra:.0f} MiB above the "
-                  f"{peak['rss_before'] / 2**20:.0f} MiB process ({extra / (w * h / 1e6):.0f} MiB per Mpx; peak RSS "
-                  f"{peak['peak'] / 2**20:.0f} MiB), {peak['masks']} masks", flush=True)
+            print(
+                f"peak memory of one {mode} call on {size}: {extra:.0f} MiB above the "
+                f"{peak['rss_before'] / 2**20:.0f} MiB process ({extra / (w * h / 1e6):.0f} MiB per Mpx; peak RSS "
+                f"{peak['peak'] / 2**20:.0f} MiB), {peak['masks']} masks",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

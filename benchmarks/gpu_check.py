@@ -24,11 +24,11 @@ import torch
 
 from pipelines.automask import automask
 from pipelines.automask.worker import make_generator
-from tinysam.everything import EverythingConfig
 from pipelines.precompute import precompute_embeddings
 from pipelines.runtime import init_ray
 from pipelines.sources import decode_image, list_images, read_bytes
 from tinysam import build_sam
+from tinysam.everything import EverythingConfig
 from tinysam.sample_data import sample_images, write_sample_corpus
 from tinysam.transforms import prepare_image, to_rgb_uint8
 from tinysam.utils.metrics import best_match_ious
@@ -163,8 +163,10 @@ class GpuSampler:
 
     def summary(self) -> Dict[str, float]:
         busy = [s for s in self.samples if s > 0]
-        return {"gpu_util_mean": round(float(np.mean(self.samples or [0])), 1),
-                "gpu_util_mean_while_busy": round(float(np.mean(busy or [0])), 1)}
+        return {
+            "gpu_util_mean": round(float(np.mean(self.samples or [0])), 1),
+            "gpu_util_mean_while_busy": round(float(np.mean(busy or [0])), 1),
+        }
 
 
 def loop_images_per_s(folder: Path, run_batch: Callable[[List[np.ndarray]], Any], batch_size: int) -> float:
@@ -174,8 +176,9 @@ def loop_images_per_s(folder: Path, run_batch: Callable[[List[np.ndarray]], Any]
     torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(0, len(refs), batch_size):
-        run_batch([to_rgb_uint8(decode_image(read_bytes(r.source)[0], r.source), r.source)
-                   for r in refs[i:i + batch_size]])
+        run_batch(
+            [to_rgb_uint8(decode_image(read_bytes(r.source)[0], r.source), r.source) for r in refs[i : i + batch_size]]
+        )
     torch.cuda.synchronize()
     return len(refs) / (time.perf_counter() - start)
 
@@ -190,11 +193,25 @@ def precompute_on_gpu(work: Path, images: int, batch_size: int) -> Dict[str, Any
 
     loop = loop_images_per_s(write_sample_corpus(work / "teacher_loop", min(images, 64)), run_batch, batch_size)
     with GpuSampler() as gpu:
-        summary = precompute_embeddings(str(folder), str(work / "teacher_out"), teacher="vit_h", checkpoint=None,
-                                        batch_size=batch_size, num_gpus_per_actor=1, num_cpus_per_actor=4)
-    return {"images": images, "batch_size": batch_size, "loop_images_per_s": round(loop, 2),
-            "job_images_per_s_incl_start": round(summary.images_per_second, 2), "job_seconds": round(summary.seconds, 1),
-            "written": summary.written, "failed": summary.failed, **gpu.summary()}
+        summary = precompute_embeddings(
+            str(folder),
+            str(work / "teacher_out"),
+            teacher="vit_h",
+            checkpoint=None,
+            batch_size=batch_size,
+            num_gpus_per_actor=1,
+            num_cpus_per_actor=4,
+        )
+    return {
+        "images": images,
+        "batch_size": batch_size,
+        "loop_images_per_s": round(loop, 2),
+        "job_images_per_s_incl_start": round(summary.images_per_second, 2),
+        "job_seconds": round(summary.seconds, 1),
+        "written": summary.written,
+        "failed": summary.failed,
+        **gpu.summary(),
+    }
 
 
 def automask_on_gpu(work: Path, checkpoint: str, images: int, batch_size: int) -> Dict[str, Any]:
@@ -210,16 +227,46 @@ def automask_on_gpu(work: Path, checkpoint: str, images: int, batch_size: int) -
 
     loop = loop_images_per_s(folder, run_batch, batch_size)
     with GpuSampler() as gpu:
-        summary = automask(str(folder), str(work / "automask_out"), model="vit_t", checkpoint=checkpoint,
-                           everything=EverythingConfig(points_per_side=32), batch_size=batch_size,
-                           num_gpus_per_actor=1, num_cpus_per_actor=4)
-    return {"images": images, "batch_size": batch_size, "loop_images_per_s": round(loop, 2),
-            "job_images_per_s_incl_start": round(summary.images_per_second, 2), "job_seconds": round(summary.seconds, 1),
-            "masks_per_image": round(summary.masks_per_image, 1), "written": summary.written, **gpu.summary()}
+        summary = automask(
+            str(folder),
+            str(work / "automask_out"),
+            model="vit_t",
+            checkpoint=checkpoint,
+            everything=EverythingConfig(points_per_side=32),
+            batch_size=batch_size,
+            num_gpus_per_actor=1,
+            num_cpus_per_actor=4,
+        )
+    return {
+        "images": images,
+        "batch_size": batch_size,
+        "loop_images_per_s": round(loop, 2),
+        "job_images_per_s_incl_start": round(summary.images_per_second, 2),
+        "job_seconds": round(summary.seconds, 1),
+        "masks_per_image": round(summary.masks_per_image, 1),
+        "written": summary.written,
+        **gpu.summary(),
+    }
 
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "horse", "hubble_deep_field",
-          "immunohistochemistry", "brick", "grass", "gravel", "clock", "page", "text")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "coins",
+    "moon",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "brick",
+    "grass",
+    "gravel",
+    "clock",
+    "page",
+    "text",
+)
 
 
 def distill_on_gpu(work: Path, checkpoint: str, steps: int, student: str = "vit_t") -> Dict[str, Any]:
@@ -240,19 +287,45 @@ def distill_on_gpu(work: Path, checkpoint: str, steps: int, student: str = "vit_
     start = time.perf_counter()
     shard = write_pseudo_labelled_shard(work / "sa1b", teacher, tuple(names), points_per_side=16)
     label_s = time.perf_counter() - start
-    precompute_embeddings(str(shard), str(work / "distill_emb"), teacher="vit_t", checkpoint=checkpoint, batch_size=8,
-                          num_gpus_per_actor=1, num_cpus_per_actor=4)
-    job = DistillJob(embeddings=str(work / "distill_emb"), teacher_checkpoint=checkpoint, student=student,
-                     num_workers=1, use_gpu=True, cpus_per_worker=8, batch_size=4, steps=steps,
-                     checkpoint_every=max(1, steps // 5), storage_path=str(work / "runs"), name="gpu",
-                     val_fraction=0.2, distill={"lr": 2e-3, "warmup_steps": 10})
+    precompute_embeddings(
+        str(shard),
+        str(work / "distill_emb"),
+        teacher="vit_t",
+        checkpoint=checkpoint,
+        batch_size=8,
+        num_gpus_per_actor=1,
+        num_cpus_per_actor=4,
+    )
+    job = DistillJob(
+        embeddings=str(work / "distill_emb"),
+        teacher_checkpoint=checkpoint,
+        student=student,
+        num_workers=1,
+        use_gpu=True,
+        cpus_per_worker=8,
+        batch_size=4,
+        steps=steps,
+        checkpoint_every=max(1, steps // 5),
+        storage_path=str(work / "runs"),
+        name="gpu",
+        val_fraction=0.2,
+        distill={"lr": 2e-3, "warmup_steps": 10},
+    )
     summary = distill(job)
     print(summary.table, flush=True)
-    return {"images": len(names), "pseudo_label_seconds": round(label_s, 1), "steps": summary.steps,
-            "student": student, "images_per_s": round(summary.images_per_second, 2),
-            "data_wait_fraction": round(summary.data_wait_fraction, 3), "loss_start": round(summary.loss_start, 4),
-            "loss_end": round(summary.loss_end, 4), "miou_start": round(summary.miou_start, 4),
-            "miou_end": round(summary.miou_end, 4), "table": summary.table}
+    return {
+        "images": len(names),
+        "pseudo_label_seconds": round(label_s, 1),
+        "steps": summary.steps,
+        "student": student,
+        "images_per_s": round(summary.images_per_second, 2),
+        "data_wait_fraction": round(summary.data_wait_fraction, 3),
+        "loss_start": round(summary.loss_start, 4),
+        "loss_end": round(summary.loss_end, 4),
+        "miou_start": round(summary.miou_start, 4),
+        "miou_end": round(summary.miou_end, 4),
+        "table": summary.table,
+    }
 
 
 def main() -> None:

@@ -48,13 +48,30 @@ def main() -> None:
         for r in range(args.rounds):
             for value in ("0", "1"):
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", embeddings, "--steps", str(args.steps),
-                     "--threads", str(args.threads), "--student", args.student],
-                    env={**os.environ, HUGE_PAGES_ENV: value}, capture_output=True, text=True, check=True)
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        embeddings,
+                        "--steps",
+                        str(args.steps),
+                        "--threads",
+                        str(args.threads),
+                        "--student",
+                        args.student,
+                    ],
+                    env={**os.environ, HUGE_PAGES_ENV: value},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 runs[value].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 m = runs[value][-1]
-                print(f"round {r} {HUGE_PAGES_ENV}={value}: {m['step_seconds']:.3f} s/step, "
-                      f"{m['minor_faults']:.0f} minor faults, {m['kernel_seconds']:.2f} s in the kernel", flush=True)
+                print(
+                    f"round {r} {HUGE_PAGES_ENV}={value}: {m['step_seconds']:.3f} s/step, "
+                    f"{m['minor_faults']:.0f} minor faults, {m['kernel_seconds']:.2f} s in the kernel",
+                    flush=True,
+                )
         off, on = (statistics.mean(m["step_seconds"] for m in runs[v]) for v in ("0", "1"))
         print(f"{args.student} student, {args.threads} threads, {args.steps - 1} steps x {args.rounds} rounds each")
         print(f"  huge pages off: {off:.3f} s/step   on: {on:.3f} s/step   on/off: {on / off:.3f}")

@@ -30,7 +30,9 @@ def bare_loop(folder: Path, teacher: str, checkpoint: str, batch_size: int) -> f
     kept = []
     with torch.inference_mode():
         for i in range(0, len(refs), batch_size):
-            batch = [prepare_image(decode_image(read_bytes(r.source)[0], r.source)).tensor for r in refs[i:i + batch_size]]
+            batch = [
+                prepare_image(decode_image(read_bytes(r.source)[0], r.source)).tensor for r in refs[i : i + batch_size]
+            ]
             kept.append(model.image_encoder(torch.stack(batch)).half().numpy())
     return len(refs) / (time.perf_counter() - start)
 
@@ -52,15 +54,22 @@ def main() -> None:
         loop_ips = bare_loop(folder, args.teacher, args.checkpoint, args.batch_size)
         init_ray(num_cpus=args.threads + 2)
         # Model loading is paid once per actor; warm the pool's cache of weights first.
-        summary = precompute_embeddings(str(folder), str(work / "out"), teacher=args.teacher,
-                                        checkpoint=args.checkpoint, batch_size=args.batch_size,
-                                        num_cpus_per_actor=args.threads,
-                                        num_gpus_per_actor=args.num_gpus_per_actor)
+        summary = precompute_embeddings(
+            str(folder),
+            str(work / "out"),
+            teacher=args.teacher,
+            checkpoint=args.checkpoint,
+            batch_size=args.batch_size,
+            num_cpus_per_actor=args.threads,
+            num_gpus_per_actor=args.num_gpus_per_actor,
+        )
         job_ips = summary.images_per_second
         print(f"{args.images} images, {args.teacher}, batch {args.batch_size}, {args.threads} threads")
         print(f"  bare loop : {loop_ips:6.3f} images/s")
-        print(f"  Ray job   : {job_ips:6.3f} images/s (incl. actor start and model load), "
-              f"{summary.mib_per_image:.2f} MiB/image written")
+        print(
+            f"  Ray job   : {job_ips:6.3f} images/s (incl. actor start and model load), "
+            f"{summary.mib_per_image:.2f} MiB/image written"
+        )
         print(f"ratio job / loop: {job_ips / loop_ips:.3f}  (goal >= 0.9)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -38,23 +38,36 @@ def main() -> None:
     centers = np.array([[[xs.mean(), ys.mean()]] for ys, xs in (np.nonzero(m) for m in masks)])
     ours = build_sam("vit_t", "mobile_sam").eval()
     official = sam_model_registry["vit_t"](checkpoint=str(resolve_checkpoint("mobile_sam"))).eval()
-    predictors = {"official": OfficialPredictor(official), "ours, official order": SamPredictor(ours, fast_decoder=False),
-                  "ours (default)": SamPredictor(ours)}
+    predictors = {
+        "official": OfficialPredictor(official),
+        "ours, official order": SamPredictor(ours, fast_decoder=False),
+        "ours (default)": SamPredictor(ours),
+    }
     for predictor in predictors.values():
         predictor.set_image(rgb)
 
     def boxes_call(predictor):
-        return predictor.predict_torch(None, None, torch.as_tensor(
-            predictor.transform.apply_boxes(boxes, rgb.shape[:2]), dtype=torch.float32), multimask_output=False,
-            return_logits=True)
+        return predictor.predict_torch(
+            None,
+            None,
+            torch.as_tensor(predictor.transform.apply_boxes(boxes, rgb.shape[:2]), dtype=torch.float32),
+            multimask_output=False,
+            return_logits=True,
+        )
 
     with torch.inference_mode():
         low_res = boxes_call(predictors["official"])[2]
 
     def points_call(predictor):
         coords = torch.as_tensor(predictor.transform.apply_coords(centers, rgb.shape[:2]), dtype=torch.float32)
-        return predictor.predict_torch(coords, torch.ones(len(centers), 1, dtype=torch.int), None, low_res,
-                                       multimask_output=False, return_logits=True)
+        return predictor.predict_torch(
+            coords,
+            torch.ones(len(centers), 1, dtype=torch.int),
+            None,
+            low_res,
+            multimask_output=False,
+            return_logits=True,
+        )
 
     print(f"BBBC038, {len(masks)} prompts per call, {a.threads} thread(s), median of {a.repeats}")
     for name, call in (("boxes", boxes_call), ("points + mask inputs", points_call)):

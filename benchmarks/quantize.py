@@ -26,21 +26,29 @@ import torch
 
 from tinysam import SamPredictor, build_sam
 from tinysam.eval import box_prompt_miou
-from tinysam.quant import (QuantConfig, compile_frozen, int8_available, int8_unavailable_reason, quantize_sam,
-                           set_mode)
+from tinysam.quant import QuantConfig, compile_frozen, int8_available, int8_unavailable_reason, quantize_sam, set_mode
 from tinysam.quant.calibrate import calibration_prompts, search_scales
 from tinysam.sample_data import bbbc038, instance_masks, sample_images
 from tinysam.transforms import prepare_image
 
-CALIBRATION = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry",
-               "hubble_deep_field", "coins")
+CALIBRATION = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "coins",
+)
 
 
 def decoder_call(sam, embedding, boxes, decoder=None):
     """One decoder call on a batch of box prompts; channels-last upscaling, as everything mode runs it."""
     sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
-    return (decoder or sam.mask_decoder)(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense,
-                                         multimask_output=True, fast_upscaling=True)
+    return (decoder or sam.mask_decoder)(
+        embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True, fast_upscaling=True
+    )
 
 
 # (rows, in, out) of vit_t linear layers: stage-2 qkv / fc1 / fc2, the neck's 1x1 conv, decoder projections
@@ -80,7 +88,9 @@ def main() -> None:
     p.add_argument("--checkpoint", default="mobile_sam")
     p.add_argument("--candidates", type=int, default=QuantConfig.candidates)
     p.add_argument("--rounds", type=int, default=QuantConfig.rounds)
-    p.add_argument("--prompts", type=int, default=64, help="box prompts in the batched decoder call (everything mode batches 64)")
+    p.add_argument(
+        "--prompts", type=int, default=64, help="box prompts in the batched decoder call (everything mode batches 64)"
+    )
     p.add_argument("--kernels-only", action="store_true", help="only the int8 vs fp32 kernel table")
     p.add_argument("--no-compile", action="store_true", help="eager models only (compiling takes minutes)")
     args = p.parse_args()
@@ -96,10 +106,13 @@ def main() -> None:
     sam = build_sam("vit_t", args.checkpoint)
     config = QuantConfig(candidates=args.candidates, rounds=args.rounds, calibration_images=len(CALIBRATION))
     t0 = time.time()
-    report = quantize_sam(sam, [img for _, img in sample_images(CALIBRATION)], config,
-                          progress=lambda m: print(f"  {m}", flush=True))
-    print(f"quantized {report.quantized} layers in {time.time() - t0:.0f} s "
-          f"(n={config.candidates}, rounds={config.rounds}, {len(CALIBRATION)} images)")
+    report = quantize_sam(
+        sam, [img for _, img in sample_images(CALIBRATION)], config, progress=lambda m: print(f"  {m}", flush=True)
+    )
+    print(
+        f"quantized {report.quantized} layers in {time.time() - t0:.0f} s "
+        f"(n={config.candidates}, rounds={config.rounds}, {len(CALIBRATION)} images)"
+    )
 
     image, labels = bbbc038()
     gts = list(instance_masks(labels))
@@ -116,8 +129,10 @@ def main() -> None:
     batch = torch.cat([grid - 48, grid + 48], dim=1).clamp(0, 1024)
     one = batch[:1]
     eager = {"fp32": fp32} | {f"W8A8 {m}": sam for m in modes}
-    variants = {key: (model, key.split()[-1] if key != "fp32" else None, model.image_encoder, model.mask_decoder)
-                for key, model in eager.items()}
+    variants = {
+        key: (model, key.split()[-1] if key != "fp32" else None, model.image_encoder, model.mask_decoder)
+        for key, model in eager.items()
+    }
     if not args.no_compile:  # Inductor with frozen weights, fp32 as the fair baseline (see compile_frozen)
         set_mode(sam, "sim")  # drops the packed int8 weights (oneDNN tensors do not deep-copy)
         int8_model = copy.deepcopy(sam)  # its own copy: a compiled model's mode must not change
@@ -139,8 +154,11 @@ def main() -> None:
             for key, (model, mode, encoder, decoder) in variants.items():
                 if mode:
                     set_mode(model, mode)
-                calls = {"enc": partial(encoder, x), "one": partial(decoder_call, model, embedding, one, decoder),
-                         "batch": partial(decoder_call, model, embedding, batch, decoder)}
+                calls = {
+                    "enc": partial(encoder, x),
+                    "one": partial(decoder_call, model, embedding, one, decoder),
+                    "batch": partial(decoder_call, model, embedding, batch, decoder),
+                }
                 for part, call in calls.items():
                     t = time.perf_counter()
                     call()
@@ -161,22 +179,31 @@ def main() -> None:
 
     med = {k: {part: statistics.median(v[1:]) * 1000 for part, v in parts.items()} for k, parts in times.items()}
     print(f"\nvit_t, {args.threads} threads, torch {torch.__version__}, median of {args.repeats}")
-    print(f"| variant | encoder ms | decoder ms (1 box) | encoder + decoder ms | speed-up vs fp32 "
-          f"| decoder ms ({args.prompts} boxes) | speed-up vs fp32 |")
+    print(
+        f"| variant | encoder ms | decoder ms (1 box) | encoder + decoder ms | speed-up vs fp32 "
+        f"| decoder ms ({args.prompts} boxes) | speed-up vs fp32 |"
+    )
     print("|---|---|---|---|---|---|---|")
     total = {k: m["enc"] + m["one"] for k, m in med.items()}
     for key, m in med.items():
-        print(f"| {key} | {m['enc']:.0f} | {m['one']:.1f} | {total[key]:.0f} | {total['fp32'] / total[key]:.2f}x "
-              f"| {m['batch']:.0f} | {med['fp32']['batch'] / m['batch']:.2f}x |")
+        print(
+            f"| {key} | {m['enc']:.0f} | {m['one']:.1f} | {total[key]:.0f} | {total['fp32'] / total[key]:.2f}x "
+            f"| {m['batch']:.0f} | {med['fp32']['batch'] / m['batch']:.2f}x |"
+        )
     print("\nBBBC038 box-prompt mIoU (125 ground-truth boxes):")
     for key, value in miou.items():
         print(f"  {key:22s} {value:.4f}   ({value - miou['fp32']:+.4f} vs fp32)")
     if "W8A8 int8" in med:
-        print(f"int8 vs fp32 (eager), encoder + 1-box decoder: {total['fp32'] / total['W8A8 int8']:.2f}x (goal >= 1.5x)")
+        print(
+            f"int8 vs fp32 (eager), encoder + 1-box decoder: {total['fp32'] / total['W8A8 int8']:.2f}x (goal >= 1.5x)"
+        )
     if "W8A8 int8 compiled" in med:
         c, f = med["W8A8 int8 compiled"], med["fp32 compiled"]
-        print(f"int8 vs fp32, both compiled: encoder + 1-box decoder {total['fp32 compiled'] / total['W8A8 int8 compiled']:.2f}x"
-              f" (goal >= 1.5x; encoder {f['enc'] / c['enc']:.2f}x), {args.prompts}-box decoder {f['batch'] / c['batch']:.2f}x")
+        print(
+            "int8 vs fp32, both compiled: encoder + 1-box decoder "
+            f"{total['fp32 compiled'] / total['W8A8 int8 compiled']:.2f}x (goal >= 1.5x; "
+            f"encoder {f['enc'] / c['enc']:.2f}x), {args.prompts}-box decoder {f['batch'] / c['batch']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

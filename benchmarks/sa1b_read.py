@@ -70,7 +70,8 @@ def ray_stage(path: Path, out: Path) -> int:
     import ray
 
     ds = ray.data.from_items([{"shard": str(path)}]).map_batches(
-        read_shards, batch_size=1, num_cpus=0.5, fn_kwargs={"output": str(out), "done": DoneIds.of([])})
+        read_shards, batch_size=1, num_cpus=0.5, fn_kwargs={"output": str(out), "done": DoneIds.of([])}
+    )
     return sum(len(b["image_id"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 
@@ -99,8 +100,16 @@ def main() -> None:
             stage_warm, _ = timed(lambda: ray_stage(shard, out))
             local_warm, _ = timed(lambda: in_process(shard, out))
             assert local_n == stage_n == n, (local_n, stage_n, n)
-            row = {"n": n, "mib": size / 2**20, "cat_cold": cat_cold, "stage_cold": stage_cold, "local_cold": local_cold,
-                   "cat_warm": cat_warm, "stage_warm": stage_warm, "local_warm": local_warm}
+            row = {
+                "n": n,
+                "mib": size / 2**20,
+                "cat_cold": cat_cold,
+                "stage_cold": stage_cold,
+                "local_cold": local_cold,
+                "cat_warm": cat_warm,
+                "stage_warm": stage_warm,
+                "local_warm": local_warm,
+            }
             rows.append(row)
             print({k: round(v, 3) for k, v in row.items()}, flush=True)
             shard.unlink()
@@ -108,18 +117,25 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
         ray.shutdown()
-    print("\n| members | shard MiB | cold: cat MB/s | cold: read stage MB/s | stage / cat | cold: ms per image "
-          "| warm: cat MB/s | warm: read stage MB/s | warm: in process MB/s |")
+    print(
+        "\n| members | shard MiB | cold: cat MB/s | cold: read stage MB/s | stage / cat | cold: ms per image "
+        "| warm: cat MB/s | warm: read stage MB/s | warm: in process MB/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mib = r["mib"]
-        print(f"| {r['n']} | {mib:.0f} | {mib / r['cat_cold']:.0f} | {mib / r['stage_cold']:.0f} | "
-              f"{r['cat_cold'] / r['stage_cold']:.2f} | {r['stage_cold'] / r['n'] * 1000:.2f} | "
-              f"{mib / r['cat_warm']:.0f} | {mib / r['stage_warm']:.0f} | {mib / r['local_warm']:.0f} |")
+        print(
+            f"| {r['n']} | {mib:.0f} | {mib / r['cat_cold']:.0f} | {mib / r['stage_cold']:.0f} | "
+            f"{r['cat_cold'] / r['stage_cold']:.2f} | {r['stage_cold'] / r['n'] * 1000:.2f} | "
+            f"{mib / r['cat_warm']:.0f} | {mib / r['stage_warm']:.0f} | {mib / r['local_warm']:.0f} |"
+        )
     per_image = [r["stage_cold"] / r["n"] for r in rows]
-    print(f"\nms per image (cold read stage), largest shard over smallest: {per_image[-1] / per_image[0]:.2f} "
-          f"(goal <= 1.2); read stage / plain read, cold: {min(r['cat_cold'] / r['stage_cold'] for r in rows):.2f} "
-          "at worst (goal >= 0.5)")
+    print(
+        f"\nms per image (cold read stage), largest shard over smallest: {per_image[-1] / per_image[0]:.2f} "
+        f"(goal <= 1.2); read stage / plain read, cold: {min(r['cat_cold'] / r['stage_cold'] for r in rows):.2f} "
+        "at worst (goal >= 0.5)"
+    )
+
 
 if __name__ == "__main__":
     main()

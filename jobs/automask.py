@@ -50,16 +50,28 @@ def main(argv=None) -> int:
     init_ray(args.num_cpus)
 
     def report(s) -> None:
-        print(f"masks {s.masks} ({s.masks_per_image:.1f} per image), {s.images_per_second:.3f} images/s; "
-              f"actor time: encoder {s.encode_seconds:.1f} s, everything mode {s.generate_seconds:.1f} s")
+        print(
+            f"masks {s.masks} ({s.masks_per_image:.1f} per image), {s.images_per_second:.3f} images/s; "
+            f"actor time: encoder {s.encode_seconds:.1f} s, everything mode {s.generate_seconds:.1f} s"
+        )
         if args.coco_json:
             print(f"COCO results: {args.coco_json}")
         if args.preview:
             print(f"previews: {args.output.rstrip('/')}/previews/")
 
-    return run_job(lambda: automask(args.input, model=args.model, everything=everything,
-                                    embeddings=args.embeddings, sa1b_json=args.sa1b_json, coco_json=args.coco_json,
-                                    preview=args.preview, **corpus_kwargs(args)), report)
+    return run_job(
+        lambda: automask(
+            args.input,
+            model=args.model,
+            everything=everything,
+            embeddings=args.embeddings,
+            sa1b_json=args.sa1b_json,
+            coco_json=args.coco_json,
+            preview=args.preview,
+            **corpus_kwargs(args),
+        ),
+        report,
+    )
 
 
 if __name__ == "__main__":

@@ -18,13 +18,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
 from tinysam.eval.evaluate import PROTOCOLS, EvalConfig
-from tinysam.everything.config import EverythingConfig
 from tinysam.eval.report import report_markdown
+from tinysam.everything.config import EverythingConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--annotations", required=True, help="COCO-format ground truth (COCO, LVIS, ...)")
     p.add_argument("--images", required=True, help="folder the ground truth's file_name entries are relative to")
     p.add_argument("--model", action="append", required=True, help="model type; repeat, one per --checkpoint")
@@ -34,9 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--detections", help="COCO results file whose boxes are the prompts (default: ground-truth boxes)")
     p.add_argument("--points", default="1,2,3,5,9", help="point counts to report")
     p.add_argument("--point-max-objects", type=int, help="point protocol: at most N objects per image")
-    p.add_argument("--everything", action="append",
-                   help="dense[:POINTS] or hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN]]]]; repeat for a grid "
-                        "(default: dense:32 and hierarchical:8:32:8.5:0.25)")
+    p.add_argument(
+        "--everything",
+        action="append",
+        help="dense[:POINTS] or hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN]]]]; repeat for a grid "
+        "(default: dense:32 and hierarchical:8:32:8.5:0.25)",
+    )
     p.add_argument("--max-dets", type=int, default=100, help="detections per image for AP (LVIS: 300)")
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--output", required=True, help="folder for results.md and results.json")
@@ -65,9 +72,14 @@ def build_config(args) -> EvalConfig:
         for d in dets:
             detections.setdefault(int(d["image_id"]), []).append(d)
     everything = [EverythingConfig.parse(s) for s in (args.everything or ["dense:32", "hierarchical:8:32:8.5:0.25"])]
-    return EvalConfig(tuple(s for s in args.protocols.split(",") if s), detections,
-                      tuple(int(k) for k in args.points.split(",")), everything, args.max_dets,
-                      args.point_max_objects)
+    return EvalConfig(
+        tuple(s for s in args.protocols.split(",") if s),
+        detections,
+        tuple(int(k) for k in args.points.split(",")),
+        everything,
+        args.max_dets,
+        args.point_max_objects,
+    )
 
 
 def main(argv=None) -> int:
@@ -93,9 +105,17 @@ def main(argv=None) -> int:
             from pipelines.runtime import init_ray
 
             init_ray(args.num_cpus)
-            parts, errors = evaluate_on_ray(model_type, checkpoint, str(Path(args.annotations).resolve()),
-                                            str(Path(args.images).resolve()), config, image_ids,
-                                            args.concurrency, args.num_gpus_per_actor, args.num_cpus_per_actor)
+            parts, errors = evaluate_on_ray(
+                model_type,
+                checkpoint,
+                str(Path(args.annotations).resolve()),
+                str(Path(args.images).resolve()),
+                config,
+                image_ids,
+                args.concurrency,
+                args.num_gpus_per_actor,
+                args.num_cpus_per_actor,
+            )
         else:
             from tinysam import SamPredictor, build_sam
 
@@ -112,9 +132,16 @@ def main(argv=None) -> int:
         print(f"{label}: {len(parts)} images evaluated in {summaries[label]['seconds']:.1f} s")
     table = report_markdown(summaries)
     (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"annotations": args.annotations, "models": summaries,
-                                                  "everything_configs": [c.as_dict() for c in config.everything]},
-                                                 indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "annotations": args.annotations,
+                "models": summaries,
+                "everything_configs": [c.as_dict() for c in config.everything],
+            },
+            indent=2,
+        )
+    )
     print(table)
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return 1 if failed else 0

@@ -21,7 +21,9 @@ from pipelines.runtime import init_ray
 
 def main(argv=None) -> int:
     p = job_parser(__doc__)
-    p.add_argument("--input", required=True, help="folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)")
+    p.add_argument(
+        "--input", required=True, help="folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)"
+    )
     p.add_argument("--teacher", default="vit_h", help="model type of the teacher encoder (vit_h, vit_l, vit_b, vit_t)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embedding type")
     add_corpus_arguments(p, batch_size=4)
@@ -30,11 +32,14 @@ def main(argv=None) -> int:
     init_ray(args.num_cpus)
 
     def report(s) -> None:
-        print(f"{s.images_per_second:.2f} images/s, {s.bytes_written / 2**20:.1f} MiB written, "
-              f"{s.mib_per_image:.2f} MiB/image")
+        print(
+            f"{s.images_per_second:.2f} images/s, {s.bytes_written / 2**20:.1f} MiB written, "
+            f"{s.mib_per_image:.2f} MiB/image"
+        )
 
-    return run_job(lambda: precompute_embeddings(args.input, teacher=args.teacher, dtype=args.dtype,
-                                                 **corpus_kwargs(args)), report)
+    return run_job(
+        lambda: precompute_embeddings(args.input, teacher=args.teacher, dtype=args.dtype, **corpus_kwargs(args)), report
+    )
 
 
 if __name__ == "__main__":

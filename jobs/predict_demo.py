@@ -1,6 +1,6 @@
 """Predictor demo: segment sample photos from point and box prompts with the real MobileSAM weights.
 
-    python jobs/predict_demo.py --output demo_output [--checkpoint mobile_sam] [--model vit_t]
+python jobs/predict_demo.py --output demo_output [--checkpoint mobile_sam] [--model vit_t]
 """
 
 import argparse
@@ -10,8 +10,9 @@ from tinysam.demo import run_predictor_demo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--output", type=Path, default=Path("demo_output"), help="folder for overlays and masks.json")
     parser.add_argument("--checkpoint", default="mobile_sam", help="known name, path, http(s):// or s3:// URL")
     parser.add_argument("--model", default="vit_t", help="model type: vit_t, vit_b, vit_l, vit_h")

@@ -21,11 +21,18 @@ from tinysam.weights import CheckpointError
 
 def main(argv=None) -> int:
     d = QuantConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--model", default="vit_t", help="model type (a TinyViT model: vit_t)")
-    p.add_argument("--checkpoint", default="mobile_sam",
-                   help="known name, path, http(s):// or s3://; 'none' for random weights (tests)")
+    p.add_argument(
+        "--checkpoint",
+        default="mobile_sam",
+        help="known name, path, http(s):// or s3://; 'none' for random weights (tests)",
+    )
     p.add_argument("--calibration", required=True, help="folder, s3:// prefix, list or SA-1B shard of images")
     p.add_argument("--output", required=True, help="file to write (local path)")
     p.add_argument("--bits", type=int, default=d.bits, help="weights and activations (8; 6 supported)")
@@ -34,8 +41,12 @@ def main(argv=None) -> int:
     p.add_argument("--theta-high", type=float, default=d.theta_high)
     p.add_argument("--candidates", type=int, default=d.candidates, help="grid points n per search")
     p.add_argument("--rounds", type=int, default=d.rounds, help="alternating rounds (A, then B)")
-    p.add_argument("--points-per-side", type=int, default=d.points_per_side,
-                   help="calibration prompts per image: a grid of points, plus two boxes per point")
+    p.add_argument(
+        "--points-per-side",
+        type=int,
+        default=d.points_per_side,
+        help="calibration prompts per image: a grid of points, plus two boxes per point",
+    )
     p.add_argument("--max-scaling", action="store_true", help="no search: plain max-scaling (the baseline)")
     p.add_argument("--seed", type=int, default=d.seed)
     args = p.parse_args(argv)
@@ -43,19 +54,30 @@ def main(argv=None) -> int:
     from pipelines.quantize import quantize_checkpoint
 
     try:
-        config = QuantConfig(bits=args.bits, theta_low=args.theta_low, theta_high=args.theta_high,
-                             candidates=args.candidates, rounds=args.rounds, calibration_images=args.num_images,
-                             points_per_side=args.points_per_side, search=not args.max_scaling, seed=args.seed)
+        config = QuantConfig(
+            bits=args.bits,
+            theta_low=args.theta_low,
+            theta_high=args.theta_high,
+            candidates=args.candidates,
+            rounds=args.rounds,
+            calibration_images=args.num_images,
+            points_per_side=args.points_per_side,
+            search=not args.max_scaling,
+            seed=args.seed,
+        )
         checkpoint = None if args.checkpoint == "none" else args.checkpoint
-        summary = quantize_checkpoint(args.model, checkpoint, args.calibration, args.output, config,
-                                      progress=lambda m: print(m, flush=True))
+        summary = quantize_checkpoint(
+            args.model, checkpoint, args.calibration, args.output, config, progress=lambda m: print(m, flush=True)
+        )
     except (CheckpointError, FileNotFoundError, PermissionError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = summary
-    print(f"W{s.bits}A{s.bits}: {s.layers_quantized} layers {s.kinds}, calibrated on {len(s.calibration)} images "
-          f"({len(s.skipped)} skipped), Hessian-weighted distance {s.distance_ratio:.3f}x max-scaling's, "
-          f"{s.seconds:.0f} s -> {s.output}")
+    print(
+        f"W{s.bits}A{s.bits}: {s.layers_quantized} layers {s.kinds}, calibrated on {len(s.calibration)} images "
+        f"({len(s.skipped)} skipped), Hessian-weighted distance {s.distance_ratio:.3f}x max-scaling's, "
+        f"{s.seconds:.0f} s -> {s.output}"
+    )
     print("SUMMARY " + json.dumps(s.as_dict()))
     return 0
 

@@ -25,8 +25,9 @@ EXIT_CODES = """exit status:
 
 def job_parser(doc: str) -> argparse.ArgumentParser:
     """A job's parser: its docstring as description, the exit codes in --help, no abbreviated flags."""
-    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=EXIT_CODES, allow_abbrev=False)
+    return argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES, allow_abbrev=False
+    )
 
 
 def checkpoint_arg(text: str):
@@ -37,8 +38,12 @@ def checkpoint_arg(text: str):
 def add_corpus_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     """--output, --checkpoint, batching, actors, limits: the same in every job."""
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet files")
-    p.add_argument("--checkpoint", required=True, type=checkpoint_arg,
-                   help="known name (e.g. mobile_sam), path, http(s):// or s3:// URL; 'none' for random weights")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=checkpoint_arg,
+        help="known name (e.g. mobile_sam), path, http(s):// or s3:// URL; 'none' for random weights",
+    )
     p.add_argument("--batch-size", type=int, default=batch_size, help="images per actor call")
     p.add_argument("--concurrency", type=int, default=1, help="model actors")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
@@ -46,21 +51,45 @@ def add_corpus_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--limit", type=int, help="only N images: files in sorted order, then shard members")
     p.add_argument("--max-failures", type=int, help="stop once more than N images failed")
     p.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default: files of ~128 MiB)")
-    p.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
-                   help=f"larger images are reported, not decoded (default {DEFAULT_MAX_MEGAPIXELS:g})")
-    p.add_argument("--actor-memory-gb", type=float,
-                   help="memory an actor may allocate beyond its model (default: no cap); an image that needs "
-                        "more is reported alone instead of the system killing the actor")
-    p.add_argument("--overwrite", action="store_true",
-                   help="redo the rows of an output made with another model or settings (default: refuse)")
+    p.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=DEFAULT_MAX_MEGAPIXELS,
+        help=f"larger images are reported, not decoded (default {DEFAULT_MAX_MEGAPIXELS:g})",
+    )
+    p.add_argument(
+        "--actor-memory-gb",
+        type=float,
+        help="memory an actor may allocate beyond its model (default: no cap); an image that needs "
+        "more is reported alone instead of the system killing the actor",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo the rows of an output made with another model or settings (default: refuse)",
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored when joining a cluster)")
 
 
 def corpus_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The keyword arguments of `add_corpus_arguments` for a pipeline function."""
-    return {k: getattr(args, k) for k in ("output", "checkpoint", "batch_size", "concurrency", "num_gpus_per_actor",
-                                          "num_cpus_per_actor", "limit", "max_failures", "rows_per_file",
-                                          "max_megapixels", "overwrite", "actor_memory_gb")}
+    return {
+        k: getattr(args, k)
+        for k in (
+            "output",
+            "checkpoint",
+            "batch_size",
+            "concurrency",
+            "num_gpus_per_actor",
+            "num_cpus_per_actor",
+            "limit",
+            "max_failures",
+            "rows_per_file",
+            "max_megapixels",
+            "overwrite",
+            "actor_memory_gb",
+        )
+    }
 
 
 def _bool(text: str) -> bool:
@@ -79,16 +108,27 @@ def add_everything_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(EverythingConfig):
         kind = {"bool": _bool, "float": float, "str": str}.get(type(f.default).__name__, int)
         extra = {"choices": MODES} if f.name == "mode" else {"metavar": kind.__name__.strip("_").upper()}
-        default = "" if f.default is None else f" (default {f.default:g})" if isinstance(f.default, float) \
+        default = (
+            ""
+            if f.default is None
+            else f" (default {f.default:g})"
+            if isinstance(f.default, float)
             else f" (default {f.default})"
-        g.add_argument("--" + f.name.replace("_", "-"), dest=f"everything_{f.name}", type=kind, default=None,
-                       help=f.metadata["help"] + default, **extra)
+        )
+        g.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f"everything_{f.name}",
+            type=kind,
+            default=None,
+            help=f.metadata["help"] + default,
+            **extra,
+        )
 
 
 def everything_config(args: argparse.Namespace) -> EverythingConfig:
     """The `EverythingConfig` of the flags `add_everything_arguments` declared (ValueError if invalid)."""
     prefix = "everything_"
-    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    given = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
     return EverythingConfig.from_dict(given)
 
 

@@ -14,8 +14,15 @@ import numpy as np
 class ImageEvaluator:
     """Ray actor: builds the model once and evaluates batches of image ids."""
 
-    def __init__(self, model_type: str, checkpoint: Optional[str], annotations: str, images_dir: str,
-                 config_json: str, cpu_threads: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        model_type: str,
+        checkpoint: Optional[str],
+        annotations: str,
+        images_dir: str,
+        config_json: str,
+        cpu_threads: Optional[int] = None,
+    ) -> None:
         import torch
 
         from tinysam import SamPredictor, build_sam
@@ -46,10 +53,16 @@ class ImageEvaluator:
 
 
 def config_to_json(config) -> str:
-    return json.dumps({"protocols": list(config.protocols), "detections": config.detections,
-                       "n_points": list(config.n_points), "max_dets": config.max_dets,
-                       "point_max_objects": config.point_max_objects,
-                       "everything": [json.loads(c.to_json()) for c in config.everything]})
+    return json.dumps(
+        {
+            "protocols": list(config.protocols),
+            "detections": config.detections,
+            "n_points": list(config.n_points),
+            "max_dets": config.max_dets,
+            "point_max_objects": config.point_max_objects,
+            "everything": [json.loads(c.to_json()) for c in config.everything],
+        }
+    )
 
 
 def config_from_json(text: str):
@@ -57,24 +70,49 @@ def config_from_json(text: str):
 
     d = json.loads(text)
     detections = {int(k): v for k, v in d["detections"].items()} if d["detections"] is not None else None
-    return EvalConfig(d["protocols"], detections, d["n_points"], [EverythingConfig.from_dict(c) for c in d["everything"]],
-                      d["max_dets"], d["point_max_objects"])
+    return EvalConfig(
+        d["protocols"],
+        detections,
+        d["n_points"],
+        [EverythingConfig.from_dict(c) for c in d["everything"]],
+        d["max_dets"],
+        d["point_max_objects"],
+    )
 
 
-def evaluate_on_ray(model_type: str, checkpoint: Optional[str], annotations: str, images_dir: str, config,
-                    image_ids: Sequence[int], concurrency: int = 1, num_gpus_per_actor: float = 0.0,
-                    num_cpus_per_actor: int = 1, batch_size: int = 1) -> Tuple[List[Dict[str, Any]], List[str]]:
+def evaluate_on_ray(
+    model_type: str,
+    checkpoint: Optional[str],
+    annotations: str,
+    images_dir: str,
+    config,
+    image_ids: Sequence[int],
+    concurrency: int = 1,
+    num_gpus_per_actor: float = 0.0,
+    num_cpus_per_actor: int = 1,
+    batch_size: int = 1,
+) -> Tuple[List[Dict[str, Any]], List[str]]:
     """(per-image parts, error messages) of one model over `image_ids`, on the current Ray cluster."""
     import ray
 
-    ds = ray.data.from_items([{"image_id": int(i)} for i in image_ids],
-                             override_num_blocks=max(1, min(len(image_ids), 64)))
+    ds = ray.data.from_items(
+        [{"image_id": int(i)} for i in image_ids], override_num_blocks=max(1, min(len(image_ids), 64))
+    )
     ds = ds.map_batches(
-        ImageEvaluator, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_gpus=num_gpus_per_actor, num_cpus=num_cpus_per_actor,
-        fn_constructor_kwargs={"model_type": model_type, "checkpoint": checkpoint, "annotations": annotations,
-                               "images_dir": images_dir, "config_json": config_to_json(config),
-                               "cpu_threads": None if num_gpus_per_actor else num_cpus_per_actor})
+        ImageEvaluator,
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=num_gpus_per_actor,
+        num_cpus=num_cpus_per_actor,
+        fn_constructor_kwargs={
+            "model_type": model_type,
+            "checkpoint": checkpoint,
+            "annotations": annotations,
+            "images_dir": images_dir,
+            "config_json": config_to_json(config),
+            "cpu_threads": None if num_gpus_per_actor else num_cpus_per_actor,
+        },
+    )
     parts, errors = [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for part, error in zip(batch["part"], batch["error"]):

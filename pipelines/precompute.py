@@ -14,7 +14,16 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from .reading import DEFAULT_MAX_MEGAPIXELS, plan_inputs
-from .stages import JobSummary, SamActor, batch_file_name, finish_summary, image_pipeline, ok_rows, preflight, run_to_output
+from .stages import (
+    JobSummary,
+    SamActor,
+    batch_file_name,
+    finish_summary,
+    image_pipeline,
+    ok_rows,
+    preflight,
+    run_to_output,
+)
 from .storage.embeddings import EMBEDDING_SHAPE, default_rows_per_file, write_embeddings
 from .storage.errors import write_errors
 
@@ -24,9 +33,15 @@ DTYPES = ("float16", "float32")
 class TeacherEncoder(SamActor):
     """Ray actor: loads the teacher once, encodes batches of prepared images."""
 
-    def __init__(self, model_type: str, checkpoint: Optional[str], dtype: str = "float16",
-                 device: Optional[str] = None, cpu_threads: Optional[int] = None,
-                 memory_gb: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        model_type: str,
+        checkpoint: Optional[str],
+        dtype: str = "float16",
+        device: Optional[str] = None,
+        cpu_threads: Optional[int] = None,
+        memory_gb: Optional[float] = None,
+    ) -> None:
         super().__init__(model_type, checkpoint, device, cpu_threads, memory_gb=memory_gb)
         self.sam.prompt_encoder = self.sam.mask_decoder = None  # only the encoder is used
         self.out_dtype = np.float16 if dtype == "float16" else np.float32
@@ -44,14 +59,16 @@ class TeacherEncoder(SamActor):
         return out
 
 
-def write_batch(batch: Dict[str, np.ndarray], output: str, provenance: Dict[str, Any],
-                storage_options: Optional[dict] = None) -> Dict[str, Any]:
+def write_batch(
+    batch: Dict[str, np.ndarray], output: str, provenance: Dict[str, Any], storage_options: Optional[dict] = None
+) -> Dict[str, Any]:
     """Write the batch's good rows as one Parquet file and its bad rows to the errors table."""
     ok = ok_rows(batch)
     ids = [str(i) for i in batch["image_id"]]
     name = batch_file_name(ids)
-    written = write_embeddings(batch, ok, output, name, provenance["model"], provenance["checkpoint_sha256"],
-                               provenance, storage_options)
+    written = write_embeddings(
+        batch, ok, output, name, provenance["model"], provenance["checkpoint_sha256"], provenance, storage_options
+    )
     write_errors(batch, ok, output, name, storage_options)
     per_row = np.where(ok, written // max(1, int(ok.sum())), 0)
     return {"image_id": np.asarray(ids), "source": batch["source"], "ok": ok, "bytes": per_row}
@@ -96,11 +113,21 @@ def precompute_embeddings(
     summary = PrecomputeSummary()
     if plan.files or plan.shards:
         ds = image_pipeline(
-            plan, TeacherEncoder,
+            plan,
+            TeacherEncoder,
             {"model_type": teacher, "checkpoint": checkpoint, "dtype": dtype, "memory_gb": actor_memory_gb},
-            write_batch, {"output": output, "provenance": provenance}, batch_size, concurrency,
-            num_gpus_per_actor, num_cpus_per_actor, rows_per_file or default_rows_per_file(dtype), storage_options,
-            max_megapixels=max_megapixels, output=output, actor_options=actor_options)
+            write_batch,
+            {"output": output, "provenance": provenance},
+            batch_size,
+            concurrency,
+            num_gpus_per_actor,
+            num_cpus_per_actor,
+            rows_per_file or default_rows_per_file(dtype),
+            storage_options,
+            max_megapixels=max_megapixels,
+            output=output,
+            actor_options=actor_options,
+        )
         run_to_output(ds, summary, output, max_failures)
     finish_summary(summary, plan, output, storage_options)
     return summary

@@ -34,8 +34,9 @@ class QuantizeSummary:
         return asdict(self)
 
 
-def calibration_images(spec: str, count: int, storage_options: Optional[Dict[str, Any]] = None
-                       ) -> Tuple[List[np.ndarray], List[str], List[Tuple[str, str]]]:
+def calibration_images(
+    spec: str, count: int, storage_options: Optional[Dict[str, Any]] = None
+) -> Tuple[List[np.ndarray], List[str], List[Tuple[str, str]]]:
     """The first `count` readable images of `spec` (sorted), their sources and the skipped ones."""
     images, used, skipped = [], [], []
     for ref, data, _ in iter_images(spec, storage_options):  # tar shards in one pass each
@@ -51,9 +52,15 @@ def calibration_images(spec: str, count: int, storage_options: Optional[Dict[str
     return images, used, skipped
 
 
-def quantize_checkpoint(model_type: str, checkpoint: Optional[str], calibration: str, output: str,
-                        config: QuantConfig, storage_options: Optional[Dict[str, Any]] = None,
-                        progress: Optional[Callable[[str], None]] = None) -> QuantizeSummary:
+def quantize_checkpoint(
+    model_type: str,
+    checkpoint: Optional[str],
+    calibration: str,
+    output: str,
+    config: QuantConfig,
+    storage_options: Optional[Dict[str, Any]] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> QuantizeSummary:
     """Load a checkpoint, calibrate on `config.calibration_images` images of `calibration`,
     write the quantized model to `output` (a local path)."""
     t0 = time.time()
@@ -71,5 +78,14 @@ def quantize_checkpoint(model_type: str, checkpoint: Optional[str], calibration:
         kinds[v["kind"] or "plain"] = kinds.get(v["kind"] or "plain", 0) + 1
     before = sum(v["distance_max_scaling"] for v in searched)
     after = sum(v["distance"] for v in searched)
-    return QuantizeSummary(output, model_type, config.bits, used, len(searched), kinds,
-                           after / before if before else 1.0, time.time() - t0, skipped)
+    return QuantizeSummary(
+        output,
+        model_type,
+        config.bits,
+        used,
+        len(searched),
+        kinds,
+        after / before if before else 1.0,
+        time.time() - t0,
+        skipped,
+    )

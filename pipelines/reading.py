@@ -41,29 +41,57 @@ class Plan:
     ranges: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # {image_id: (offset, length)} of stored rows
 
 
-def plan_inputs(input: str, output: str, provenance: Dict[str, Any], limit: Optional[int] = None,
-                overwrite: bool = False, storage_options: Optional[dict] = None) -> Plan:
+def plan_inputs(
+    input: str,
+    output: str,
+    provenance: Dict[str, Any],
+    limit: Optional[int] = None,
+    overwrite: bool = False,
+    storage_options: Optional[dict] = None,
+) -> Plan:
     """List `input` (leaving out anything under `output`), refuse an output of other provenance
     unless `overwrite`, and skip what is done. Raises FileNotFoundError when there is no image."""
     inputs = list_inputs(input, storage_options, exclude=output)
     if not inputs.files and not inputs.shards:
-        unsupported = f" ({len(inputs.unsupported)} unsupported files, e.g. {inputs.unsupported[0]})" \
-            if inputs.unsupported else ""
+        unsupported = (
+            f" ({len(inputs.unsupported)} unsupported files, e.g. {inputs.unsupported[0]})"
+            if inputs.unsupported
+            else ""
+        )
         raise FileNotFoundError(f"no images found under {input}{unsupported}")
     done = resume_ids(output, provenance, overwrite, storage_options)
     files = inputs.files[:limit] if limit is not None else inputs.files
     finished = done.contains([r.image_id for r in files]) if files else np.zeros(0, bool)
     shards, complete_images = shard_progress(output, inputs.shards, done, storage_options)
     remaining = None if limit is None else max(0, limit - len(files))
-    return Plan(files=[r for r, f in zip(files, finished) if not f], shards=shards if remaining != 0 else [],
-                done=done, skipped=int(finished.sum()) + complete_images, unsupported=inputs.unsupported,
-                limit=remaining)
+    return Plan(
+        files=[r for r, f in zip(files, finished) if not f],
+        shards=shards if remaining != 0 else [],
+        done=done,
+        skipped=int(finished.sum()) + complete_images,
+        unsupported=inputs.unsupported,
+        limit=remaining,
+    )
 
 
-def _row(image_id: str, source: str, data: bytes = b"", annotations: Optional[str] = None, offset: int = -1,
-         length: int = -1, error: str = "") -> Dict[str, Any]:
-    return {"image_id": image_id, "source": source, "source_offset": offset, "source_length": length,
-            "data": data, "annotations": annotations or "", "error": error}
+def _row(
+    image_id: str,
+    source: str,
+    data: bytes = b"",
+    annotations: Optional[str] = None,
+    offset: int = -1,
+    length: int = -1,
+    error: str = "",
+) -> Dict[str, Any]:
+    return {
+        "image_id": image_id,
+        "source": source,
+        "source_offset": offset,
+        "source_length": length,
+        "data": data,
+        "annotations": annotations or "",
+        "error": error,
+    }
 
 
 def _batch(rows: List[Dict[str, Any]]) -> Dict[str, np.ndarray]:
@@ -91,8 +119,9 @@ def read_sources(batch: Dict[str, np.ndarray], storage_options: Optional[dict] =
     return _batch(rows)
 
 
-def read_shards(batch: Dict[str, np.ndarray], output: str, done: DoneIds,
-                storage_options: Optional[dict] = None) -> Iterator[Dict[str, np.ndarray]]:
+def read_shards(
+    batch: Dict[str, np.ndarray], output: str, done: DoneIds, storage_options: Optional[dict] = None
+) -> Iterator[Dict[str, np.ndarray]]:
     """Ray Data stage (a generator): each shard of the batch in one pass, `SHARD_ROWS_PER_BATCH`
     images a block; images in `done` are passed over unread. A shard read to its end gets its
     manifest, so that a rerun can skip it whole once its images are written."""
@@ -103,7 +132,7 @@ def read_shards(batch: Dict[str, np.ndarray], output: str, done: DoneIds,
         damaged = False
 
         def skip(image_id: str) -> bool:
-            seen.append(image_id)
+            seen.append(image_id)  # noqa: B023 (called within this iteration)
             return image_id in done
 
         for m in iter_shard(shard, storage_options, skip=skip):
@@ -118,8 +147,9 @@ def read_shards(batch: Dict[str, np.ndarray], output: str, done: DoneIds,
             write_manifest(output, shard, seen, storage_options)
 
 
-def prepare_images(batch: Dict[str, np.ndarray], max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS,
-                   keep_original: bool = False) -> Dict[str, Any]:
+def prepare_images(
+    batch: Dict[str, np.ndarray], max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS, keep_original: bool = False
+) -> Dict[str, Any]:
     """Decode, convert and resize each row's bytes; a bad image becomes a row with `error` set.
 
     Pixels travel as padded 1024x1024x3 uint8 (a quarter of float32); normalisation happens on the

@@ -82,8 +82,7 @@ def image_id_for(source: str) -> str:
     return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:10]}"
 
 
-def list_inputs(spec: str, storage_options: Optional[Dict[str, Any]] = None,
-                exclude: Optional[str] = None) -> Inputs:
+def list_inputs(spec: str, storage_options: Optional[Dict[str, Any]] = None, exclude: Optional[str] = None) -> Inputs:
     """Image files and tar shards named by `spec`, sorted so runs are repeatable.
 
     `spec` is a folder or prefix (local or s3://), a .txt list file (one path or URL a line), a
@@ -116,15 +115,17 @@ def list_inputs(spec: str, storage_options: Optional[Dict[str, Any]] = None,
     return inputs
 
 
-def list_images(spec: str, limit: Optional[int] = None,
-                storage_options: Optional[Dict[str, Any]] = None) -> List[ImageRef]:
+def list_images(
+    spec: str, limit: Optional[int] = None, storage_options: Optional[Dict[str, Any]] = None
+) -> List[ImageRef]:
     """The image files named by `spec` (shards are not opened: use `iter_images` for them)."""
     refs = list_inputs(spec, storage_options).files
     return refs[:limit] if limit is not None else refs
 
 
-def iter_shard(shard: str, storage_options: Optional[Dict[str, Any]] = None,
-               skip: Optional[Callable[[str], bool]] = None) -> Iterator[Member]:
+def iter_shard(
+    shard: str, storage_options: Optional[Dict[str, Any]] = None, skip: Optional[Callable[[str], bool]] = None
+) -> Iterator[Member]:
     """Every image of a tar shard in one sequential pass, with its SA-1B JSON when the shard has
     one (`sa_N.json` beside `sa_N.jpg`, before or after it). Images whose id `skip` accepts are
     passed over without being kept. A damaged shard ends with one Member whose `error` says where
@@ -150,8 +151,14 @@ def iter_shard(shard: str, storage_options: Optional[Dict[str, Any]] = None,
                     if skip is not None and skip(image_id):
                         notes, skipped = {}, stem
                         continue
-                    member = Member(image_id, source, tar.extractfile(info).read(), notes.pop(stem, None),
-                                    info.offset_data, info.size)
+                    member = Member(
+                        image_id,
+                        source,
+                        tar.extractfile(info).read(),
+                        notes.pop(stem, None),
+                        info.offset_data,
+                        info.size,
+                    )
                     notes = {}
                     if member.annotations is not None:
                         yield member
@@ -168,13 +175,21 @@ def iter_shard(shard: str, storage_options: Optional[Dict[str, Any]] = None,
     except (tarfile.TarError, OSError, EOFError) as e:
         yield from pending.values()
         pending = {}
-        yield Member(f"shard-{hashlib.sha1(shard.encode()).hexdigest()[:10]}", shard, b"", None, 0, 0,
-                     error=f"{shard}: damaged tar shard ({type(e).__name__}: {e}); images before the damage were read")
+        yield Member(
+            f"shard-{hashlib.sha1(shard.encode()).hexdigest()[:10]}",
+            shard,
+            b"",
+            None,
+            0,
+            0,
+            error=f"{shard}: damaged tar shard ({type(e).__name__}: {e}); images before the damage were read",
+        )
     yield from pending.values()
 
 
-def iter_images(spec: str, storage_options: Optional[Dict[str, Any]] = None
-                ) -> Iterator[Tuple[ImageRef, bytes, Optional[dict]]]:
+def iter_images(
+    spec: str, storage_options: Optional[Dict[str, Any]] = None
+) -> Iterator[Tuple[ImageRef, bytes, Optional[dict]]]:
     """(ref, bytes, annotations) of every image of `spec`, in process: files in sorted order, then
     each shard in one pass. Unreadable files give empty bytes (the decoder names them)."""
     inputs = list_inputs(spec, storage_options)
@@ -193,8 +208,12 @@ def iter_images(spec: str, storage_options: Optional[Dict[str, Any]] = None
             yield ImageRef(member.image_id, member.source), member.data, annotations
 
 
-def read_bytes(source: str, storage_options: Optional[Dict[str, Any]] = None, offset: Optional[int] = None,
-               length: Optional[int] = None) -> Tuple[bytes, Optional[dict]]:
+def read_bytes(
+    source: str,
+    storage_options: Optional[Dict[str, Any]] = None,
+    offset: Optional[int] = None,
+    length: Optional[int] = None,
+) -> Tuple[bytes, Optional[dict]]:
     """The bytes of one image (annotations: None). A tar member is read by its byte range in the
     shard (`offset`, `length`, as the jobs store them): one ranged read, never the shard."""
     if TAR_SEP not in source:
@@ -218,8 +237,10 @@ def decode_image(data: bytes, source: str, max_pixels: Optional[int] = None) -> 
     try:
         with Image.open(io.BytesIO(data)) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ImageTooLarge(f"{source}: {im.width}x{im.height} is {im.width * im.height / 1e6:.1f} Mpx, "
-                                    f"above the limit of {max_pixels / 1e6:.1f} Mpx (--max-megapixels)")
+                raise ImageTooLarge(
+                    f"{source}: {im.width}x{im.height} is {im.width * im.height / 1e6:.1f} Mpx, "
+                    f"above the limit of {max_pixels / 1e6:.1f} Mpx (--max-megapixels)"
+                )
             im.load()
             im = ImageOps.exif_transpose(im)
             if im.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "1"):

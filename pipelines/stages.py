@@ -59,9 +59,7 @@ class JobSummary:
         return (self.written + self.failed) / self.seconds if self.seconds else 0.0
 
 
-
-def preflight(model_type: str, checkpoint: Optional[str], output: str,
-              storage_options: Optional[dict] = None) -> str:
+def preflight(model_type: str, checkpoint: Optional[str], output: str, storage_options: Optional[dict] = None) -> str:
     """Fail before any work on an unreadable checkpoint, one of the wrong model type, or an
     unwritable output; returns the checkpoint's SHA-256 ("random-init" without one) for provenance."""
     from tinysam.build_sam import check_checkpoint
@@ -74,22 +72,51 @@ def preflight(model_type: str, checkpoint: Optional[str], output: str,
     return checkpoint_sha
 
 
-def image_pipeline(plan: Plan, actor_cls: type, actor_kwargs: Dict[str, Any], write_fn: Callable,
-                   write_kwargs: Dict[str, Any], batch_size: int, concurrency: int = 1,
-                   num_gpus_per_actor: float = 0.0, num_cpus_per_actor: int = 1, rows_per_file: int = 1,
-                   storage_options: Optional[dict] = None, keep_original: bool = False,
-                   max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS, output: str = "",
-                   actor_options: Optional[Dict[str, Any]] = None):
+def image_pipeline(
+    plan: Plan,
+    actor_cls: type,
+    actor_kwargs: Dict[str, Any],
+    write_fn: Callable,
+    write_kwargs: Dict[str, Any],
+    batch_size: int,
+    concurrency: int = 1,
+    num_gpus_per_actor: float = 0.0,
+    num_cpus_per_actor: int = 1,
+    rows_per_file: int = 1,
+    storage_options: Optional[dict] = None,
+    keep_original: bool = False,
+    max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS,
+    output: str = "",
+    actor_options: Optional[Dict[str, Any]] = None,
+):
     """plan -> `read_dataset` -> an actor pool of `actor_cls` -> `write_fn` tasks, `rows_per_file`
     rows a file (a lazy Dataset). `actor_options` are extra Ray options of the model actors (e.g.
     a scheduling strategy)."""
     ds = read_dataset(plan, output, batch_size, storage_options, max_megapixels, keep_original)
-    return model_and_write(ds, actor_cls, actor_kwargs, write_fn, write_kwargs, batch_size, concurrency,
-                           num_gpus_per_actor, num_cpus_per_actor, rows_per_file, storage_options, actor_options)
+    return model_and_write(
+        ds,
+        actor_cls,
+        actor_kwargs,
+        write_fn,
+        write_kwargs,
+        batch_size,
+        concurrency,
+        num_gpus_per_actor,
+        num_cpus_per_actor,
+        rows_per_file,
+        storage_options,
+        actor_options,
+    )
 
 
-def read_dataset(plan: Plan, output: str, batch_size: int, storage_options: Optional[dict] = None,
-                 max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS, keep_original: bool = False):
+def read_dataset(
+    plan: Plan,
+    output: str,
+    batch_size: int,
+    storage_options: Optional[dict] = None,
+    max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS,
+    keep_original: bool = False,
+):
     """The jobs' read side (a lazy Dataset of prepared rows): read tasks for the files, one task per
     shard streaming it once, then decode tasks."""
     import ray
@@ -99,22 +126,43 @@ def read_dataset(plan: Plan, output: str, batch_size: int, storage_options: Opti
         items = [{"image_id": r.image_id, "source": r.source} for r in plan.files]
         files = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
         # reading waits on I/O: half a CPU, in its own tasks, ahead of the actors
-        parts.append(files.map_batches(read_sources, batch_size=batch_size, num_cpus=0.5,
-                                       fn_kwargs={"storage_options": storage_options}))
+        parts.append(
+            files.map_batches(
+                read_sources, batch_size=batch_size, num_cpus=0.5, fn_kwargs={"storage_options": storage_options}
+            )
+        )
     if plan.shards:
         shards = ray.data.from_items([{"shard": s} for s in plan.shards], override_num_blocks=len(plan.shards))
-        read = shards.map_batches(read_shards, batch_size=1, num_cpus=0.5,
-                                  fn_kwargs={"output": output, "done": plan.done, "storage_options": storage_options})
+        read = shards.map_batches(
+            read_shards,
+            batch_size=1,
+            num_cpus=0.5,
+            fn_kwargs={"output": output, "done": plan.done, "storage_options": storage_options},
+        )
         parts.append(read.limit(plan.limit) if plan.limit is not None else read)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return ds.map_batches(prepare_images, batch_size=batch_size, num_cpus=0.5,
-                          fn_kwargs={"max_megapixels": max_megapixels, "keep_original": keep_original})
+    return ds.map_batches(
+        prepare_images,
+        batch_size=batch_size,
+        num_cpus=0.5,
+        fn_kwargs={"max_megapixels": max_megapixels, "keep_original": keep_original},
+    )
 
 
-def model_and_write(ds, actor_cls: type, actor_kwargs: Dict[str, Any], write_fn: Callable,
-                    write_kwargs: Dict[str, Any], batch_size: int, concurrency: int, num_gpus_per_actor: float,
-                    num_cpus_per_actor: int, rows_per_file: int, storage_options: Optional[dict],
-                    actor_options: Optional[Dict[str, Any]] = None):
+def model_and_write(
+    ds,
+    actor_cls: type,
+    actor_kwargs: Dict[str, Any],
+    write_fn: Callable,
+    write_kwargs: Dict[str, Any],
+    batch_size: int,
+    concurrency: int,
+    num_gpus_per_actor: float,
+    num_cpus_per_actor: int,
+    rows_per_file: int,
+    storage_options: Optional[dict],
+    actor_options: Optional[Dict[str, Any]] = None,
+):
     """Prepared rows -> an actor pool of `actor_cls` -> `write_fn` tasks of `rows_per_file` rows.
 
     A batch whose actor dies (out of memory, a crash) is retried on a restarted actor, at most
@@ -125,14 +173,24 @@ def model_and_write(ds, actor_cls: type, actor_kwargs: Dict[str, Any], write_fn:
     retries = {"max_restarts": -1, "max_task_retries": IMAGE_ATTEMPTS - 1}
     with warnings.catch_warnings():  # Ray 2.60 takes task retries only as ray_remote_args (deprecated)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        ds = _actor_stage(ds, actor_cls, actor_kwargs, batch_size, concurrency, num_gpus_per_actor, num_cpus_per_actor,
-                          {**retries, **(actor_options or {})})
-    return ds.map_batches(write_fn, batch_size=rows_per_file, num_cpus=0.5,
-                          fn_kwargs={**write_kwargs, "storage_options": storage_options})
+        ds = _actor_stage(
+            ds,
+            actor_cls,
+            actor_kwargs,
+            batch_size,
+            concurrency,
+            num_gpus_per_actor,
+            num_cpus_per_actor,
+            {**retries, **(actor_options or {})},
+        )
+    return ds.map_batches(
+        write_fn, batch_size=rows_per_file, num_cpus=0.5, fn_kwargs={**write_kwargs, "storage_options": storage_options}
+    )
 
 
-def _actor_stage(ds, actor_cls, actor_kwargs, batch_size, concurrency, num_gpus_per_actor, num_cpus_per_actor,
-                 remote_args):
+def _actor_stage(
+    ds, actor_cls, actor_kwargs, batch_size, concurrency, num_gpus_per_actor, num_cpus_per_actor, remote_args
+):
     import ray
 
     return ds.map_batches(
@@ -150,8 +208,15 @@ class SamActor:
     """Base of the Ray actors: builds the model once, on GPU when there is one, and encodes
     prepared rows. With `bf16` the encoder runs under bf16 autocast on CUDA (SAM-H: 3.4x)."""
 
-    def __init__(self, model_type: str, checkpoint: Optional[str], device: Optional[str] = None,
-                 cpu_threads: Optional[int] = None, bf16: bool = True, memory_gb: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        model_type: str,
+        checkpoint: Optional[str],
+        device: Optional[str] = None,
+        cpu_threads: Optional[int] = None,
+        bf16: bool = True,
+        memory_gb: Optional[float] = None,
+    ) -> None:
         import torch
 
         from tinysam.build_sam import build_sam
@@ -170,11 +235,17 @@ class SamActor:
         import torch
 
         # Normalise the resized image, then zero-pad: padding is zero after normalisation.
-        x = torch.stack([
-            normalize_and_pad(torch.from_numpy(np.array(batch["pixels"][i, :h, :w])).to(self.device).permute(2, 0, 1),
-                              IMAGE_SIZE, self.mean, self.std)
-            for i, h, w in zip(rows, batch["input_h"][rows], batch["input_w"][rows])
-        ])
+        x = torch.stack(
+            [
+                normalize_and_pad(
+                    torch.from_numpy(np.array(batch["pixels"][i, :h, :w])).to(self.device).permute(2, 0, 1),
+                    IMAGE_SIZE,
+                    self.mean,
+                    self.std,
+                )
+                for i, h, w in zip(rows, batch["input_h"][rows], batch["input_w"][rows])
+            ]
+        )
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self.sam.image_encoder(x).float()
 
@@ -200,8 +271,13 @@ def batch_file_name(ids: Iterable[str]) -> str:
     return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
 
 
-def run_to_output(ds, summary: JobSummary, output: str, max_failures: Optional[int] = None,
-                  on_row: Optional[Callable[[Dict[str, Any], int], None]] = None) -> JobSummary:
+def run_to_output(
+    ds,
+    summary: JobSummary,
+    output: str,
+    max_failures: Optional[int] = None,
+    on_row: Optional[Callable[[Dict[str, Any], int], None]] = None,
+) -> JobSummary:
     """Drive `ds` (rows of image_id, source, ok, bytes from a write stage) to the end, counting into
     `summary`. `on_row(result_batch, i)` sees each written row (e.g. to count masks). Raises
     TooManyFailures once more than `max_failures` images failed; what was written stays written.
@@ -220,8 +296,9 @@ def run_to_output(ds, summary: JobSummary, output: str, max_failures: Optional[i
                 summary.failures.append(str(source))
         if max_failures is not None and summary.failed > max_failures:
             summary.seconds = time.perf_counter() - start
-            raise TooManyFailures(f"{summary.failed} images failed (more than --max-failures {max_failures}); "
-                                  f"see {output}/{ERRORS_DIR}")
+            raise TooManyFailures(
+                f"{summary.failed} images failed (more than --max-failures {max_failures}); see {output}/{ERRORS_DIR}"
+            )
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -254,11 +331,17 @@ def report_lost(summary: JobSummary, lost: List[ImageRef], output: str, storage_
 
     if not lost:
         return
-    reason = (f"its batch killed the model actor {IMAGE_ATTEMPTS} times (out of memory or a crash); try "
-              "--batch-size 1, a higher --max-megapixels cap, or more memory per actor")
-    batch = {"image_id": np.array([r.image_id for r in lost]), "source": np.array([r.source for r in lost]),
-             "error": np.array([f"{r.source}: {reason}" for r in lost])}
-    write_errors(batch, np.zeros(len(lost), bool), output, f"lost-{batch_file_name(batch['image_id'])}",
-                 storage_options)
+    reason = (
+        f"its batch killed the model actor {IMAGE_ATTEMPTS} times (out of memory or a crash); try "
+        "--batch-size 1, a higher --max-megapixels cap, or more memory per actor"
+    )
+    batch = {
+        "image_id": np.array([r.image_id for r in lost]),
+        "source": np.array([r.source for r in lost]),
+        "error": np.array([f"{r.source}: {reason}" for r in lost]),
+    }
+    write_errors(
+        batch, np.zeros(len(lost), bool), output, f"lost-{batch_file_name(batch['image_id'])}", storage_options
+    )
     summary.failed += len(lost)
     summary.failures += [r.source for r in lost]

@@ -17,7 +17,9 @@ from tests import helpers
 if __name__ == "__main__":
     step, rank, marker, *args = sys.argv[1:]
     ray.cloudpickle.register_pickle_by_value(helpers)  # the workers need not import the tests
-    spec = importlib.util.spec_from_file_location("distill_job", Path(__file__).resolve().parents[1] / "jobs" / "distill.py")
+    spec = importlib.util.spec_from_file_location(
+        "distill_job", Path(__file__).resolve().parents[1] / "jobs" / "distill.py"
+    )
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     sys.exit(job.main(args, on_step=helpers.KillWorkerAt(int(step), int(rank), marker)))

@@ -18,10 +18,10 @@ from pathlib import Path
 
 
 def start_cluster(head_cpus: int, node_cpus: int, node_resources: dict = None):
+    import socket
+
     import ray
     from ray.cluster_utils import Cluster
-
-    import socket
 
     # the dashboard serves the state API: which node each actor is on when the node dies. On a
     # free port: a job in another test process may hold Ray's default 8265, and unlike ray.init
@@ -29,8 +29,9 @@ def start_cluster(head_cpus: int, node_cpus: int, node_resources: dict = None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": head_cpus, "include_dashboard": True, "dashboard_port": port})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": True, "dashboard_port": port}
+    )
     node = cluster.add_node(num_cpus=node_cpus, resources=node_resources or {})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
@@ -76,8 +77,15 @@ def precompute(input: str, output: str, checkpoint: str) -> dict:
     # soft: the actor starts on the second node, and may be restarted elsewhere once it is gone
     on_node = NodeAffinitySchedulingStrategy(node.node_id, soft=True)
     try:
-        summary = precompute_embeddings(input, output, teacher="vit_t", checkpoint=checkpoint, batch_size=1,
-                                        rows_per_file=1, actor_options={"scheduling_strategy": on_node})
+        summary = precompute_embeddings(
+            input,
+            output,
+            teacher="vit_t",
+            checkpoint=checkpoint,
+            batch_size=1,
+            rows_per_file=1,
+            actor_options={"scheduling_strategy": on_node},
+        )
         state.update(outcome="finished", written=summary.written, failed=summary.failed)
     except Exception as e:  # the job may fail: the test then reruns it
         state.update(outcome="failed", failed=None, error=f"{type(e).__name__}: {e}"[:2000])

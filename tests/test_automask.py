@@ -16,7 +16,7 @@ from tinysam.everything import EverythingConfig
 from tinysam.utils.metrics import best_match_ious
 from tinysam.utils.rle import coco_rle_to_mask
 
-from .conftest import load_job
+from .helpers import load_job
 
 EVERYTHING = EverythingConfig(points_per_side=8)
 
@@ -27,16 +27,24 @@ def _rows(output, storage_options=None):
     return {r["image_id"]: r for r in iter_results(str(output), storage_options=storage_options)}
 
 
-def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_path, vit_t, mobile_sam_path,
-                                                     capsys):
+def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_path, vit_t, mobile_sam_path, capsys):
     from pycocotools.coco import COCO
 
     from pipelines.automask import automask
 
     out = tmp_path / "masks"
-    summary = automask(str(photos_dir), str(out), model="vit_t", checkpoint=str(mobile_sam_path), everything=EVERYTHING,
-                       batch_size=2, num_cpus_per_actor=2, sa1b_json=True, coco_json=str(out / "coco.json"),
-                       preview=2)
+    summary = automask(
+        str(photos_dir),
+        str(out),
+        model="vit_t",
+        checkpoint=str(mobile_sam_path),
+        everything=EVERYTHING,
+        batch_size=2,
+        num_cpus_per_actor=2,
+        sa1b_json=True,
+        coco_json=str(out / "coco.json"),
+        preview=2,
+    )
     assert (summary.written, summary.failed, summary.skipped) == (3, 0, 0)
     rows = _rows(out)
     assert summary.masks == sum(len(r["masks"]) for r in rows.values()) > 0
@@ -53,8 +61,9 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
         assert len(got) == len(expected) > 0, image_id
         for mask in got:  # every RLE decodes with pycocotools to the image size
             assert coco_rle_to_mask(mask["segmentation"]).shape == image.shape[:2]
-        ious = best_match_ious([coco_rle_to_mask(r["segmentation"]) for r in expected],
-                               [coco_rle_to_mask(m["segmentation"]) for m in got])
+        ious = best_match_ious(
+            [coco_rle_to_mask(r["segmentation"]) for r in expected], [coco_rle_to_mask(m["segmentation"]) for m in got]
+        )
         assert ious.min() >= 0.99, f"{image_id}: {np.sort(ious)[:3]}"
         same = sum(m["segmentation"] == r["segmentation"] for m, r in zip(got, expected))
         assert same >= 0.9 * len(got), f"{image_id}: {same} of {len(got)} RLEs identical"
@@ -63,8 +72,12 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
             assert m["predicted_iou"] == pytest.approx(r["predicted_iou"], abs=1e-3)
         # SA-1B per-image JSON holds the same masks
         doc = json.loads((out / "sa1b" / f"{image_id}.json").read_text())
-        assert doc["image"] == {"image_id": image_id, "width": row["width"], "height": row["height"],
-                                "file_name": row["source"]}
+        assert doc["image"] == {
+            "image_id": image_id,
+            "width": row["width"],
+            "height": row["height"],
+            "file_name": row["source"],
+        }
         assert [a["segmentation"] for a in doc["annotations"]] == [m["segmentation"] for m in got]
 
     coco = COCO(str(out / "coco_images.json"))
@@ -75,8 +88,16 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
     assert Image.open(previews[0]).size == (rows[previews[0].stem]["width"], rows[previews[0].stem]["height"])
 
     # A rerun through the job's own entry point (in this process, on this Ray) skips every image.
-    rerun = ["--input", str(photos_dir), "--output", str(out), "--checkpoint", str(mobile_sam_path),
-             "--points-per-side", "8"]
+    rerun = [
+        "--input",
+        str(photos_dir),
+        "--output",
+        str(out),
+        "--checkpoint",
+        str(mobile_sam_path),
+        "--points-per-side",
+        "8",
+    ]
     assert load_job("automask").main(rerun) == 0
     again = json.loads(capsys.readouterr().out.split("SUMMARY ", 1)[1])
     assert (again["written"], again["skipped"]) == (0, 3)
@@ -87,15 +108,18 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
 
     emb = tmp_path / "emb"
     precompute_embeddings(str(photos_dir), str(emb), teacher="vit_t", checkpoint=str(mobile_sam_path), limit=2)
-    stored = automask(None, str(tmp_path / "from-stored"), checkpoint=str(mobile_sam_path), everything=EVERYTHING,
-                      embeddings=str(emb))
+    stored = automask(
+        None, str(tmp_path / "from-stored"), checkpoint=str(mobile_sam_path), everything=EVERYTHING, embeddings=str(emb)
+    )
     assert (stored.written, stored.failed) == (2, 0)
     assert stored.encode_seconds < 0.2  # the encoder did not run (it takes over a second per image here)
     from_stored = _rows(tmp_path / "from-stored")
     assert len(from_stored) == 2
     for image_id, row in from_stored.items():
-        ious = best_match_ious([coco_rle_to_mask(m["segmentation"]) for m in rows[image_id]["masks"]],
-                               [coco_rle_to_mask(m["segmentation"]) for m in row["masks"]])
+        ious = best_match_ious(
+            [coco_rle_to_mask(m["segmentation"]) for m in rows[image_id]["masks"]],
+            [coco_rle_to_mask(m["segmentation"]) for m in row["masks"]],
+        )
         assert len(row["masks"]) > 0 and ious.min() >= 0.98, image_id
     with pytest.raises(ValueError, match="decoder must match the encoder"):
         automask(None, str(tmp_path / "other"), checkpoint=None, everything=EVERYTHING, embeddings=str(emb))
@@ -112,8 +136,14 @@ def test_bad_inputs_are_reported_and_skipped(ray_local, photos_dir, tmp_path, mo
     (corpus / "corrupt.jpg").write_bytes(good[: len(good) // 3])
     (corpus / "readme.png").write_text("not an image\n")
     out = tmp_path / "masks"
-    summary = automask(str(corpus), str(out), model="vit_t", checkpoint=str(mobile_sam_path),
-                       everything=EverythingConfig(points_per_side=4), batch_size=3)  # one batch: the good image's row survives
+    summary = automask(
+        str(corpus),
+        str(out),
+        model="vit_t",
+        checkpoint=str(mobile_sam_path),
+        everything=EverythingConfig(points_per_side=4),
+        batch_size=3,
+    )  # one batch: the good image's row survives
     assert (summary.written, summary.failed) == (1, 2)
     [image_id] = _rows(out)
     assert image_id.startswith("coffee")
@@ -144,13 +174,21 @@ def test_s3_in_and_out(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     fs.mkdir("automask")
     for name in ("astronaut.jpg", "chelsea.jpg"):
         fs.put(str(photos_dir / name), f"automask/images/{name}")
-    summary = automask("s3://automask/images", "s3://automask/masks", checkpoint=str(mobile_sam_path),
-                       everything=EverythingConfig(points_per_side=4), coco_json="s3://automask/masks/coco.json", preview=1,
-                       storage_options=options)
+    summary = automask(
+        "s3://automask/images",
+        "s3://automask/masks",
+        checkpoint=str(mobile_sam_path),
+        everything=EverythingConfig(points_per_side=4),
+        coco_json="s3://automask/masks/coco.json",
+        preview=1,
+        storage_options=options,
+    )
     assert (summary.written, summary.failed) == (2, 0)
     rows = _rows("s3://automask/masks", options)
-    assert {r["source"] for r in rows.values()} == {"s3://automask/images/astronaut.jpg",
-                                                   "s3://automask/images/chelsea.jpg"}
+    assert {r["source"] for r in rows.values()} == {
+        "s3://automask/images/astronaut.jpg",
+        "s3://automask/images/chelsea.jpg",
+    }
     assert len(fs.glob("automask/masks/previews/*.png")) == 1
     with fs.open("automask/masks/coco_images.json") as f:
         images = json.load(f)

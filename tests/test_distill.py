@@ -13,13 +13,21 @@ import pytest
 import torch
 
 from tinysam import build_sam
-from tinysam.distill import (DistillConfig, Distiller, HardPromptSampler, LossWeights, PromptConfig,
-                             hard_mask_weights, init_student_decoder, label_masks)
+from tinysam.distill import (
+    DistillConfig,
+    Distiller,
+    HardPromptSampler,
+    LossWeights,
+    PromptConfig,
+    hard_mask_weights,
+    init_student_decoder,
+    label_masks,
+)
 from tinysam.distill.data import annotation_list
 from tinysam.distill.distiller import match_embedding_statistics
 from tinysam.sample_data import SAMPLE_PHOTOS, write_pseudo_labelled_shard
 
-from .conftest import import_official, job_env, load_job
+from .helpers import import_official, job_env, load_job
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "distill.py"
 PROMPTS = PromptConfig(prompts_per_image=8, max_iterations=3)
@@ -44,9 +52,16 @@ def prepared(shard):
     batch = prepare_images(read)
     teacher = build_sam("vit_t", "mobile_sam")
     with torch.no_grad():
-        batch["embedding"] = np.stack([
-            teacher.image_encoder(normalize_and_pad(torch.from_numpy(batch["pixels"][i, :h, :w]).permute(2, 0, 1))[None])[0]
-            .half().numpy() for i, (h, w) in enumerate(zip(batch["input_h"], batch["input_w"]))])
+        batch["embedding"] = np.stack(
+            [
+                teacher.image_encoder(
+                    normalize_and_pad(torch.from_numpy(batch["pixels"][i, :h, :w]).permute(2, 0, 1))[None]
+                )[0]
+                .half()
+                .numpy()
+                for i, (h, w) in enumerate(zip(batch["input_h"], batch["input_w"]))
+            ]
+        )
     return batch
 
 
@@ -66,7 +81,7 @@ def provenance(sha: str) -> dict:
 
 
 def one(rows, i):
-    return {k: v[i:i + 1] for k, v in rows.items()}
+    return {k: v[i : i + 1] for k, v in rows.items()}
 
 
 def test_labels_are_the_annotations_at_decoder_resolution(rows, shard):
@@ -98,7 +113,7 @@ def test_hard_mask_weights_follow_the_formula():
 
 
 def test_hard_prompt_sampling_puts_later_points_in_the_error_region(rows, vit_t):
-    gt = torch.from_numpy(rows["gt"][0, :rows["gt_count"][0]]).bool()[:8]
+    gt = torch.from_numpy(rows["gt"][0, : rows["gt_count"][0]]).bool()[:8]
     emb = torch.from_numpy(rows["embedding"][:1]).float()
     sampler = HardPromptSampler(PromptConfig(prompts_per_image=8, max_iterations=9))
     from tinysam.distill import decode
@@ -189,11 +204,22 @@ def test_training_workers_allocate_with_huge_pages(monkeypatch):
     assert worker_env() == {HUGE_PAGES_ENV: "1"}
     monkeypatch.setenv(HUGE_PAGES_ENV, "0")
     assert worker_env() == {HUGE_PAGES_ENV: "0"}
-    code = ("import resource, torch\nfor _ in range(20): torch.ones(16 << 20)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)")
-    faults = {value: int(subprocess.run([sys.executable, "-c", code], env={**os.environ, HUGE_PAGES_ENV: value},
-                                        capture_output=True, text=True, check=True).stdout)
-              for value in ("0", "1")}
+    code = (
+        "import resource, torch\nfor _ in range(20): torch.ones(16 << 20)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)"
+    )
+    faults = {
+        value: int(
+            subprocess.run(
+                [sys.executable, "-c", code],
+                env={**os.environ, HUGE_PAGES_ENV: value},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for value in ("0", "1")
+    }
     assert faults["1"] < faults["0"] / 4, faults
 
 
@@ -218,8 +244,11 @@ def run_distill_job(args: list, env: dict, kill_worker_at: tuple = ()) -> tuple:
     and Ray Data's split coordinator outlived a run and kept ~10% of the machine busy for the rest
     of the suite); with `kill_worker_at` (step, rank, marker file) through tests/distill_drill.py.
     Returns its summary and output."""
-    cmd = [sys.executable, "-m", "tests.distill_drill", *map(str, kill_worker_at)] if kill_worker_at else [
-        sys.executable, str(JOB)]
+    cmd = (
+        [sys.executable, "-m", "tests.distill_drill", *map(str, kill_worker_at)]
+        if kill_worker_at
+        else [sys.executable, str(JOB)]
+    )
     done = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600, cwd=JOB.parents[1])
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
@@ -236,16 +265,35 @@ def job_on_s3(prepared, tmp_path, mobile_sam_path, s3_endpoint):
     from pipelines.precompute import write_batch
     from tinysam.weights import sha256_file
 
-    from .conftest import s3_env
+    from .helpers import s3_env
 
     emb = tmp_path / "emb"
     write_batch(dict(prepared), str(emb), provenance(sha256_file(mobile_sam_path)))
     fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_endpoint})
     if not fs.exists("runs"):
         fs.mkdir("runs")
-    args = ["--embeddings", str(emb), "--teacher-checkpoint", str(mobile_sam_path), "--student", "vit_t_mini",
-            "--checkpoint-every", "2", "--prompts-per-image", "4", "--max-iterations", "2", "--lr", "5e-3",
-            "--warmup-steps", "2", "--storage-path", "s3://runs", "--num-cpus", "4"]
+    args = [
+        "--embeddings",
+        str(emb),
+        "--teacher-checkpoint",
+        str(mobile_sam_path),
+        "--student",
+        "vit_t_mini",
+        "--checkpoint-every",
+        "2",
+        "--prompts-per-image",
+        "4",
+        "--max-iterations",
+        "2",
+        "--lr",
+        "5e-3",
+        "--warmup-steps",
+        "2",
+        "--storage-path",
+        "s3://runs",
+        "--num-cpus",
+        "4",
+    ]
     return args, {**job_env(), **s3_env(s3_endpoint)}, fs
 
 
@@ -266,7 +314,7 @@ def test_ray_train_job_survives_a_killed_worker_and_exports(job_on_s3, s3_endpoi
     run is refused without --resume. Not asserted here: that the loss falls (4 steps on different
     images are noise; the test above holds the batch fixed). A longer curve:
     `benchmarks/distill.py --curve`."""
-    from .conftest import s3_env
+    from .helpers import s3_env
 
     args, env, fs = job_on_s3
     args = [*args, "--name", "killed", "--steps", "4"]

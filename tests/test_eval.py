@@ -20,19 +20,19 @@ from tinysam.eval import (
 )
 from tinysam.sample_data import bbbc038_coco
 
-from .conftest import load_job
+from .helpers import load_job
 
 
 def _square(shape, x0, y0, side):
     mask = np.zeros(shape, bool)
-    mask[y0:y0 + side, x0:x0 + side] = True
+    mask[y0 : y0 + side, x0 : x0 + side] = True
     return mask
 
 
 def test_first_point_is_the_distance_transform_maximum():
     assert first_point(_square((30, 40), 10, 5, 9)) == (14, 9)  # the centre of a 9x9 square
     yy, xx = np.mgrid[:64, :64]
-    disk = (xx - 40) ** 2 + (yy - 22) ** 2 <= 12 ** 2
+    disk = (xx - 40) ** 2 + (yy - 22) ** 2 <= 12**2
     assert first_point(disk) == (40, 22)
     # Touching the image border counts as boundary: the centre of the visible part, not the edge.
     assert first_point(_square((20, 20), 0, 0, 7)) == (3, 3)
@@ -60,8 +60,9 @@ def bbbc038_gt(tmp_path_factory):
 def test_real_vit_t_on_bbbc038_box_point_and_everything(vit_t, bbbc038_gt, tmp_path):
     from pycocotools.cocoeval import COCOeval
 
-    config = EvalConfig(n_points=(1, 2, 3, 5), everything=[EverythingConfig("hierarchical", 8, 2)],
-                        max_dets=300, point_max_objects=40)
+    config = EvalConfig(
+        n_points=(1, 2, 3, 5), everything=[EverythingConfig("hierarchical", 8, 2)], max_dets=300, point_max_objects=40
+    )
     parts, errors = evaluate_dataset(SamPredictor(vit_t), bbbc038_gt, config)
     assert errors == [] and len(parts) == 1 and parts[0]["objects"] == 125
     summary = aggregate(parts, config, bbbc038_gt.coco)
@@ -89,7 +90,9 @@ def test_real_vit_t_on_bbbc038_box_point_and_everything(vit_t, bbbc038_gt, tmp_p
     [(name, everything)] = summary["everything"].items()
     assert name == "hierarchical 2/8 tau 8.5 margin 0.25"
     # an 8x8 grid finds a fraction of 125 small nuclei (the full grid: README table)
-    assert 0.1 < everything["mIoU"] <= 1.0 and everything["masks_per_image"] >= 5 and everything["seconds_per_image"] > 0
+    assert (
+        0.1 < everything["mIoU"] <= 1.0 and everything["masks_per_image"] >= 5 and everything["seconds_per_image"] > 0
+    )
 
 
 def test_evaluate_job_compares_models_locally_and_on_ray(bbbc038_gt, mobile_sam_path, tmp_path, ray_local):
@@ -100,11 +103,31 @@ def test_evaluate_job_compares_models_locally_and_on_ray(bbbc038_gt, mobile_sam_
     gt = tmp_path / "gt30.json"
     gt.write_text(json.dumps(subset))
     main = load_job("evaluate").main
-    common = ["--annotations", str(gt), "--images", bbbc038_gt.images_dir, "--protocols", "box,point",
-              "--points", "1,3", "--point-max-objects", "10", "--model", "vit_t", "--checkpoint",
-              str(mobile_sam_path), "--label", "mobile_sam"]
-    assert main(common + ["--model", "vit_t", "--checkpoint", "none", "--label", "random",
-                          "--output", str(tmp_path / "local")]) == 0
+    common = [
+        "--annotations",
+        str(gt),
+        "--images",
+        bbbc038_gt.images_dir,
+        "--protocols",
+        "box,point",
+        "--points",
+        "1,3",
+        "--point-max-objects",
+        "10",
+        "--model",
+        "vit_t",
+        "--checkpoint",
+        str(mobile_sam_path),
+        "--label",
+        "mobile_sam",
+    ]
+    assert (
+        main(
+            common
+            + ["--model", "vit_t", "--checkpoint", "none", "--label", "random", "--output", str(tmp_path / "local")]
+        )
+        == 0
+    )
     assert main(common + ["--output", str(tmp_path / "ray"), "--ray"]) == 0
     a = json.loads((tmp_path / "local" / "results.json").read_text())["models"]
     b = json.loads((tmp_path / "ray" / "results.json").read_text())["models"]
@@ -142,8 +165,15 @@ def test_detection_boxes_are_the_prompts_and_their_scores_rank_the_masks(vit_t, 
 
     image, anns, masks = bbbc038_gt.load(1)
     # A detector's output: the first 10 nuclei's boxes, shifted by a pixel, with falling scores.
-    dets = [{"image_id": 1, "category_id": 1, "bbox": [a["bbox"][0] + 1, a["bbox"][1], *a["bbox"][2:]],
-             "score": 1.0 - 0.05 * k} for k, a in enumerate(anns[:10])]
+    dets = [
+        {
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [a["bbox"][0] + 1, a["bbox"][1], *a["bbox"][2:]],
+            "score": 1.0 - 0.05 * k,
+        }
+        for k, a in enumerate(anns[:10])
+    ]
     config = EvalConfig(protocols=("box",), detections={1: dets})
     part = evaluate_image(SamPredictor(vit_t), 1, image, anns, masks, config)
     results = part["box"]["results"]

@@ -9,7 +9,7 @@ from pycocotools import mask as mask_utils
 from tinysam import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
 from tinysam.utils.metrics import best_match_ious
 
-from .conftest import import_official
+from .helpers import import_official
 
 
 def _assert_same_masks(ours, official):
@@ -68,7 +68,8 @@ def test_rle_output_modes_decode_to_the_binary_masks(vit_t, photos):
 
     def generate(**kwargs):
         return SamAutomaticMaskGenerator(vit_t, points_per_side=8, **kwargs).generate_from_embeddings(
-            emb, [input_size], [size])[0]
+            emb, [input_size], [size]
+        )[0]
 
     binary, coco, raw = generate(), generate(output_mode="coco_rle"), generate(output_mode="uncompressed_rle")
     assert len(binary) == len(coco) == len(raw) > 0
@@ -89,8 +90,9 @@ def test_several_images_in_one_call_equal_one_by_one(vit_t, photos):
     images = [photos["astronaut"], photos["coffee"][:, :500]]
     embedded = [_embed(vit_t, image) for image in images]
     gen = SamAutomaticMaskGenerator(vit_t, points_per_side=8, output_mode="coco_rle")
-    together = gen.generate_from_embeddings(torch.cat([e for e, _, _ in embedded]), [s for _, s, _ in embedded],
-                                            [o for _, _, o in embedded])
+    together = gen.generate_from_embeddings(
+        torch.cat([e for e, _, _ in embedded]), [s for _, s, _ in embedded], [o for _, _, o in embedded]
+    )
     for (emb, input_size, size), got in zip(embedded, together):
         [alone] = gen.generate_from_embeddings(emb, [input_size], [size])
         assert len(got) == len(alone) > 0
@@ -129,11 +131,14 @@ def test_hierarchical_mode_with_nothing_skipped_is_dense_mode(vit_t, photos):
     """Both rounds partition the dense grid: with no confident area, the dense generator's masks."""
     image = photos["coffee"]
     dense = SamAutomaticMaskGenerator(vit_t, points_per_side=8, output_mode="coco_rle").generate(image)
-    gen = SamHierarchicalMaskGenerator(vit_t, points_per_side=8, round1_points_per_side=2,
-                                       high_confidence_thresh=float("inf"), output_mode="coco_rle")
+    gen = SamHierarchicalMaskGenerator(
+        vit_t, points_per_side=8, round1_points_per_side=2, high_confidence_thresh=float("inf"), output_mode="coco_rle"
+    )
     hierarchical = gen.generate(image)
     assert gen.last_stats["decoded_points"] == 64 and gen.last_stats["skipped_points"] == 0
-    assert sorted(r["segmentation"]["counts"] for r in hierarchical) == sorted(r["segmentation"]["counts"] for r in dense)
+    assert sorted(r["segmentation"]["counts"] for r in hierarchical) == sorted(
+        r["segmentation"]["counts"] for r in dense
+    )
     with pytest.raises(ValueError, match="skip_margin"):
         SamHierarchicalMaskGenerator(vit_t, skip_margin=-1)
 
@@ -149,8 +154,9 @@ def test_crop_layers_need_the_pixels():
         gen.generate_from_embeddings(torch.zeros(1, 256, 64, 64), [(768, 1024)], [(600, 800)])
 
 
-@pytest.mark.parametrize("input_size, original_size", [((1024, 1024), (512, 512)), ((683, 1024), (400, 600)),
-                                                       ((1024, 768), (1500, 1125))])
+@pytest.mark.parametrize(
+    "input_size, original_size", [((1024, 1024), (512, 512)), ((683, 1024), (400, 600)), ((1024, 768), (1500, 1125))]
+)
 def test_upsampling_matrices_equal_the_two_interpolations(vit_t, input_size, original_size):
     """Everything mode's separable upsampling against Sam.postprocess_masks (bilinear, crop, bilinear)."""
     import torch
@@ -190,4 +196,5 @@ def test_everything_config_from_the_cli_to_the_generator(vit_t):
         EverythingConfig.from_dict({"pointsperside": 8})
     assert EverythingConfig.from_dict(json.loads(config.to_json())) == config
     assert EverythingConfig.parse("hierarchical:4:16:9:0.5") == EverythingConfig(
-        points_per_side=16, round1_points_per_side=4, high_confidence_thresh=9.0, skip_margin=0.5)
+        points_per_side=16, round1_points_per_side=4, high_confidence_thresh=9.0, skip_margin=0.5
+    )

@@ -11,14 +11,20 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from .conftest import job_env
+from .helpers import job_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def scenario(*args: str, timeout: float = 600) -> dict:
-    done = subprocess.run([sys.executable, "-m", "tests.lost_node", *args], cwd=REPO, env=job_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.lost_node", *args],
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     out = done.stdout + done.stderr
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert lines, out[-4000:]
@@ -38,21 +44,40 @@ def test_precompute_survives_losing_the_node_of_its_model_actor(tmp_path, photos
     assert result["killed"] and result["progress_at_kill"], result["log"]
     assert any("MapWorker" in name for name in result["actors_on_node"]), result  # the model actor was there
     if result["outcome"] != "finished" or result["failed"]:  # Ray could not carry on: a plain rerun finishes it
-        rerun = subprocess.run([sys.executable, str(REPO / "jobs" / "precompute_embeddings.py"), "--input",
-                                str(corpus), "--output", str(out), "--teacher", "vit_t", "--checkpoint",
-                                str(mobile_sam_path), "--num-cpus", "2"],
-                               env=job_env(), capture_output=True, text=True, timeout=600)
+        rerun = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "jobs" / "precompute_embeddings.py"),
+                "--input",
+                str(corpus),
+                "--output",
+                str(out),
+                "--teacher",
+                "vit_t",
+                "--checkpoint",
+                str(mobile_sam_path),
+                "--num-cpus",
+                "2",
+            ],
+            env=job_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert rerun.returncode == 0, rerun.stderr[-3000:]
     ids = read_table(str(out), columns=["image_id"])["image_id"].to_pylist()
     assert len(ids) == 9 and len(set(ids)) == 9, result
     for file in out.glob("*.parquet"):  # every visible file is whole
         assert pq.read_metadata(file).num_rows >= 1
-    print(f"\nlost node: the job {result['outcome']} ({result.get('error', '')[:200]}); "
-          f"actors on the lost node: {result['actors_on_node']}")
+    print(
+        f"\nlost node: the job {result['outcome']} ({result.get('error', '')[:200]}); "
+        f"actors on the lost node: {result['actors_on_node']}"
+    )
 
 
-def test_distillation_resumes_from_its_checkpoint_after_losing_a_worker_node(ray_local, tmp_path, vit_t,
-                                                                           mobile_sam_path):
+def test_distillation_resumes_from_its_checkpoint_after_losing_a_worker_node(
+    ray_local, tmp_path, vit_t, mobile_sam_path
+):
     """Training workers on the second node (the head fits one worker at most); the node dies after the
     step-2 checkpoint and a third node joins, as an autoscaler would add one: Ray Train restarts the
     worker group from that checkpoint, and the run ends at its last step."""
@@ -62,9 +87,28 @@ def test_distillation_resumes_from_its_checkpoint_after_losing_a_worker_node(ray
     shard = write_pseudo_labelled_shard(tmp_path / "sa1b", vit_t, points_per_side=4)
     emb = tmp_path / "emb"
     precompute_embeddings(str(shard), str(emb), teacher="vit_t", checkpoint=str(mobile_sam_path))
-    args = ["--embeddings", str(emb), "--teacher-checkpoint", str(mobile_sam_path), "--student", "vit_t_mini",
-            "--checkpoint-every", "2", "--prompts-per-image", "4", "--max-iterations", "2", "--warmup-steps", "2",
-            "--storage-path", str(tmp_path / "runs"), "--name", "lost", "--steps", "4"]
+    args = [
+        "--embeddings",
+        str(emb),
+        "--teacher-checkpoint",
+        str(mobile_sam_path),
+        "--student",
+        "vit_t_mini",
+        "--checkpoint-every",
+        "2",
+        "--prompts-per-image",
+        "4",
+        "--max-iterations",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--name",
+        "lost",
+        "--steps",
+        "4",
+    ]
     result = scenario("distill", json.dumps(args))
     assert result["killed"] and result["progress_at_kill"], result["log"]
     assert any("TrainWorker" in name or "RayTrainWorker" in name for name in result["actors_on_node"]), result

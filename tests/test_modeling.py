@@ -10,7 +10,7 @@ from tinysam import SamPredictor, build_sam, save_checkpoint
 from tinysam.build_sam import infer_model_type
 from tinysam.weights import CheckpointError
 
-from .conftest import import_official, randomize_
+from .helpers import import_official, randomize_
 
 EXPECTED_KEYS = {"vit_h": 594, "vit_l": 482, "vit_b": 314, "vit_t": 439}
 TOL = 1e-4
@@ -66,11 +66,18 @@ def _predictor_outputs(predictor, image, prompts):
 def _prompts(h, w):
     return [
         dict(point_coords=np.array([[w * 0.45, h * 0.35]]), point_labels=np.array([1])),
-        dict(point_coords=np.array([[w * 0.45, h * 0.35], [w * 0.8, h * 0.8]]), point_labels=np.array([1, 0]),
-             multimask_output=False),
+        dict(
+            point_coords=np.array([[w * 0.45, h * 0.35], [w * 0.8, h * 0.8]]),
+            point_labels=np.array([1, 0]),
+            multimask_output=False,
+        ),
         dict(box=np.array([w * 0.2, h * 0.1, w * 0.75, h * 0.9])),
-        dict(point_coords=np.array([[w * 0.5, h * 0.5]]), point_labels=np.array([1]),
-             box=np.array([w * 0.2, h * 0.1, w * 0.75, h * 0.9]), multimask_output=False),
+        dict(
+            point_coords=np.array([[w * 0.5, h * 0.5]]),
+            point_labels=np.array([1]),
+            box=np.array([w * 0.2, h * 0.1, w * 0.75, h * 0.9]),
+            multimask_output=False,
+        ),
     ]
 
 

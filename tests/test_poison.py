@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import load_job
+from .helpers import load_job
 
 FAST = ["--points-per-side", "4", "--num-cpus", "4"]
 
@@ -52,16 +52,31 @@ def test_a_huge_small_file_never_stalls_the_job(ray_local, corpus, tmp_path, mob
     big_bilevel_png(corpus / "scan.png")
     assert (corpus / "scan.png").stat().st_size < 200_000
     out = tmp_path / "masks"
-    code, summary, log = run("automask", ["--input", str(corpus), "--output", str(out), "--checkpoint",
-                                          str(mobile_sam_path), *FAST], capsys)
+    code, summary, log = run(
+        "automask", ["--input", str(corpus), "--output", str(out), "--checkpoint", str(mobile_sam_path), *FAST], capsys
+    )
     assert code == 1 and (summary["written"], summary["failed"]) == (2, 1), log
     [reason] = read_errors(str(out))["reason"].to_pylist()
     assert "scan.png: 12000x12000 is 144.0 Mpx, above the limit of 40.0 Mpx" in reason
 
     out = tmp_path / "masks-capped"
-    code, summary, log = run("automask", ["--input", str(corpus), "--output", str(out), "--checkpoint",
-                                          str(mobile_sam_path), "--max-megapixels", "200",
-                                          "--actor-memory-gb", "3", *FAST], capsys)
+    code, summary, log = run(
+        "automask",
+        [
+            "--input",
+            str(corpus),
+            "--output",
+            str(out),
+            "--checkpoint",
+            str(mobile_sam_path),
+            "--max-megapixels",
+            "200",
+            "--actor-memory-gb",
+            "3",
+            *FAST,
+        ],
+        capsys,
+    )
     assert summary is not None and summary["written"] >= 2 and summary["written"] + summary["failed"] == 3, log
     rows = read_table(str(out), columns=["image_id", "width", "height"]).to_pylist()
     assert {r["image_id"].split("-")[0] for r in rows} >= {"coffee", "chelsea"}
@@ -70,12 +85,15 @@ def test_a_huge_small_file_never_stalls_the_job(ray_local, corpus, tmp_path, mob
             assert (row["width"], row["height"]) == (12000, 12000)
     errors = read_errors(str(out))["reason"].to_pylist()
     assert summary["failed"] == len(errors) and all("scan.png" in e for e in errors)
-    print(f"\n144 Mpx PNG with --max-megapixels 200 --actor-memory-gb 3: "
-          f"{'written' if summary['failed'] == 0 else errors[0][:200]}")
+    print(
+        f"\n144 Mpx PNG with --max-megapixels 200 --actor-memory-gb 3: "
+        f"{'written' if summary['failed'] == 0 else errors[0][:200]}"
+    )
 
 
-def test_a_rerun_with_another_checkpoint_is_refused_then_redone_with_overwrite(ray_local, corpus, tmp_path,
-                                                                              mobile_sam_path, capsys):
+def test_a_rerun_with_another_checkpoint_is_refused_then_redone_with_overwrite(
+    ray_local, corpus, tmp_path, mobile_sam_path, capsys
+):
     from pipelines.storage.files import read_table
 
     out = tmp_path / "masks"
@@ -85,8 +103,9 @@ def test_a_rerun_with_another_checkpoint_is_refused_then_redone_with_overwrite(r
     code, _, log = run("automask", [*args, "--checkpoint", "none"], capsys)
     assert code == 2 and "holds rows made with other settings" in log and "checkpoint_sha256" in log
     assert "random-init" in log and "--overwrite" in log
-    code, summary, log = run("automask", [*args, "--points-per-side", "8", "--checkpoint", str(mobile_sam_path)],
-                             capsys)
+    code, summary, log = run(
+        "automask", [*args, "--points-per-side", "8", "--checkpoint", str(mobile_sam_path)], capsys
+    )
     assert code == 2 and "params" in log  # another generator setting: refused too
     code, summary, _ = run("automask", [*args, "--checkpoint", "none", "--overwrite"], capsys)
     assert code == 0 and summary["written"] == 2
@@ -98,8 +117,19 @@ def test_a_rerun_with_another_checkpoint_is_refused_then_redone_with_overwrite(r
 
 def test_output_inside_input_is_never_read_as_input(ray_local, corpus, mobile_sam_path, capsys):
     out = corpus / "masks"
-    args = ["--input", str(corpus), "--output", str(out), "--checkpoint", str(mobile_sam_path), "--preview", "2",
-            "--coco-json", str(out / "coco.json"), *FAST]
+    args = [
+        "--input",
+        str(corpus),
+        "--output",
+        str(out),
+        "--checkpoint",
+        str(mobile_sam_path),
+        "--preview",
+        "2",
+        "--coco-json",
+        str(out / "coco.json"),
+        *FAST,
+    ]
     code, first, _ = run("automask", args, capsys)
     assert code == 0 and (first["images"], first["written"]) == (2, 2)
     assert len(list((out / "previews").glob("*.png"))) == 2
@@ -107,8 +137,9 @@ def test_output_inside_input_is_never_read_as_input(ray_local, corpus, mobile_sa
     assert code == 0 and (second["images"], second["written"], second["skipped"]) == (2, 0, 2)
 
 
-def test_exif_orientation_is_applied_as_opencv_reads_the_file(ray_local, tmp_path, photos_dir, vit_t,
-                                                             mobile_sam_path, capsys):
+def test_exif_orientation_is_applied_as_opencv_reads_the_file(
+    ray_local, tmp_path, photos_dir, vit_t, mobile_sam_path, capsys
+):
     """A phone photo stored sideways with EXIF orientation 6: masked as viewers and cv2.imread
     (the official scripts/amg.py reader) show it, at the displayed size."""
     import cv2
@@ -125,14 +156,16 @@ def test_exif_orientation_is_applied_as_opencv_reads_the_file(ray_local, tmp_pat
     exif[0x0112] = 6
     stored.rotate(90, expand=True).save(corpus / "phone.jpg", exif=exif.tobytes(), quality=95)
     out = tmp_path / "masks"
-    code, _, _ = run("automask", ["--input", str(corpus), "--output", str(out), "--checkpoint",
-                                  str(mobile_sam_path), *FAST], capsys)
+    code, _, _ = run(
+        "automask", ["--input", str(corpus), "--output", str(out), "--checkpoint", str(mobile_sam_path), *FAST], capsys
+    )
     assert code == 0
     [row] = list(iter_results(str(out)))
     shown = cv2.imread(str(corpus / "phone.jpg"))[:, :, ::-1]  # applies the orientation
     assert (row["height"], row["width"]) == shown.shape[:2] == (400, 600)
     expected = SamHierarchicalMaskGenerator(vit_t, points_per_side=4, output_mode="coco_rle").generate(
-        np.ascontiguousarray(shown))
+        np.ascontiguousarray(shown)
+    )
     got = [coco_rle_to_mask(m["segmentation"]) for m in row["masks"]]
     assert len(got) == len(expected) > 0
     ious = best_match_ious([coco_rle_to_mask(r["segmentation"]) for r in expected], got)
@@ -146,8 +179,9 @@ def test_refusals_before_any_work(ray_local, corpus, tmp_path, mobile_sam_path, 
             load_job(job).main(["--input", str(corpus), "--output", str(out)])
         assert status.value.code == 2 and "--checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit) as status:  # abbreviated flags are not guessed
-        load_job("automask").main(["--input", str(corpus), "--output", str(out), "--checkpoint", "none",
-                                   "--points-per-sid", "4"])
+        load_job("automask").main(
+            ["--input", str(corpus), "--output", str(out), "--checkpoint", "none", "--points-per-sid", "4"]
+        )
     assert status.value.code == 2
     with pytest.raises(SystemExit):
         load_job("precompute_embeddings").main(["--help"])
@@ -165,8 +199,9 @@ def test_unsupported_and_tiny_files_are_counted_and_named(ray_local, corpus, tmp
     Image.new("RGB", (1, 1)).save(corpus / "dot.png")
     Image.new("RGB", (64, 64)).save(corpus / "anim.gif")
     out = tmp_path / "masks"
-    code, summary, log = run("automask", ["--input", str(corpus), "--output", str(out), "--checkpoint",
-                                          str(mobile_sam_path), *FAST], capsys)
+    code, summary, log = run(
+        "automask", ["--input", str(corpus), "--output", str(out), "--checkpoint", str(mobile_sam_path), *FAST], capsys
+    )
     assert code == 1 and (summary["written"], summary["failed"]) == (2, 1)
     assert summary["unsupported"] == [str(corpus / "anim.gif")] and "unsupported: " in log
     [reason] = read_errors(str(out))["reason"].to_pylist()
@@ -192,13 +227,23 @@ def test_an_image_that_kills_its_actor_is_reported_after_three_attempts(ray_loca
     out = tmp_path / "emb"
     provenance = {"model": "stand-in", "checkpoint_sha256": "none", "dtype": "float16"}
     plan = plan_inputs(str(corpus), str(out), provenance)
-    ds = image_pipeline(plan, helpers.DyingEncoder, {}, write_batch, {"output": str(out), "provenance": provenance},
-                        batch_size=1, rows_per_file=1, output=str(out))
+    ds = image_pipeline(
+        plan,
+        helpers.DyingEncoder,
+        {},
+        write_batch,
+        {"output": str(out), "provenance": provenance},
+        batch_size=1,
+        rows_per_file=1,
+        output=str(out),
+    )
     summary = JobSummary()
     run_to_output(ds, summary, str(out))
     finish_summary(summary, plan, str(out))
     assert (summary.written, summary.failed, summary.images) == (2, 1, 3)
     assert sorted(i.split("-")[0] for i in read_table(str(out), columns=["image_id"])["image_id"].to_pylist()) == [
-        "chelsea", "coffee"]
+        "chelsea",
+        "coffee",
+    ]
     [reason] = read_errors(str(out))["reason"].to_pylist()
     assert "poison.jpg" in reason and "killed the model actor 3 times" in reason

@@ -9,22 +9,23 @@ import torch
 
 from tinysam import SamPredictor
 
-from .conftest import kill_midway_and_rerun, load_job
+from .helpers import kill_midway_and_rerun, load_job
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "precompute_embeddings.py"
 
 
-def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos_dir, tmp_path, vit_t,
-                                                               mobile_sam_path):
+def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos_dir, tmp_path, vit_t, mobile_sam_path):
+    from PIL import Image
+
     from pipelines.precompute import precompute_embeddings
     from pipelines.storage.embeddings import load_embeddings
     from pipelines.storage.files import read_table
-    from PIL import Image
 
     out = tmp_path / "emb"
-    summary = precompute_embeddings(str(photos_dir), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path),
-                                    batch_size=2)
+    summary = precompute_embeddings(
+        str(photos_dir), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path), batch_size=2
+    )
     assert (summary.written, summary.failed, summary.skipped) == (3, 0, 0)
     ids, stored = load_embeddings(str(out))
     assert stored.shape == (3, 256, 64, 64) and stored.dtype == torch.float16
@@ -40,7 +41,7 @@ def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos
         predictor.set_image(np.array(Image.open(sources[image_id]).convert("RGB")))
         ref = predictor.get_image_embedding()[0]
         # fp16 storage: within half an fp16 ulp of the fp32 embedding (plus batch-order noise).
-        assert ((emb.float() - ref).abs() <= ref.abs() * 2.0 ** -11 + 1e-4).all()
+        assert ((emb.float() - ref).abs() <= ref.abs() * 2.0**-11 + 1e-4).all()
     mib = summary.bytes_written / 3 / 2**20
     assert mib < 2.1, f"{mib:.2f} MiB per image"
 
@@ -62,8 +63,9 @@ def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, 
     (corpus / "notes.png").write_text("this is a text file with an image name\n")
     (corpus / "empty.jpg").write_bytes(b"")
     out = tmp_path / "emb"
-    summary = precompute_embeddings(str(corpus), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path),
-                                    batch_size=2)  # the good image shares its batch with a bad one
+    summary = precompute_embeddings(
+        str(corpus), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path), batch_size=2
+    )  # the good image shares its batch with a bad one
     assert (summary.written, summary.failed) == (1, 3)
     assert read_table(str(out))["image_id"].to_pylist()[0].startswith("coffee")
     errors = read_errors(str(out)).to_pylist()
@@ -76,8 +78,14 @@ def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, 
     from pipelines.stages import TooManyFailures
 
     with pytest.raises(TooManyFailures, match="more than --max-failures 0"):
-        precompute_embeddings(str(corpus), str(tmp_path / "strict"), teacher="vit_t",
-                              checkpoint=str(mobile_sam_path), batch_size=4, max_failures=0)
+        precompute_embeddings(
+            str(corpus),
+            str(tmp_path / "strict"),
+            teacher="vit_t",
+            checkpoint=str(mobile_sam_path),
+            batch_size=4,
+            max_failures=0,
+        )
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path, photos_dir, mobile_sam_path):
@@ -86,8 +94,7 @@ def test_unwritable_output_fails_before_any_work(tmp_path, photos_dir, mobile_sa
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(PermissionError, match="a-file/out: output location is not writable"):
-        precompute_embeddings(str(photos_dir), str(blocker / "out"), teacher="vit_t",
-                              checkpoint=str(mobile_sam_path))
+        precompute_embeddings(str(photos_dir), str(blocker / "out"), teacher="vit_t", checkpoint=str(mobile_sam_path))
 
 
 def test_unreadable_checkpoint_fails_before_any_work(ray_local, tmp_path, photos_dir, capsys):
@@ -95,8 +102,23 @@ def test_unreadable_checkpoint_fails_before_any_work(ray_local, tmp_path, photos
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     out = tmp_path / "emb"
     # the job's own main, in this process (on this process's Ray): no second Python start
-    assert load_job("precompute_embeddings").main(["--input", str(photos_dir), "--output", str(out), "--teacher",
-                                                   "vit_t", "--checkpoint", str(bad), "--num-cpus", "2"]) == 2
+    assert (
+        load_job("precompute_embeddings").main(
+            [
+                "--input",
+                str(photos_dir),
+                "--output",
+                str(out),
+                "--teacher",
+                "vit_t",
+                "--checkpoint",
+                str(bad),
+                "--num-cpus",
+                "2",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "broken.pth" in err and "corrupt" in err
     assert not out.exists()
@@ -106,8 +128,24 @@ def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir,
     from pipelines.storage.files import read_table
 
     out = tmp_path / "emb"
-    cmd = [sys.executable, str(JOB), "--input", str(photos_dir), "--output", str(out), "--teacher", "vit_t",
-           "--checkpoint", str(mobile_sam_path), "--batch-size", "1", "--rows-per-file", "1", "--num-cpus", "2"]
+    cmd = [
+        sys.executable,
+        str(JOB),
+        "--input",
+        str(photos_dir),
+        "--output",
+        str(out),
+        "--teacher",
+        "vit_t",
+        "--checkpoint",
+        str(mobile_sam_path),
+        "--batch-size",
+        "1",
+        "--rows-per-file",
+        "1",
+        "--num-cpus",
+        "2",
+    ]
     kill_midway_and_rerun(cmd, out, total=3)
     ids = read_table(str(out), columns=["image_id"])["image_id"].to_pylist()
     assert len(ids) == 3 and len(set(ids)) == 3
@@ -124,8 +162,14 @@ def test_s3_round_trip(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     fs.mkdir("corpus")
     for name in ("astronaut.jpg", "coffee.jpg"):
         fs.put(str(photos_dir / name), f"corpus/images/{name}")
-    summary = precompute_embeddings("s3://corpus/images", "s3://corpus/embeddings", teacher="vit_t",
-                                    checkpoint=str(mobile_sam_path), batch_size=2, storage_options=options)
+    summary = precompute_embeddings(
+        "s3://corpus/images",
+        "s3://corpus/embeddings",
+        teacher="vit_t",
+        checkpoint=str(mobile_sam_path),
+        batch_size=2,
+        storage_options=options,
+    )
     assert (summary.written, summary.failed) == (2, 0)
     files = fs.find("corpus/embeddings")
     assert files and all(f.endswith(".parquet") for f in files)
@@ -149,10 +193,21 @@ def test_sa1b_tar_shard_keeps_ids_and_annotations(ray_local, photos_dir, tmp_pat
             data = (photos_dir / name).read_bytes()
             mask = np.zeros((300, 451), bool) if name == "chelsea.jpg" else np.zeros((400, 600), bool)
             mask[50:120, 60:200] = True
-            ann = {"image": {"image_id": n, "width": mask.shape[1], "height": mask.shape[0], "file_name": f"sa_{n}.jpg"},
-                   "annotations": [{"id": 1, "segmentation": mask_to_coco_rle(mask), "bbox": [60, 50, 140, 70],
-                                    "area": int(mask.sum()), "point_coords": [[100, 80]], "predicted_iou": 0.9,
-                                    "stability_score": 0.95, "crop_box": [0, 0, mask.shape[1], mask.shape[0]]}]}
+            ann = {
+                "image": {"image_id": n, "width": mask.shape[1], "height": mask.shape[0], "file_name": f"sa_{n}.jpg"},
+                "annotations": [
+                    {
+                        "id": 1,
+                        "segmentation": mask_to_coco_rle(mask),
+                        "bbox": [60, 50, 140, 70],
+                        "area": int(mask.sum()),
+                        "point_coords": [[100, 80]],
+                        "predicted_iou": 0.9,
+                        "stability_score": 0.95,
+                        "crop_box": [0, 0, mask.shape[1], mask.shape[0]],
+                    }
+                ],
+            }
             for member, payload in ((f"sa_{n}.jpg", data), (f"sa_{n}.json", json.dumps(ann).encode())):
                 info = tarfile.TarInfo(member)
                 info.size = len(payload)
@@ -172,8 +227,10 @@ def test_sa1b_tar_shard_keeps_ids_and_annotations(ray_local, photos_dir, tmp_pat
         # the stored byte range is the image's own bytes in the shard
         with open(shard, "rb") as f:
             f.seek(row["source_offset"])
-            assert f.read(row["source_length"]) == (photos_dir / ("coffee.jpg" if row["image_id"] == "7"
-                                                                  else "chelsea.jpg")).read_bytes()
+            assert (
+                f.read(row["source_length"])
+                == (photos_dir / ("coffee.jpg" if row["image_id"] == "7" else "chelsea.jpg")).read_bytes()
+            )
     # every image written: a third run does not open the shard (its manifest says it is complete)
     shard.rename(tmp_path / "moved.tar")
     shard.write_bytes(b"")  # same name, no content: reading it would fail

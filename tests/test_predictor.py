@@ -69,12 +69,14 @@ def test_fast_decoder_equals_the_official_operation_order(vit_t, astronaut):
 def test_return_logits_and_single_mask_shapes(vit_t, astronaut):
     predictor = SamPredictor(vit_t)
     predictor.set_image(astronaut)
-    logits, iou, low = predictor.predict(point_coords=np.array([[250, 200]]), point_labels=np.array([1]),
-                                          multimask_output=False, return_logits=True)
+    logits, iou, low = predictor.predict(
+        point_coords=np.array([[250, 200]]), point_labels=np.array([1]), multimask_output=False, return_logits=True
+    )
     assert logits.dtype == np.float32 and logits.shape == (1, 512, 512)
     assert iou.shape == (1,) and low.shape == (1, 256, 256)
-    masks, _, _ = predictor.predict(point_coords=np.array([[250, 200]]), point_labels=np.array([1]),
-                                    multimask_output=False)
+    masks, _, _ = predictor.predict(
+        point_coords=np.array([[250, 200]]), point_labels=np.array([1]), multimask_output=False
+    )
     assert np.array_equal(masks, logits > 0.0)
 
 

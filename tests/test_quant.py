@@ -12,13 +12,22 @@ import torch
 
 from tinysam import SamPredictor, build_sam
 from tinysam.eval import box_prompt_miou
-from tinysam.quant import (QuantConfig, int8_available, int8_unavailable_reason, load_quantized, quant_layers,
-                           quantize_sam, save_quantized, set_mode, task_loss)
+from tinysam.quant import (
+    QuantConfig,
+    int8_available,
+    int8_unavailable_reason,
+    load_quantized,
+    quant_layers,
+    quantize_sam,
+    save_quantized,
+    set_mode,
+    task_loss,
+)
 from tinysam.quant.calibrate import calibration_prompts, decode_all, search_scales
 from tinysam.sample_data import instance_masks, sample_images
 from tinysam.transforms import prepare_image
 
-from .conftest import load_job
+from .helpers import load_job
 
 CONFIG = QuantConfig(candidates=20, rounds=1, calibration_images=2, points_per_side=3)
 
@@ -259,10 +268,28 @@ def test_quantize_job_skips_a_corrupt_image_and_writes_a_loadable_file(tmp_path,
     write_sample_photos(photos, ("astronaut", "coffee"))
     (photos / "aaa_broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "q" / "mini_w8.pt"
+
     def job(calibration, output):
-        return [sys.executable, str(Path(__file__).parents[1] / "jobs" / "quantize.py"), "--model", "vit_t_mini",
-                "--checkpoint", "none", "--calibration", str(calibration), "--num-images", "2", "--candidates", "3",
-                "--rounds", "1", "--points-per-side", "2", "--output", str(output)]
+        return [
+            sys.executable,
+            str(Path(__file__).parents[1] / "jobs" / "quantize.py"),
+            "--model",
+            "vit_t_mini",
+            "--checkpoint",
+            "none",
+            "--calibration",
+            str(calibration),
+            "--num-images",
+            "2",
+            "--candidates",
+            "3",
+            "--rounds",
+            "1",
+            "--points-per-side",
+            "2",
+            "--output",
+            str(output),
+        ]
 
     done = subprocess.run(job(photos, out), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -17,8 +17,7 @@ MEMBERS = 24
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     """An SA-1B-like shard: 24 JPEGs of 1500x2250 (a few hundred KB each) and their JSONs."""
-    return write_synthetic_sa1b_shard(tmp_path_factory.mktemp("shards") / "sa_000001.tar", MEMBERS,
-                                      masks_per_image=20)
+    return write_synthetic_sa1b_shard(tmp_path_factory.mktemp("shards") / "sa_000001.tar", MEMBERS, masks_per_image=20)
 
 
 def counting(inner, log):
@@ -47,8 +46,13 @@ def mark_done(output: str, ids, options: dict) -> None:
     """Rows of `ids` in the output, as a job would have written them."""
     from pipelines.storage.files import write_table_atomic
 
-    write_table_atomic(pa.table({"image_id": pa.array(list(ids), pa.string())}), output, "part-done.parquet",
-                       options, provenance={"model": "test"})
+    write_table_atomic(
+        pa.table({"image_id": pa.array(list(ids), pa.string())}),
+        output,
+        "part-done.parquet",
+        options,
+        provenance={"model": "test"},
+    )
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

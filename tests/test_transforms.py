@@ -12,7 +12,7 @@ from tinysam.transforms import (
     to_rgb_uint8,
 )
 
-from .conftest import import_official
+from .helpers import import_official
 
 
 def test_grayscale_rgba_and_single_channel_become_rgb(rng):

@@ -13,7 +13,7 @@ import torch
 from tinysam import weights
 from tinysam.weights import CheckpointError, KnownCheckpoint, load_checkpoint, read_state_dict, resolve_checkpoint
 
-from .conftest import s3_env
+from .helpers import s3_env
 
 
 @pytest.fixture
@@ -80,8 +80,11 @@ def test_wrong_hash_is_refused_and_nothing_is_cached(cache, http_root, monkeypat
     assert _cache_files(cache) == []
     # The right hash is accepted and cached.
     good = hashlib.sha256((root / "hashed.pth").read_bytes()).hexdigest()
-    monkeypatch.setitem(weights.KNOWN_CHECKPOINTS, "fake", KnownCheckpoint(
-        "fake", "fake.pth", "vit_t", good, (root / "hashed.pth").stat().st_size, f"{base}/hashed.pth"))
+    monkeypatch.setitem(
+        weights.KNOWN_CHECKPOINTS,
+        "fake",
+        KnownCheckpoint("fake", "fake.pth", "vit_t", good, (root / "hashed.pth").stat().st_size, f"{base}/hashed.pth"),
+    )
     assert "layer.bias" in load_checkpoint("fake")
     assert [p.name for p in _cache_files(cache)] == ["fake.pth"]
 

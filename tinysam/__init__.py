@@ -13,13 +13,20 @@ from .utils.lazy import lazy_exports
 # Names resolve on first use (PEP 562), so that `import tinysam.transforms` in a data-loading
 # worker does not pay for torch, torchvision and the models.
 _EXPORTS = {
-    "MODEL_CONFIGS": "build_sam", "build_sam": "build_sam", "build_sam_vit_b": "build_sam",
-    "build_sam_vit_h": "build_sam", "build_sam_vit_l": "build_sam", "build_sam_vit_t": "build_sam",
+    "MODEL_CONFIGS": "build_sam",
+    "build_sam": "build_sam",
+    "build_sam_vit_b": "build_sam",
+    "build_sam_vit_h": "build_sam",
+    "build_sam_vit_l": "build_sam",
+    "build_sam_vit_t": "build_sam",
     "sam_model_registry": "build_sam",
-    "EverythingConfig": "everything", "SamAutomaticMaskGenerator": "everything",
+    "EverythingConfig": "everything",
+    "SamAutomaticMaskGenerator": "everything",
     "SamHierarchicalMaskGenerator": "everything",
     "SamPredictor": "predictor",
-    "KNOWN_CHECKPOINTS": "weights", "CheckpointError": "weights", "load_checkpoint": "weights",
+    "KNOWN_CHECKPOINTS": "weights",
+    "CheckpointError": "weights",
+    "load_checkpoint": "weights",
     "save_checkpoint": "weights",
 }
 

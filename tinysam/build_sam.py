@@ -113,16 +113,18 @@ def check_checkpoint(model_type: str, checkpoint: str) -> None:
     load_into(model, state_dict, label=f"{checkpoint} ({model_type})", assign=True)
 
 
-def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], label: str = "checkpoint",
-              assign: bool = False) -> None:
+def load_into(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], label: str = "checkpoint", assign: bool = False
+) -> None:
     """`load_state_dict(strict=True)` with an error that names the file and the likely model type."""
     try:
         model.load_state_dict(state_dict, strict=True, assign=assign)
     except RuntimeError as e:
         guess = infer_model_type(state_dict)
         hint = f"; its keys look like {guess!r}" if guess else ""
-        raise CheckpointError(f"{label}: does not match the model{hint}: {str(e).splitlines()[0]} "
-                              f"{_key_diff(model, state_dict)}") from e
+        raise CheckpointError(
+            f"{label}: does not match the model{hint}: {str(e).splitlines()[0]} {_key_diff(model, state_dict)}"
+        ) from e
 
 
 def _key_diff(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -47,8 +47,12 @@ def _to_pixels(prompt: dict, w: int, h: int) -> dict:
     return out
 
 
-def run_predictor_demo(output_dir: Path, checkpoint: str = "mobile_sam", model_type: str = "vit_t",
-                       images: Tuple[str, ...] = ("astronaut", "coffee", "chelsea")) -> dict:
+def run_predictor_demo(
+    output_dir: Path,
+    checkpoint: str = "mobile_sam",
+    model_type: str = "vit_t",
+    images: Tuple[str, ...] = ("astronaut", "coffee", "chelsea"),
+) -> dict:
     """Segment the sample photos from prompts; returns a summary of what was written."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -68,13 +72,15 @@ def run_predictor_demo(output_dir: Path, checkpoint: str = "mobile_sam", model_t
             labels += kwargs.get("point_labels", np.zeros(0, int)).tolist()
             if "box" in kwargs:
                 boxes.append(kwargs["box"].tolist())
-            annotations.append({
-                "prompt": {k: v.tolist() for k, v in kwargs.items()},
-                "segmentation": mask_to_coco_rle(m[best]),
-                "area": int(m[best].sum()),
-                "bbox": mask_bbox_xywh(m[best]),
-                "predicted_iou": float(iou[best]),
-            })
+            annotations.append(
+                {
+                    "prompt": {k: v.tolist() for k, v in kwargs.items()},
+                    "segmentation": mask_to_coco_rle(m[best]),
+                    "area": int(m[best].sum()),
+                    "bbox": mask_bbox_xywh(m[best]),
+                    "predicted_iou": float(iou[best]),
+                }
+            )
         png = output_dir / f"{name}_overlay.png"
         save_png(png, overlay_masks(image, masks, points=points, labels=labels, boxes=boxes))
         written.append(png)

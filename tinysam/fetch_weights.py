@@ -14,7 +14,7 @@ def main(argv: Optional[list] = None) -> None:
         try:
             path = resolve_checkpoint(name)
         except CheckpointError as e:
-            raise SystemExit(f"error: {e}")
+            raise SystemExit(f"error: {e}") from None
         print(f"{name}: {path}")
 
 

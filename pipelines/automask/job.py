@@ -59,8 +59,12 @@ def automask(
 
     everything = everything or EverythingConfig()
     checkpoint_sha = preflight(model, checkpoint, output, storage_options)
-    provenance = {"model": model, "checkpoint_sha256": checkpoint_sha, "mode": everything.mode,
-                  "params": everything.to_json()}
+    provenance = {
+        "model": model,
+        "checkpoint_sha256": checkpoint_sha,
+        "mode": everything.mode,
+        "params": everything.to_json(),
+    }
     if embeddings:
         if everything.crop_n_layers:
             raise ValueError("crop layers need the images: run without --embeddings")
@@ -71,17 +75,38 @@ def automask(
         raise ValueError("give an input (images) or embeddings (a precompute job's output)")
     summary = AutomaskSummary()
     if plan.files or plan.shards:
-        actor_kwargs = {"model_type": model, "checkpoint": checkpoint, "everything": everything,
-                        "memory_gb": actor_memory_gb}
+        actor_kwargs = {
+            "model_type": model,
+            "checkpoint": checkpoint,
+            "everything": everything,
+            "memory_gb": actor_memory_gb,
+        }
         write_kwargs = {"output": output, "provenance": provenance, "sa1b_json": sa1b_json}
-        args = (AutoMasker, actor_kwargs, write_batch, write_kwargs, batch_size, concurrency, num_gpus_per_actor,
-                num_cpus_per_actor, rows_per_file or default_rows_per_file(), storage_options)
+        args = (
+            AutoMasker,
+            actor_kwargs,
+            write_batch,
+            write_kwargs,
+            batch_size,
+            concurrency,
+            num_gpus_per_actor,
+            num_cpus_per_actor,
+            rows_per_file or default_rows_per_file(),
+            storage_options,
+        )
         if embeddings:
-            ds = model_and_write(stored_rows(plan, files, batch_size, storage_options), *args,
-                                 actor_options=actor_options)
+            ds = model_and_write(
+                stored_rows(plan, files, batch_size, storage_options), *args, actor_options=actor_options
+            )
         else:
-            ds = image_pipeline(plan, *args, keep_original=bool(everything.crop_n_layers),
-                                max_megapixels=max_megapixels, output=output, actor_options=actor_options)
+            ds = image_pipeline(
+                plan,
+                *args,
+                keep_original=bool(everything.crop_n_layers),
+                max_megapixels=max_megapixels,
+                output=output,
+                actor_options=actor_options,
+            )
 
         def count(result: Dict[str, np.ndarray], i: int) -> None:
             summary.masks += int(result["num_masks"][i])

@@ -44,12 +44,19 @@ def load_stored_embeddings(batch: Dict[str, np.ndarray], storage_options: Option
     return {**keep, "error": np.array(errors), **out}
 
 
-def pending_stored(embeddings: str, output: str, provenance: Dict[str, Any], limit: Optional[int],
-                    overwrite: bool, storage_options: Optional[dict]):
+def pending_stored(
+    embeddings: str,
+    output: str,
+    provenance: Dict[str, Any],
+    limit: Optional[int],
+    overwrite: bool,
+    storage_options: Optional[dict],
+):
     """(plan, {id: embeddings file}) for the images of a precompute job's output not yet masked;
     refuses embeddings of another model."""
-    stored.require_made_by(embeddings, provenance["model"], provenance["checkpoint_sha256"], "this job's model",
-                           storage_options)
+    stored.require_made_by(
+        embeddings, provenance["model"], provenance["checkpoint_sha256"], "this job's model", storage_options
+    )
     index = stored.read_index(embeddings, storage_options).sort_by("source")
     index = index.slice(0, limit) if limit is not None else index
     done = resume_ids(output, provenance, overwrite, storage_options)
@@ -57,9 +64,12 @@ def pending_stored(embeddings: str, output: str, provenance: Dict[str, Any], lim
     finished = done.contains(ids) if ids else np.zeros(0, bool)
     todo = index.filter(pa.array(~finished))
     todo_ids = todo["image_id"].to_pylist()
-    plan = Plan(files=[ImageRef(i, s) for i, s in zip(todo_ids, todo["source"].to_pylist())], done=done,
-                skipped=int(finished.sum()),
-                ranges=dict(zip(todo_ids, zip(todo["source_offset"].to_pylist(), todo["source_length"].to_pylist()))))
+    plan = Plan(
+        files=[ImageRef(i, s) for i, s in zip(todo_ids, todo["source"].to_pylist())],
+        done=done,
+        skipped=int(finished.sum()),
+        ranges=dict(zip(todo_ids, zip(todo["source_offset"].to_pylist(), todo["source_length"].to_pylist()))),
+    )
     return plan, stored.files_by_id(embeddings, storage_options)
 
 
@@ -67,8 +77,17 @@ def stored_rows(plan: Plan, files: Dict[str, str], batch_size: int, storage_opti
     """The plan's images as rows of stored embeddings (a lazy Dataset)."""
     import ray
 
-    items = [{"image_id": r.image_id, "source": r.source, "source_offset": plan.ranges[r.image_id][0],
-              "source_length": plan.ranges[r.image_id][1], "embedding_file": files[r.image_id]} for r in plan.files]
+    items = [
+        {
+            "image_id": r.image_id,
+            "source": r.source,
+            "source_offset": plan.ranges[r.image_id][0],
+            "source_length": plan.ranges[r.image_id][1],
+            "embedding_file": files[r.image_id],
+        }
+        for r in plan.files
+    ]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    return ds.map_batches(load_stored_embeddings, batch_size=batch_size, num_cpus=0.5,
-                          fn_kwargs={"storage_options": storage_options})
+    return ds.map_batches(
+        load_stored_embeddings, batch_size=batch_size, num_cpus=0.5, fn_kwargs={"storage_options": storage_options}
+    )

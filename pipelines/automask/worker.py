@@ -23,9 +23,15 @@ def make_generator(sam, config: EverythingConfig):
 class AutoMasker(SamActor):
     """Ray actor: encoder in batches (or stored embeddings), then everything mode per image."""
 
-    def __init__(self, model_type: str, checkpoint: Optional[str], everything: EverythingConfig,
-                 device: Optional[str] = None, cpu_threads: Optional[int] = None,
-                 memory_gb: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        model_type: str,
+        checkpoint: Optional[str],
+        everything: EverythingConfig,
+        device: Optional[str] = None,
+        cpu_threads: Optional[int] = None,
+        memory_gb: Optional[float] = None,
+    ) -> None:
         # fp32 encoder: bf16 embeddings changed the masks (docs/benchmarks.md, "On a GPU")
         super().__init__(model_type, checkpoint, device, cpu_threads, bf16=False, memory_gb=memory_gb)
         self.generator = make_generator(self.sam, everything)
@@ -75,7 +81,9 @@ class AutoMasker(SamActor):
         timing[0] += time.perf_counter() - start
         start = time.perf_counter()
         records = self.generator.generate_from_embeddings(
-            embeddings, list(zip(batch["input_h"][rows], batch["input_w"][rows])),
-            list(zip(batch["orig_h"][rows], batch["orig_w"][rows])))
+            embeddings,
+            list(zip(batch["input_h"][rows], batch["input_w"][rows])),
+            list(zip(batch["orig_h"][rows], batch["orig_w"][rows])),
+        )
         timing[1] += time.perf_counter() - start
         return records

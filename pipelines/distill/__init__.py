@@ -17,5 +17,16 @@ from .data import label_rows, labelled_split, split_ids
 from .job import HUGE_PAGES_ENV, DistillJob, check_job, distill, export_student, worker_env
 from .report import DistillSummary, summarize
 
-__all__ = ["HUGE_PAGES_ENV", "DistillJob", "DistillSummary", "check_job", "distill", "export_student",
-           "label_rows", "labelled_split", "split_ids", "summarize", "worker_env"]
+__all__ = [
+    "HUGE_PAGES_ENV",
+    "DistillJob",
+    "DistillSummary",
+    "check_job",
+    "distill",
+    "export_student",
+    "label_rows",
+    "labelled_split",
+    "split_ids",
+    "summarize",
+    "worker_env",
+]

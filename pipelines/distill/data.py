@@ -33,32 +33,45 @@ def label_rows(batch: Dict[str, np.ndarray], max_masks: int, storage_options: Op
 
     batch = {k: np.asarray(v) for k, v in batch.items()}
     # tar members by their stored byte range: one ranged read per image, never the shard
-    prepared = prepare_images(read_sources({k: batch[k] for k in ("image_id", "source", "source_offset",
-                                                                    "source_length")}, storage_options))
+    prepared = prepare_images(
+        read_sources({k: batch[k] for k in ("image_id", "source", "source_offset", "source_length")}, storage_options)
+    )
     ok = ok_rows(prepared)
     gt = np.zeros((len(ok), max_masks, LOW_RES, LOW_RES), np.uint8)
     count = np.zeros(len(ok), np.int32)
     for i in np.flatnonzero(ok):
         annotations = batch["annotations"][i] or prepared["annotations"][i]
-        masks = label_masks(annotations, (prepared["orig_h"][i], prepared["orig_w"][i]),
-                            (prepared["input_h"][i], prepared["input_w"][i]), max_masks)
-        gt[i, :len(masks)] = masks
+        masks = label_masks(
+            annotations,
+            (prepared["orig_h"][i], prepared["orig_w"][i]),
+            (prepared["input_h"][i], prepared["input_w"][i]),
+            max_masks,
+        )
+        gt[i, : len(masks)] = masks
         count[i] = len(masks)
-    return {"image_id": batch["image_id"][ok], "pixels": prepared["pixels"][ok],
-            "input_h": prepared["input_h"][ok], "input_w": prepared["input_w"][ok],
-            "embedding": np.stack(list(batch["embedding"][ok])) if ok.any() else np.zeros((0, 256, 64, 64), np.float16),
-            "gt": gt[ok], "gt_count": count[ok]}
+    return {
+        "image_id": batch["image_id"][ok],
+        "pixels": prepared["pixels"][ok],
+        "input_h": prepared["input_h"][ok],
+        "input_w": prepared["input_w"][ok],
+        "embedding": np.stack(list(batch["embedding"][ok])) if ok.any() else np.zeros((0, 256, 64, 64), np.float16),
+        "gt": gt[ok],
+        "gt_count": count[ok],
+    }
 
 
-def labelled_split(ids: List[str], files: List[str], max_masks: int, filesystem=None,
-                   storage_options: Optional[dict] = None):
+def labelled_split(
+    ids: List[str], files: List[str], max_masks: int, filesystem=None, storage_options: Optional[dict] = None
+):
     """The rows of `ids` from the embeddings Parquet `files`, through `label_rows` (a lazy Ray
     dataset). Ray Data pushes the columns and the id filter down into the Parquet read (one read
     operator in the optimised plan): each split decodes only its own rows' embeddings."""
-    rows = stored_rows(ids, files, ["image_id", "source", "source_offset", "source_length", "embedding", "annotations"],
-                       filesystem)
-    return rows.map_batches(label_rows, fn_kwargs={"max_masks": max_masks, "storage_options": storage_options},
-                            batch_size=8)
+    rows = stored_rows(
+        ids, files, ["image_id", "source", "source_offset", "source_length", "embedding", "annotations"], filesystem
+    )
+    return rows.map_batches(
+        label_rows, fn_kwargs={"max_masks": max_masks, "storage_options": storage_options}, batch_size=8
+    )
 
 
 def stored_rows(ids: List[str], files: List[str], columns: List[str], filesystem=None):
@@ -66,8 +79,11 @@ def stored_rows(ids: List[str], files: List[str], columns: List[str], filesystem
     import ray.data
     from ray.data.expressions import col
 
-    return (ray.data.read_parquet(files, filesystem=filesystem).select_columns(columns)
-            .filter(expr=col("image_id").is_in(ids)))
+    return (
+        ray.data.read_parquet(files, filesystem=filesystem)
+        .select_columns(columns)
+        .filter(expr=col("image_id").is_in(ids))
+    )
 
 
 def teacher_of(embeddings: str, storage_options: Optional[dict] = None) -> Dict[str, Any]:
@@ -77,8 +93,9 @@ def teacher_of(embeddings: str, storage_options: Optional[dict] = None) -> Dict[
     return {"ids": ids, "teacher": teacher, "sha256": sha}
 
 
-def check_teacher(info: Dict[str, Any], embeddings: str, teacher_checkpoint: Optional[str],
-                  storage_options: Optional[dict] = None) -> None:
+def check_teacher(
+    info: Dict[str, Any], embeddings: str, teacher_checkpoint: Optional[str], storage_options: Optional[dict] = None
+) -> None:
     """The teacher's decoder must be the one whose encoder made the embeddings."""
     from tinysam.weights import resolve_checkpoint, sha256_file
 

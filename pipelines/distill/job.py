@@ -85,13 +85,18 @@ def check_job(job: DistillJob) -> Tuple[Dict[str, Any], List[str], List[str], in
     train_ids, val_ids = split_ids(info["ids"], job.val_fraction)
     per_epoch = len(train_ids) // (job.batch_size * job.num_workers)
     if per_epoch == 0:
-        raise ValueError(f"{len(train_ids)} training images cannot fill one step of {job.num_workers} workers x "
-                         f"batch {job.batch_size}")
+        raise ValueError(
+            f"{len(train_ids)} training images cannot fill one step of {job.num_workers} workers x "
+            f"batch {job.batch_size}"
+        )
     return info, train_ids, val_ids, per_epoch
 
 
-def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], List[str], int]] = None,
-            on_step: Optional[Callable[[int, int], None]] = None) -> DistillSummary:
+def distill(
+    job: DistillJob,
+    checked: Optional[Tuple[Dict[str, Any], List[str], List[str], int]] = None,
+    on_step: Optional[Callable[[int, int], None]] = None,
+) -> DistillSummary:
     """Run (or, with `job.resume`, continue) a distillation run. Ray must be initialised by the caller.
     `checked`: what `check_job(job)` returned, when the caller ran it already (it hashes the checkpoint).
     `on_step(step, rank)` runs on every worker after each step's report (failure drills in tests)."""
@@ -119,22 +124,39 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
         start = load_embeddings(job.embeddings, train_ids[:1], job.storage_options)[1].numpy()
     config = {
         "start_embedding": start,
-        "teacher": info["teacher"], "teacher_checkpoint": job.teacher_checkpoint, "student": job.student,
-        "student_checkpoint": job.student_checkpoint, "batch_size": job.batch_size, "threads": job.cpus_per_worker,
-        "steps_per_epoch": per_epoch, "total_steps": total, "checkpoint_every": job.checkpoint_every or per_epoch,
-        "eval_points": job.eval_points, "seed": job.distill.get("seed", 0), "distill": job.distill,
-        "huge_pages_env": HUGE_PAGES_ENV, "on_step": on_step,
+        "teacher": info["teacher"],
+        "teacher_checkpoint": job.teacher_checkpoint,
+        "student": job.student,
+        "student_checkpoint": job.student_checkpoint,
+        "batch_size": job.batch_size,
+        "threads": job.cpus_per_worker,
+        "steps_per_epoch": per_epoch,
+        "total_steps": total,
+        "checkpoint_every": job.checkpoint_every or per_epoch,
+        "eval_points": job.eval_points,
+        "seed": job.distill.get("seed", 0),
+        "distill": job.distill,
+        "huge_pages_env": HUGE_PAGES_ENV,
+        "on_step": on_step,
     }
     storage_path, storage_fs = _storage(job)
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu,
-                                     resources_per_worker={"CPU": job.cpus_per_worker}),
-        run_config=RunConfig(name=job.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=job.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env={"env_vars": worker_env()}),
-        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": job.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {job.name} ended without a checkpoint: {result.error}")
@@ -146,8 +168,11 @@ def distill(job: DistillJob, checked: Optional[Tuple[Dict[str, Any], List[str], 
     student.load_state_dict(state["student"], strict=True)
     exported = export_student(student, job.export, job.storage_options) if job.export else None
     summary = summarize(history, result.checkpoint.path, exported)
-    write_text(posixpath.join(storage_path if storage_fs is None else job.storage_path, job.name, "report.md"),
-               summary.table, job.storage_options)
+    write_text(
+        posixpath.join(storage_path if storage_fs is None else job.storage_path, job.name, "report.md"),
+        summary.table,
+        job.storage_options,
+    )
     return summary
 
 

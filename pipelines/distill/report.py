@@ -36,15 +36,22 @@ def summarize(history: List[Dict[str, Any]], checkpoint: str, exported: Optional
     restarts = [h["step"] for h in history if h.get("event") == "resumed"]
     waits = sum(h["data_wait_seconds"] for h in steps)
     busy = sum(h["step_seconds"] for h in steps)
-    rows = ["| step | loss | embedding | token | output | focal | dice | iou | mIoU(student, teacher) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| step | loss | embedding | token | output | focal | dice | iou | mIoU(student, teacher) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for h in evals:
-        terms = [f"{h[k]:.4f}" if k in h else "-" for k in ("loss", "embedding", "token", "output", "focal", "dice", "iou")]
+        terms = [
+            f"{h[k]:.4f}" if k in h else "-" for k in ("loss", "embedding", "token", "output", "focal", "dice", "iou")
+        ]
         rows.append(f"| {h['step']} | " + " | ".join(terms) + f" | {h['miou_vs_teacher']:.4f} |")
     window = max(1, len(steps) // 4)
     return DistillSummary(
-        steps=steps[-1]["step"] if steps else 0, images_seen=int(sum(h["images"] for h in steps)),
-        restarts=restarts, checkpoint=str(checkpoint), export=exported,
+        steps=steps[-1]["step"] if steps else 0,
+        images_seen=int(sum(h["images"] for h in steps)),
+        restarts=restarts,
+        checkpoint=str(checkpoint),
+        export=exported,
         miou_start=evals[0]["miou_vs_teacher"] if evals else float("nan"),
         miou_end=evals[-1]["miou_vs_teacher"] if evals else float("nan"),
         loss_start=float(np.mean([h["loss"] for h in steps[:window]])) if steps else float("nan"),
@@ -52,7 +59,8 @@ def summarize(history: List[Dict[str, Any]], checkpoint: str, exported: Optional
         images_per_second=float(np.median([h["images_per_second"] for h in steps])) if steps else 0.0,
         step_seconds=float(np.median([h["step_seconds"] for h in steps])) if steps else 0.0,
         data_wait_fraction=waits / (waits + busy) if steps else 0.0,
-        table="\n".join(rows) + "\n")
+        table="\n".join(rows) + "\n",
+    )
 
 
 def write_text(path: str, text: str, storage_options: Optional[dict]) -> None:

@@ -36,8 +36,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     torch.manual_seed(config["seed"])
     device = ray.train.torch.get_device()
     if rank == 0 and config.get("log", True):
-        print(f"worker 0 of {world}: {device}, {config['threads']} threads, "
-              f"{config['huge_pages_env']}={os.environ.get(config['huge_pages_env'])}", flush=True)
+        print(
+            f"worker 0 of {world}: {device}, {config['threads']} threads, "
+            f"{config['huge_pages_env']}={os.environ.get(config['huge_pages_env'])}",
+            flush=True,
+        )
     checkpoint = ray.train.get_checkpoint()
     distiller = build(config, device, fresh=checkpoint is None)
     history = restore(distiller, checkpoint, device)
@@ -79,8 +82,13 @@ def build(config: Dict[str, Any], device: torch.device, fresh: bool) -> Distille
         if fresh:
             match_embedding_statistics(student, torch.from_numpy(config["start_embedding"]))
     return Distiller(
-        student, teacher, DistillConfig.from_dict(config["distill"]), config["total_steps"], device,
-        wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs={"find_unused_parameters": True}))
+        student,
+        teacher,
+        DistillConfig.from_dict(config["distill"]),
+        config["total_steps"],
+        device,
+        wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs={"find_unused_parameters": True}),
+    )
 
 
 def restore(distiller: Distiller, checkpoint: Optional[ray.train.Checkpoint], device: torch.device) -> List[dict]:
@@ -101,9 +109,15 @@ def batches(shard, distiller: Distiller, config: Dict[str, Any]) -> Iterator[Tup
     last = time.perf_counter()
     while distiller.step < total:
         epoch, skip = divmod(distiller.step, per_epoch)
-        for k, batch in enumerate(shard.iter_batches(batch_size=size, batch_format="numpy", drop_last=True,
-                                                     local_shuffle_buffer_size=4 * size,
-                                                     local_shuffle_seed=config["seed"] + epoch)):
+        for k, batch in enumerate(
+            shard.iter_batches(
+                batch_size=size,
+                batch_format="numpy",
+                drop_last=True,
+                local_shuffle_buffer_size=4 * size,
+                local_shuffle_seed=config["seed"] + epoch,
+            )
+        ):
             if k >= per_epoch or distiller.step >= total:
                 break
             if k >= skip:
@@ -115,8 +129,12 @@ def step(distiller: Distiller, batch: Dict[str, Any], epoch: int, waited: float,
     """One optimiser step; its metrics, with the images of every worker counted."""
     metrics = distiller.train_step(batch)
     metrics["images"] *= world
-    metrics.update(epoch=epoch, step=distiller.step, data_wait_seconds=waited,
-                   images_per_second=metrics["images"] / (metrics["step_seconds"] + waited))
+    metrics.update(
+        epoch=epoch,
+        step=distiller.step,
+        data_wait_seconds=waited,
+        images_per_second=metrics["images"] / (metrics["step_seconds"] + waited),
+    )
     return metrics
 
 

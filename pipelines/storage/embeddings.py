@@ -31,30 +31,44 @@ def default_rows_per_file(dtype: str) -> int:
 def embeddings_table(batch: Dict[str, np.ndarray], ok: np.ndarray, teacher: str, checkpoint_sha256: str) -> pa.Table:
     """The good rows of an encoded batch as the table's schema."""
     n = int(ok.sum())
-    return pa.table({
-        "image_id": pa.array([str(i) for i in batch["image_id"][ok]], pa.string()),
-        "source": pa.array([str(s) for s in batch["source"][ok]], pa.string()),
-        "source_offset": pa.array(batch["source_offset"][ok], pa.int64()),
-        "source_length": pa.array(batch["source_length"][ok], pa.int64()),
-        "orig_h": pa.array(batch["orig_h"][ok], pa.int32()),
-        "orig_w": pa.array(batch["orig_w"][ok], pa.int32()),
-        "input_h": pa.array(batch["input_h"][ok], pa.int32()),
-        "input_w": pa.array(batch["input_w"][ok], pa.int32()),
-        "embedding": tensor_column(batch["embedding"][ok]),
-        "teacher": pa.array([teacher] * n, pa.string()),
-        "checkpoint_sha256": pa.array([checkpoint_sha256] * n, pa.string()),
-        "annotations": pa.array([str(a) for a in batch["annotations"][ok]], pa.string()),
-    })
+    return pa.table(
+        {
+            "image_id": pa.array([str(i) for i in batch["image_id"][ok]], pa.string()),
+            "source": pa.array([str(s) for s in batch["source"][ok]], pa.string()),
+            "source_offset": pa.array(batch["source_offset"][ok], pa.int64()),
+            "source_length": pa.array(batch["source_length"][ok], pa.int64()),
+            "orig_h": pa.array(batch["orig_h"][ok], pa.int32()),
+            "orig_w": pa.array(batch["orig_w"][ok], pa.int32()),
+            "input_h": pa.array(batch["input_h"][ok], pa.int32()),
+            "input_w": pa.array(batch["input_w"][ok], pa.int32()),
+            "embedding": tensor_column(batch["embedding"][ok]),
+            "teacher": pa.array([teacher] * n, pa.string()),
+            "checkpoint_sha256": pa.array([checkpoint_sha256] * n, pa.string()),
+            "annotations": pa.array([str(a) for a in batch["annotations"][ok]], pa.string()),
+        }
+    )
 
 
-def write_embeddings(batch: Dict[str, np.ndarray], ok: np.ndarray, output: str, name: str, teacher: str,
-                     checkpoint_sha256: str, provenance: Dict[str, Any],
-                     storage_options: Optional[dict] = None) -> int:
+def write_embeddings(
+    batch: Dict[str, np.ndarray],
+    ok: np.ndarray,
+    output: str,
+    name: str,
+    teacher: str,
+    checkpoint_sha256: str,
+    provenance: Dict[str, Any],
+    storage_options: Optional[dict] = None,
+) -> int:
     """The batch's good rows as `<output>/part-<name>.parquet`; returns bytes written."""
     if not ok.any():
         return 0
-    return write_table_atomic(embeddings_table(batch, ok, teacher, checkpoint_sha256), output,
-                              f"part-{name}.parquet", storage_options, provenance)
+    return write_table_atomic(
+        embeddings_table(batch, ok, teacher, checkpoint_sha256),
+        output,
+        f"part-{name}.parquet",
+        storage_options,
+        provenance,
+    )
 
 
 def made_by(embeddings: str, storage_options: Optional[dict] = None) -> Tuple[str, str]:
@@ -69,20 +83,24 @@ def made_by(embeddings: str, storage_options: Optional[dict] = None) -> Tuple[st
     return pairs.pop()
 
 
-def require_made_by(embeddings: str, model: str, checkpoint_sha256: str, what: str,
-                    storage_options: Optional[dict] = None) -> None:
+def require_made_by(
+    embeddings: str, model: str, checkpoint_sha256: str, what: str, storage_options: Optional[dict] = None
+) -> None:
     """Refuse embeddings made by another encoder than (`model`, `checkpoint_sha256`): a decoder
     only works on its own encoder's embeddings. `what` names the checkpoint in the message."""
     teacher, sha = made_by(embeddings, storage_options)
     if (teacher, sha) != (model, checkpoint_sha256):
-        raise ValueError(f"{embeddings}: embeddings were made by {teacher} (checkpoint sha256 {sha[:12]}), not by "
-                         f"{what} ({model}, sha256 {checkpoint_sha256[:12]}); the decoder must match the encoder")
+        raise ValueError(
+            f"{embeddings}: embeddings were made by {teacher} (checkpoint sha256 {sha[:12]}), not by "
+            f"{what} ({model}, sha256 {checkpoint_sha256[:12]}); the decoder must match the encoder"
+        )
 
 
 def read_index(embeddings: str, storage_options: Optional[dict] = None) -> pa.Table:
     """image_id, source and source byte range of every stored row (no embedding read)."""
-    return read_table(embeddings, columns=["image_id", "source", "source_offset", "source_length"],
-                      storage_options=storage_options)
+    return read_table(
+        embeddings, columns=["image_id", "source", "source_offset", "source_length"], storage_options=storage_options
+    )
 
 
 def files_by_id(embeddings: str, storage_options: Optional[dict] = None) -> Dict[str, str]:
@@ -104,8 +122,9 @@ def read_rows(file: str, image_ids: List[str], storage_options: Optional[dict] =
     return pads.dataset(path, filesystem=fs, format="parquet").to_table(filter=wanted)
 
 
-def load_embeddings(output: str, image_ids: Optional[List[str]] = None,
-                    storage_options: Optional[dict] = None) -> Tuple[List[str], "torch.Tensor"]:
+def load_embeddings(
+    output: str, image_ids: Optional[List[str]] = None, storage_options: Optional[dict] = None
+) -> Tuple[List[str], "torch.Tensor"]:
     """Read stored embeddings back as (ids, tensor (N, 256, 64, 64)), zero-copy from Arrow where it can;
     with `image_ids`, only those rows are decoded (the filter is pushed down into the read)."""
     import torch

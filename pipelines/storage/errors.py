@@ -14,17 +14,25 @@ ERRORS_DIR = "_errors"
 SCHEMA = pa.schema([("image_id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
 
 
-def write_errors(batch: Dict[str, np.ndarray], ok: np.ndarray, output: str, name: str,
-                 storage_options: Optional[Dict[str, Any]] = None) -> None:
+def write_errors(
+    batch: Dict[str, np.ndarray],
+    ok: np.ndarray,
+    output: str,
+    name: str,
+    storage_options: Optional[Dict[str, Any]] = None,
+) -> None:
     """The batch's bad rows (id, source, reason) to `<output>/_errors/errors-<name>.parquet`."""
     if ok.all():
         return
     bad = ~ok
-    errors = pa.table({
-        "image_id": pa.array([str(i) for i in batch["image_id"][bad]], pa.string()),
-        "source": pa.array([str(s) for s in batch["source"][bad]], pa.string()),
-        "reason": pa.array([str(r) for r in batch["error"][bad]], pa.string()),
-    }, schema=SCHEMA)
+    errors = pa.table(
+        {
+            "image_id": pa.array([str(i) for i in batch["image_id"][bad]], pa.string()),
+            "source": pa.array([str(s) for s in batch["source"][bad]], pa.string()),
+            "reason": pa.array([str(r) for r in batch["error"][bad]], pa.string()),
+        },
+        schema=SCHEMA,
+    )
     write_table_atomic(errors, output, f"{ERRORS_DIR}/errors-{name}.parquet", storage_options)
 
 

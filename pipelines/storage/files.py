@@ -44,8 +44,13 @@ def ensure_writable(output: str, storage_options: Optional[Dict[str, Any]] = Non
         raise PermissionError(f"{output}: output location is not writable ({type(e).__name__}: {e})") from e
 
 
-def write_table_atomic(table: pa.Table, output: str, name: str, storage_options: Optional[Dict[str, Any]] = None,
-                       provenance: Optional[Dict[str, Any]] = None) -> int:
+def write_table_atomic(
+    table: pa.Table,
+    output: str,
+    name: str,
+    storage_options: Optional[Dict[str, Any]] = None,
+    provenance: Optional[Dict[str, Any]] = None,
+) -> int:
     """Write `table` as `<output>/<name>` so that no partial file is ever visible (with
     `provenance` in its footer); returns bytes written."""
     if provenance is not None:
@@ -57,8 +62,7 @@ def write_table_atomic(table: pa.Table, output: str, name: str, storage_options:
     return write_bytes_atomic(sink.getvalue().to_pybytes(), output, name, storage_options)
 
 
-def write_bytes_atomic(data: bytes, output: str, name: str,
-                       storage_options: Optional[Dict[str, Any]] = None) -> int:
+def write_bytes_atomic(data: bytes, output: str, name: str, storage_options: Optional[Dict[str, Any]] = None) -> int:
     """Write `data` as `<output>/<name>`, visible only once complete; returns bytes written."""
     fs, path = filesystem(output, storage_options)
     final = f"{path.rstrip('/')}/{name}"
@@ -93,7 +97,7 @@ def _complete_files(fs, path: str) -> List[str]:
 
 
 def _hidden(file: str, root: str) -> bool:
-    rel = file[len(root.rstrip("/")) + 1:]
+    rel = file[len(root.rstrip("/")) + 1 :]
     return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
@@ -109,8 +113,12 @@ def tensor_column(array: np.ndarray) -> pa.ExtensionArray:
     return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
 
 
-def read_table(output: str, columns: Optional[List[str]] = None,
-               storage_options: Optional[Dict[str, Any]] = None, filter: Optional[pads.Expression] = None) -> pa.Table:
+def read_table(
+    output: str,
+    columns: Optional[List[str]] = None,
+    storage_options: Optional[Dict[str, Any]] = None,
+    filter: Optional[pads.Expression] = None,
+) -> pa.Table:
     """All complete Parquet files under `output` as one table (errors and temporaries excluded);
     `filter` (a pyarrow expression) is pushed down into the read."""
     fs, path = filesystem(output, storage_options)
@@ -122,8 +130,9 @@ def read_table(output: str, columns: Optional[List[str]] = None,
 
 def id_hashes(ids: Iterable[str]) -> np.ndarray:
     """64-bit hashes of image ids (BLAKE2b): the skip set's compact form."""
-    return np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids],
-                    dtype=np.uint64)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids], dtype=np.uint64
+    )
 
 
 @dataclass
@@ -147,8 +156,11 @@ class DoneIds:
     def contains(self, ids: List[str]) -> np.ndarray:
         h = id_hashes(ids)
         pos = np.searchsorted(self.hashes, h)
-        return (pos < len(self.hashes)) & (self.hashes[np.minimum(pos, len(self.hashes) - 1)] == h) \
-            if len(self.hashes) else np.zeros(len(h), bool)
+        return (
+            (pos < len(self.hashes)) & (self.hashes[np.minimum(pos, len(self.hashes) - 1)] == h)
+            if len(self.hashes)
+            else np.zeros(len(h), bool)
+        )
 
 
 def read_done(output: str, storage_options: Optional[Dict[str, Any]] = None) -> Tuple[DoneIds, Dict[str, List[str]]]:
@@ -165,8 +177,13 @@ def read_done(output: str, storage_options: Optional[Dict[str, Any]] = None) -> 
     return DoneIds(np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)), provenances
 
 
-def check_provenance(output: str, provenances: Dict[str, List[str]], wanted: Dict[str, Any], overwrite: bool,
-                     storage_options: Optional[Dict[str, Any]] = None) -> List[str]:
+def check_provenance(
+    output: str,
+    provenances: Dict[str, List[str]],
+    wanted: Dict[str, Any],
+    overwrite: bool,
+    storage_options: Optional[Dict[str, Any]] = None,
+) -> List[str]:
     """Refuse an output holding rows of another provenance (naming the difference), or with
     `overwrite` delete those files so their rows are redone; returns the files deleted."""
     wanted_json = json.dumps(wanted, sort_keys=True)
@@ -175,9 +192,11 @@ def check_provenance(output: str, provenances: Dict[str, List[str]], wanted: Dic
         return []
     if not overwrite:
         found = next(iter(other))
-        raise ProvenanceMismatch(f"{output} holds rows made with other settings ({sum(map(len, other.values()))} "
-                                 f"files): {describe_difference(found, wanted)}; use another --output, or "
-                                 f"--overwrite to redo those rows")
+        raise ProvenanceMismatch(
+            f"{output} holds rows made with other settings ({sum(map(len, other.values()))} "
+            f"files): {describe_difference(found, wanted)}; use another --output, or "
+            f"--overwrite to redo those rows"
+        )
     deleted = [f for files in other.values() for f in files]
     for url in deleted:
         fs, path = filesystem(url, storage_options)
@@ -185,8 +204,9 @@ def check_provenance(output: str, provenances: Dict[str, List[str]], wanted: Dic
     return deleted
 
 
-def resume_ids(output: str, provenance: Dict[str, Any], overwrite: bool,
-               storage_options: Optional[Dict[str, Any]] = None) -> DoneIds:
+def resume_ids(
+    output: str, provenance: Dict[str, Any], overwrite: bool, storage_options: Optional[Dict[str, Any]] = None
+) -> DoneIds:
     """The ids a rerun skips: refuses an output of other provenance (or, with `overwrite`, deletes
     those files first), then reads what is left (`read_done`)."""
     done, provenances = read_done(output, storage_options)
@@ -196,7 +216,7 @@ def resume_ids(output: str, provenance: Dict[str, Any], overwrite: bool,
 
 
 def describe_difference(stored_json: str, wanted: Dict[str, Any]) -> str:
-    """"key: stored -> this run" for each setting that differs."""
+    """ "key: stored -> this run" for each setting that differs."""
     try:
         stored = json.loads(stored_json)
     except ValueError:

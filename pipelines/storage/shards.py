@@ -20,8 +20,9 @@ def manifest_name(shard: str) -> str:
     return f"{SHARDS_DIR}/{hashlib.sha1(shard.encode()).hexdigest()[:16]}.parquet"
 
 
-def write_manifest(output: str, shard: str, image_ids: List[str],
-                   storage_options: Optional[Dict[str, Any]] = None) -> None:
+def write_manifest(
+    output: str, shard: str, image_ids: List[str], storage_options: Optional[Dict[str, Any]] = None
+) -> None:
     """Record that `shard` holds `image_ids` (all of its images)."""
     table = pa.table({"image_id": pa.array(image_ids, pa.string())})
     table = table.replace_schema_metadata({SHARD_KEY: shard.encode()})
@@ -38,8 +39,9 @@ def read_manifest(output: str, shard: str, storage_options: Optional[Dict[str, A
         return pq.read_table(f)["image_id"].to_pylist()
 
 
-def shard_progress(output: str, shards: List[str], done: DoneIds,
-                   storage_options: Optional[Dict[str, Any]] = None) -> Tuple[List[str], int]:
+def shard_progress(
+    output: str, shards: List[str], done: DoneIds, storage_options: Optional[Dict[str, Any]] = None
+) -> Tuple[List[str], int]:
     """(shards still to read, images in the shards complete in the output), one manifest in memory
     at a time."""
     todo, complete_images = [], 0

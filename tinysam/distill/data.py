@@ -30,8 +30,9 @@ def decode_segmentation(segmentation: dict, size: Tuple[int, int]) -> np.ndarray
     return mask_utils.decode(rle).astype(bool)
 
 
-def label_masks(annotations: Any, orig_size: Sequence[int], input_size: Sequence[int], max_masks: int,
-                min_cells: int = 4) -> np.ndarray:
+def label_masks(
+    annotations: Any, orig_size: Sequence[int], input_size: Sequence[int], max_masks: int, min_cells: int = 4
+) -> np.ndarray:
     """Labelled masks as uint8 (max_masks, 256, 256), zero-padded: resized like the image (longest
     side to 1024, then a quarter), largest first; masks under `min_cells` cells are dropped (a
     prompt needs a cell to land in). Returns only the filled rows."""

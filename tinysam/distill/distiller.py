@@ -64,8 +64,9 @@ def decode(sam: Sam, embedding: torch.Tensor, prompts: Dict[str, torch.Tensor]) 
     else:
         sparse, dense = sam.prompt_encoder((prompts["coords"], prompts["labels"]), None, None)
         multimask = prompts["coords"].shape[1] == 1
-    masks, iou, tokens = sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense,
-                                          multimask_output=multimask, return_tokens=True)
+    masks, iou, tokens = sam.mask_decoder(
+        embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=multimask, return_tokens=True
+    )
     return {"masks": masks, "iou": iou, "tokens": tokens}
 
 
@@ -87,7 +88,7 @@ class StudentForward(nn.Module):
             if gt is None or not len(gt):
                 continue
             g = torch.Generator().manual_seed(seed)
-            emb = embeddings[i:i + 1]
+            emb = embeddings[i : i + 1]
             picks = self.sampler.choose(len(gt), g)
             if len(picks["box"]):
                 prompts = {"boxes": self.sampler.boxes(gt[picks["box"]], g)}
@@ -97,9 +98,14 @@ class StudentForward(nn.Module):
                 frozen = emb.detach()
                 n_iter = self.sampler.iterations(g) if self.hard_sampling else 0
                 prompts = self.sampler.points(
-                    target, lambda c, lab: decode(self.sam, frozen, {"coords": c, "labels": lab})["masks"], n_iter, g)
-                groups[-1].append({"prompts": prompts, "gt": target, "out": decode(self.sam, emb, prompts),
-                                   "iterations": n_iter})
+                    target,
+                    lambda c, lab: decode(self.sam, frozen, {"coords": c, "labels": lab})["masks"],  # noqa: B023
+                    n_iter,
+                    g,
+                )
+                groups[-1].append(
+                    {"prompts": prompts, "gt": target, "out": decode(self.sam, emb, prompts), "iterations": n_iter}
+                )
         return embeddings, groups
 
 
@@ -107,8 +113,15 @@ class Distiller:
     """Owns the student (optionally wrapped, e.g. by DDP), the frozen teacher decoder, the
     optimiser and the schedule; `train_step` runs one step on a batch and returns its metrics."""
 
-    def __init__(self, student: Sam, teacher: Sam, config: DistillConfig, total_steps: int,
-                 device: Optional[torch.device] = None, wrap=None) -> None:
+    def __init__(
+        self,
+        student: Sam,
+        teacher: Sam,
+        config: DistillConfig,
+        total_steps: int,
+        device: Optional[torch.device] = None,
+        wrap=None,
+    ) -> None:
         self.config = config
         self.device = device or torch.device("cpu")
         self.student = student.to(self.device).train()
@@ -119,10 +132,12 @@ class Distiller:
         forward = StudentForward(self.student, HardPromptSampler(config.prompts), config.hard_prompt_sampling)
         self.forward = wrap(forward) if wrap else forward
         decoder = [p for m in (self.student.prompt_encoder, self.student.mask_decoder) for p in m.parameters()]
-        self.optimizer = torch.optim.Adam([
-            {"params": list(self.student.image_encoder.parameters()), "lr": config.lr},
-            {"params": decoder, "lr": config.lr * config.decoder_lr_scale},
-        ])
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": list(self.student.image_encoder.parameters()), "lr": config.lr},
+                {"params": decoder, "lr": config.lr * config.decoder_lr_scale},
+            ]
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor(total_steps))
         self.step = 0
         self.amp = config.amp and self.device.type == "cuda"
@@ -135,16 +150,24 @@ class Distiller:
                 return (step + 1) / warmup
             progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
         return factor
 
     def _inputs(self, batch: Dict[str, np.ndarray]):
         pixels = torch.from_numpy(np.asarray(batch["pixels"])).to(self.device)
-        images = torch.stack([
-            normalize_and_pad(pixels[i, :h, :w].permute(2, 0, 1), 1024, self.student.pixel_mean, self.student.pixel_std)
-            for i, (h, w) in enumerate(zip(batch["input_h"], batch["input_w"]))])
+        images = torch.stack(
+            [
+                normalize_and_pad(
+                    pixels[i, :h, :w].permute(2, 0, 1), 1024, self.student.pixel_mean, self.student.pixel_std
+                )
+                for i, (h, w) in enumerate(zip(batch["input_h"], batch["input_w"]))
+            ]
+        )
         teacher_emb = torch.as_tensor(np.asarray(batch["embedding"])).to(self.device, torch.float32)
-        targets = [torch.from_numpy(np.asarray(g[:int(n)])).to(self.device).bool()
-                   for g, n in zip(batch["gt"], batch["gt_count"])]
+        targets = [
+            torch.from_numpy(np.asarray(g[: int(n)])).to(self.device).bool()
+            for g, n in zip(batch["gt"], batch["gt_count"])
+        ]
         return images, teacher_emb, targets
 
     def train_step(self, batch: Dict[str, np.ndarray], seed: Optional[int] = None) -> Dict[str, float]:
@@ -160,7 +183,7 @@ class Distiller:
             for i, image_groups in enumerate(groups):
                 for grp in image_groups:
                     with torch.no_grad():
-                        t_out = decode(self.teacher, teacher_emb[i:i + 1], grp["prompts"])
+                        t_out = decode(self.teacher, teacher_emb[i : i + 1], grp["prompts"])
                     s_out = {k: v.float() for k, v in grp["out"].items()}
                     t_out = {k: v.float() for k, v in t_out.items()}
                     per_group.append(prompt_losses(s_out, t_out, grp["gt"], self.config.weights))
@@ -169,7 +192,9 @@ class Distiller:
             terms[name] = torch.stack([g[name] for g in per_group]).mean() if per_group else zero
         loss = total_loss(terms, self.config.weights)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {self.step}: loss is {loss.item()} ({ {k: float(v) for k, v in terms.items()} })")
+            raise FloatingPointError(
+                f"step {self.step}: loss is {loss.item()} ({ {k: float(v) for k, v in terms.items()} })"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
@@ -177,9 +202,15 @@ class Distiller:
         self.scheduler.step()
         self.step += 1
         iterations = [g["iterations"] for gs in groups for g in gs if "iterations" in g]
-        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}, "grad_norm": float(grad_norm),
-                "lr": self.scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - start,
-                "images": len(targets), "mean_iterations": float(np.mean(iterations)) if iterations else 0.0}
+        return {
+            "loss": float(loss.detach()),
+            **{k: float(v.detach()) for k, v in terms.items()},
+            "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0],
+            "step_seconds": time.perf_counter() - start,
+            "images": len(targets),
+            "mean_iterations": float(np.mean(iterations)) if iterations else 0.0,
+        }
 
     @torch.no_grad()
     def recompute_bn_statistics(self, batch: Dict[str, np.ndarray]) -> None:
@@ -217,10 +248,12 @@ class Distiller:
                     g = torch.Generator().manual_seed(i)
                     gt = gt[:points_per_image]
                     cells = sample_cells(gt, g)
-                    prompts = {"coords": cells_to_points(cells["index"], gt.shape[-1])[:, None],
-                               "labels": torch.ones(len(gt), 1, dtype=torch.int, device=gt.device)}
-                    s = decode(self.student, student_emb[i:i + 1].float(), prompts)
-                    t = decode(self.teacher, teacher_emb[i:i + 1], prompts)
+                    prompts = {
+                        "coords": cells_to_points(cells["index"], gt.shape[-1])[:, None],
+                        "labels": torch.ones(len(gt), 1, dtype=torch.int, device=gt.device),
+                    }
+                    s = decode(self.student, student_emb[i : i + 1].float(), prompts)
+                    t = decode(self.teacher, teacher_emb[i : i + 1], prompts)
                     rows = torch.arange(len(gt), device=gt.device)
                     s_mask = s["masks"][rows, s["iou"].argmax(1)] > 0
                     t_mask = t["masks"][rows, t["iou"].argmax(1)] > 0
@@ -231,8 +264,12 @@ class Distiller:
         return {"miou_vs_teacher": float(values.mean()) if len(values) else float("nan"), "eval_masks": len(values)}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step}
+        return {
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])

@@ -31,8 +31,9 @@ def mask_iou(pred: torch.Tensor, gt: torch.Tensor, eps: float = 1e-6) -> torch.T
     return inter / (union + eps)
 
 
-def hard_mask_weights(teacher_masks: torch.Tensor, student_masks: torch.Tensor, gt: torch.Tensor,
-                      eps: float = 1e-6) -> torch.Tensor:
+def hard_mask_weights(
+    teacher_masks: torch.Tensor, student_masks: torch.Tensor, gt: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
     """H_i = sigmoid(IoU(M_T, GT) / (IoU(M_S, GT) + eps) - 1): masks the student gets wrong where
     the teacher gets them right weigh more. Boolean (N, H, W) inputs -> (N,) weights."""
     return torch.sigmoid(mask_iou(teacher_masks, gt) / (mask_iou(student_masks, gt) + eps) - 1)
@@ -56,8 +57,9 @@ def dice_loss(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
 
 
-def prompt_losses(student: Dict[str, torch.Tensor], teacher: Dict[str, torch.Tensor], gt: torch.Tensor,
-                  weights: LossWeights) -> Dict[str, torch.Tensor]:
+def prompt_losses(
+    student: Dict[str, torch.Tensor], teacher: Dict[str, torch.Tensor], gt: torch.Tensor, weights: LossWeights
+) -> Dict[str, torch.Tensor]:
     """Loss terms of one group of prompts decoded by both models.
 
     `student` / `teacher`: "masks" (N, K, h, w) logits (K = 3 multimask outputs or 1), "iou" (N, K),
@@ -76,7 +78,11 @@ def prompt_losses(student: Dict[str, torch.Tensor], teacher: Dict[str, torch.Ten
     with torch.no_grad():
         s_pick = s_masks[rows, student["iou"].argmax(1)] > 0
         t_pick = t_masks[rows, teacher["iou"].argmax(1)] > 0
-        h = hard_mask_weights(t_pick, s_pick, gt) if weights.hard_mask_weighting else torch.ones(len(gt), device=gt.device)
+        h = (
+            hard_mask_weights(t_pick, s_pick, gt)
+            if weights.hard_mask_weighting
+            else torch.ones(len(gt), device=gt.device)
+        )
     per_mask_l1 = (s_masks - t_masks).abs().flatten(1).mean(1)
     return {
         "token": F.l1_loss(student["tokens"], teacher["tokens"].detach()),
@@ -90,6 +96,11 @@ def prompt_losses(student: Dict[str, torch.Tensor], teacher: Dict[str, torch.Ten
 
 def total_loss(terms: Dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
     """L_total = alpha L_embedding + beta L_token + gamma sum H_i L_output_i + L_mask + L_iou."""
-    return (weights.embedding * terms["embedding"] + weights.token * terms["token"]
-            + weights.output * terms["output"] + weights.focal * terms["focal"]
-            + weights.dice * terms["dice"] + weights.iou * terms["iou"])
+    return (
+        weights.embedding * terms["embedding"]
+        + weights.token * terms["token"]
+        + weights.output * terms["output"]
+        + weights.focal * terms["focal"]
+        + weights.dice * terms["dice"]
+        + weights.iou * terms["iou"]
+    )

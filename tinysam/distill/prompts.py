@@ -83,9 +83,14 @@ class HardPromptSampler:
     def iterations(self, generator: torch.Generator) -> int:
         return int(torch.randint(self.config.max_iterations + 1, (1,), generator=generator))
 
-    def points(self, gt: torch.Tensor, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               iterations: int, generator: torch.Generator,
-               trace: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
+    def points(
+        self,
+        gt: torch.Tensor,
+        predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        iterations: int,
+        generator: torch.Generator,
+        trace: Optional[List[Dict[str, torch.Tensor]]] = None,
+    ) -> Dict[str, torch.Tensor]:
         """Point prompts for the labelled masks `gt` (N, H, W) bool.
 
         `predict(coords (N, k, 2), labels (N, k))` returns the student's mask logits (N, K, H, W);
@@ -107,11 +112,14 @@ class HardPromptSampler:
             missed, extra = gt & ~pred, pred & ~gt
             pick = sample_cells(missed | extra, generator)
             positive = missed.flatten(1).gather(1, pick["index"][:, None])[:, 0]
-            new_label = torch.where(pick["found"], positive.to(torch.int), torch.full_like(positive, -1, dtype=torch.int))
+            new_label = torch.where(
+                pick["found"], positive.to(torch.int), torch.full_like(positive, -1, dtype=torch.int)
+            )
             new_point = cells_to_points(pick["index"], width)
             if trace is not None:
-                trace.append({"pred": pred, "missed": missed, "extra": extra, "index": pick["index"],
-                              "label": new_label})
+                trace.append(
+                    {"pred": pred, "missed": missed, "extra": extra, "index": pick["index"], "label": new_label}
+                )
             coords = torch.cat([coords, new_point[:, None]], 1)
             labels = torch.cat([labels, new_label[:, None]], 1)
         return {"coords": coords, "labels": labels}

@@ -16,6 +16,19 @@ from .point_prompt import first_point, next_point, point_prompt_image
 from .report import markdown_table, report_markdown
 
 __all__ = [
-    "CocoImages", "EvalConfig", "EverythingConfig", "aggregate", "evaluate_dataset", "box_prompt_image", "box_prompt_miou", "coco_segm_stats",
-    "evaluate_image", "everything_image", "first_point", "markdown_table", "next_point", "report_markdown", "point_prompt_image",
+    "CocoImages",
+    "EvalConfig",
+    "EverythingConfig",
+    "aggregate",
+    "evaluate_dataset",
+    "box_prompt_image",
+    "box_prompt_miou",
+    "coco_segm_stats",
+    "evaluate_image",
+    "everything_image",
+    "first_point",
+    "markdown_table",
+    "next_point",
+    "report_markdown",
+    "point_prompt_image",
 ]

@@ -17,9 +17,15 @@ from ..utils.rle import mask_bbox_xywh, mask_to_coco_rle
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 
 
-def box_prompt_image(predictor: SamPredictor, image_id: int, boxes_xywh: Sequence[Sequence[float]],
-                     scores: Optional[Sequence[float]] = None, category_ids: Optional[Sequence[int]] = None,
-                     gt_masks: Optional[Sequence[np.ndarray]] = None, chunk: int = 64) -> Dict[str, Any]:
+def box_prompt_image(
+    predictor: SamPredictor,
+    image_id: int,
+    boxes_xywh: Sequence[Sequence[float]],
+    scores: Optional[Sequence[float]] = None,
+    category_ids: Optional[Sequence[int]] = None,
+    gt_masks: Optional[Sequence[np.ndarray]] = None,
+    chunk: int = 64,
+) -> Dict[str, Any]:
     """COCO results for the boxes of one image (the predictor's image must be set).
 
     The score of each result is the detection's score times the mask's predicted IoU (the
@@ -30,10 +36,9 @@ def box_prompt_image(predictor: SamPredictor, image_id: int, boxes_xywh: Sequenc
     ious: List[float] = []
     boxes = np.asarray(boxes_xywh, dtype=float).reshape(-1, 4)
     for start in range(0, len(boxes), chunk):
-        part = boxes[start:start + chunk]
+        part = boxes[start : start + chunk]
         xyxy = np.concatenate([part[:, :2], part[:, :2] + part[:, 2:]], axis=1)
-        masks, iou, _ = predictor.predict(box=xyxy.reshape(-1, 4) if len(xyxy) > 1 else xyxy[0],
-                                          multimask_output=True)
+        masks, iou, _ = predictor.predict(box=xyxy.reshape(-1, 4) if len(xyxy) > 1 else xyxy[0], multimask_output=True)
         if len(xyxy) == 1:
             masks, iou = masks[None], iou[None]
         best = iou.argmax(axis=1)
@@ -41,8 +46,14 @@ def box_prompt_image(predictor: SamPredictor, image_id: int, boxes_xywh: Sequenc
             i = start + k
             mask = masks[k, best[k]]
             score = float(iou[k, best[k]]) * (float(scores[i]) if scores is not None else 1.0)
-            results.append({"image_id": int(image_id), "category_id": int(category_ids[i]) if category_ids else 1,
-                            "segmentation": mask_to_coco_rle(mask), "score": score})
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(category_ids[i]) if category_ids else 1,
+                    "segmentation": mask_to_coco_rle(mask),
+                    "score": score,
+                }
+            )
             if gt_masks is not None:
                 gt = gt_masks[i]
                 union = np.logical_or(mask, gt).sum()
@@ -50,8 +61,9 @@ def box_prompt_image(predictor: SamPredictor, image_id: int, boxes_xywh: Sequenc
     return {"results": results, "ious": ious}
 
 
-def coco_segm_stats(coco_gt, results: List[Dict[str, Any]], max_dets: int = 100,
-                    image_ids: Optional[Sequence[int]] = None) -> Dict[str, float]:
+def coco_segm_stats(
+    coco_gt, results: List[Dict[str, Any]], max_dets: int = 100, image_ids: Optional[Sequence[int]] = None
+) -> Dict[str, float]:
     """pycocotools segm AP of `results` against the ground truth (-1 where an area range is empty).
 
     Read from the accumulated precision at `max_dets` detections per image: pycocotools'
@@ -79,8 +91,9 @@ def coco_segm_stats(coco_gt, results: List[Dict[str, Any]], max_dets: int = 100,
     return {"AP": ap(), "AP50": ap(0), "AP75": ap(5), "AP_S": ap(None, 1), "AP_M": ap(None, 2), "AP_L": ap(None, 3)}
 
 
-def box_prompt_miou(predictor: SamPredictor, image: np.ndarray, gt_masks: Sequence[np.ndarray],
-                    chunk: int = 64) -> float:
+def box_prompt_miou(
+    predictor: SamPredictor, image: np.ndarray, gt_masks: Sequence[np.ndarray], chunk: int = 64
+) -> float:
     """Mean IoU of the masks that each ground-truth box prompts (multimask, the best predicted IoU
     kept) with their own ground truth: box_prompt_image's protocol without the COCO results, and
     only the chosen mask upsampled (fast enough to compare many model variants)."""

@@ -5,7 +5,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-
 from ..transforms import to_rgb_uint8
 
 
@@ -23,8 +22,9 @@ class CocoImages:
 
     def image_ids(self, limit: Optional[int] = None) -> List[int]:
         """Ids of images with at least one non-crowd annotation, sorted."""
-        ids = sorted(i for i in self.coco.getImgIds()
-                     if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(i, [])))
+        ids = sorted(
+            i for i in self.coco.getImgIds() if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(i, []))
+        )
         return ids[:limit] if limit is not None else ids
 
     def load(self, image_id: int) -> Tuple[np.ndarray, List[Dict[str, Any]], List[np.ndarray]]:
@@ -39,10 +39,13 @@ class CocoImages:
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: cannot read the image of id {image_id} ({e})") from e
         if image.shape[:2] != (info["height"], info["width"]):
-            raise ValueError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, the annotations say "
-                             f"{info['width']}x{info['height']}")
-        anns = sorted((a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)),
-                      key=lambda a: a["id"])
+            raise ValueError(
+                f"{path}: image is {image.shape[1]}x{image.shape[0]}, the annotations say "
+                f"{info['width']}x{info['height']}"
+            )
+        anns = sorted(
+            (a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)), key=lambda a: a["id"]
+        )
         return image, anns, [self.coco.annToMask(a).astype(bool) for a in anns]
 
     def __iter__(self) -> Iterator[Tuple[int, np.ndarray, List[Dict[str, Any]], List[np.ndarray]]]:
@@ -57,5 +60,3 @@ def _quiet(fn):
 
     with contextlib.redirect_stdout(io.StringIO()):
         return fn()
-
-

@@ -23,7 +23,8 @@ class EvalConfig:
     detections: Optional[Dict[int, List[Dict[str, Any]]]] = None  # image id -> detections; None: GT boxes
     n_points: Sequence[int] = DEFAULT_POINTS
     everything: Sequence[EverythingConfig] = field(
-        default_factory=lambda: [EverythingConfig("dense"), EverythingConfig("hierarchical")])
+        default_factory=lambda: [EverythingConfig("dense"), EverythingConfig("hierarchical")]
+    )
     max_dets: int = 100
     # The point protocol costs (points x objects) decoder calls with a per-object mask input (about
     # 0.1 s each on a CPU core): cap the objects per image (the first ones, by annotation id).
@@ -35,20 +36,35 @@ class EvalConfig:
             raise ValueError(f"unknown protocol(s) {sorted(unknown)}; choose from {', '.join(PROTOCOLS)}")
 
 
-def evaluate_image(predictor: SamPredictor, image_id: int, image: np.ndarray, anns: List[Dict[str, Any]],
-                   gt_masks: List[np.ndarray], config: EvalConfig) -> Dict[str, Any]:
+def evaluate_image(
+    predictor: SamPredictor,
+    image_id: int,
+    image: np.ndarray,
+    anns: List[Dict[str, Any]],
+    gt_masks: List[np.ndarray],
+    config: EvalConfig,
+) -> Dict[str, Any]:
     """The protocols' raw per-image results (JSON-serialisable)."""
     out: Dict[str, Any] = {"image_id": int(image_id), "objects": len(gt_masks)}
     predictor.set_image(image)
     if "box" in config.protocols:
         if config.detections is None:
-            out["box"] = box_prompt_image(predictor, image_id, [a["bbox"] for a in anns],
-                                          category_ids=[a["category_id"] for a in anns], gt_masks=gt_masks)
+            out["box"] = box_prompt_image(
+                predictor,
+                image_id,
+                [a["bbox"] for a in anns],
+                category_ids=[a["category_id"] for a in anns],
+                gt_masks=gt_masks,
+            )
         else:
             dets = config.detections.get(int(image_id), [])
-            out["box"] = box_prompt_image(predictor, image_id, [d["bbox"] for d in dets],
-                                          scores=[d.get("score", 1.0) for d in dets],
-                                          category_ids=[d["category_id"] for d in dets])
+            out["box"] = box_prompt_image(
+                predictor,
+                image_id,
+                [d["bbox"] for d in dets],
+                scores=[d.get("score", 1.0) for d in dets],
+                category_ids=[d["category_id"] for d in dets],
+            )
     if "point" in config.protocols:
         objects = gt_masks[: config.point_max_objects] if config.point_max_objects else gt_masks
         out["point"] = {str(k): v for k, v in point_prompt_image(predictor, objects, config.n_points).items()}
@@ -68,8 +84,9 @@ def aggregate(parts: Sequence[Dict[str, Any]], config: EvalConfig, coco_gt=None)
             box["mIoU"] = float(np.mean(ious))
         summary["box"] = box
     if "point" in config.protocols:
-        summary["point"] = {k: float(np.mean([i for p in parts for i in p["point"][str(k)]] or [0.0]))
-                            for k in config.n_points}
+        summary["point"] = {
+            k: float(np.mean([i for p in parts for i in p["point"][str(k)]] or [0.0])) for k in config.n_points
+        }
     if "everything" in config.protocols:
         summary["everything"] = {
             c.name: {
@@ -82,8 +99,7 @@ def aggregate(parts: Sequence[Dict[str, Any]], config: EvalConfig, coco_gt=None)
     return summary
 
 
-def evaluate_dataset(predictor: SamPredictor, data, config: EvalConfig,
-                     image_ids: Optional[Sequence[int]] = None):
+def evaluate_dataset(predictor: SamPredictor, data, config: EvalConfig, image_ids: Optional[Sequence[int]] = None):
     """(per-image parts, error messages) over a `CocoImages` dataset, in this process."""
     parts, errors = [], []
     for image_id in image_ids if image_ids is not None else data.image_ids():

@@ -48,8 +48,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def point_prompt_image(predictor: SamPredictor, gt_masks: Sequence[np.ndarray],
-                       n_points: Sequence[int] = DEFAULT_POINTS) -> Dict[int, List[float]]:
+def point_prompt_image(
+    predictor: SamPredictor, gt_masks: Sequence[np.ndarray], n_points: Sequence[int] = DEFAULT_POINTS
+) -> Dict[int, List[float]]:
     """{k: IoU of each ground-truth mask after k points} for one image (the predictor's image set).
 
     All of the image's objects advance together: one batched decoder call per click.
@@ -62,9 +63,12 @@ def point_prompt_image(predictor: SamPredictor, gt_masks: Sequence[np.ndarray],
     out: Dict[int, List[float]] = {k: [] for k in n_points}
     logits = None
     for k in range(1, max(n_points) + 1):
-        masks, iou, low_res = predictor.predict(point_coords=np.array(coords, dtype=float)[:, :k],
-                                                point_labels=np.array(labels)[:, :k],
-                                                mask_input=logits, multimask_output=k == 1)
+        masks, iou, low_res = predictor.predict(
+            point_coords=np.array(coords, dtype=float)[:, :k],
+            point_labels=np.array(labels)[:, :k],
+            mask_input=logits,
+            multimask_output=k == 1,
+        )
         best = iou.argmax(axis=1)
         rows = np.arange(len(gts))
         preds, logits = masks[rows, best], low_res[rows, best][:, None]

@@ -19,15 +19,28 @@ def report_markdown(summaries: Dict[str, Dict[str, Any]]) -> str:
     first = next(iter(summaries.values()))
     if "box" in first:
         keys = list(first["box"])
-        parts.append("### Box prompts (COCO segm AP; mIoU with ground-truth boxes)\n\n" + markdown_table(
-            ["model", *keys], [[m, *[s["box"].get(k, "") for k in keys]] for m, s in summaries.items()]))
+        parts.append(
+            "### Box prompts (COCO segm AP; mIoU with ground-truth boxes)\n\n"
+            + markdown_table(
+                ["model", *keys], [[m, *[s["box"].get(k, "") for k in keys]] for m, s in summaries.items()]
+            )
+        )
     if "point" in first:
         ks = list(first["point"])
-        parts.append("### Point prompts (mIoU after k points)\n\n" + markdown_table(
-            ["model", *[f"{k} pt" for k in ks]], [[m, *[s["point"][k] for k in ks]] for m, s in summaries.items()]))
+        parts.append(
+            "### Point prompts (mIoU after k points)\n\n"
+            + markdown_table(
+                ["model", *[f"{k} pt" for k in ks]], [[m, *[s["point"][k] for k in ks]] for m, s in summaries.items()]
+            )
+        )
     if "everything" in first:
-        rows = [[m, name, v["mIoU"], v["seconds_per_image"], v["masks_per_image"]]
-                for m, s in summaries.items() for name, v in s["everything"].items()]
-        parts.append("### Everything mode (best IoU per ground-truth mask, averaged)\n\n" + markdown_table(
-            ["model", "mode", "mIoU", "s/image", "masks/image"], rows))
+        rows = [
+            [m, name, v["mIoU"], v["seconds_per_image"], v["masks_per_image"]]
+            for m, s in summaries.items()
+            for name, v in s["everything"].items()
+        ]
+        parts.append(
+            "### Everything mode (best IoU per ground-truth mask, averaged)\n\n"
+            + markdown_table(["model", "mode", "mIoU", "s/image", "masks/image"], rows)
+        )
     return "\n\n".join(parts) + "\n"

@@ -4,8 +4,12 @@ typed settings of both (`EverythingConfig`, torch-free: generators resolve on fi
 from ..utils.lazy import lazy_exports
 from .config import MODES, EverythingConfig
 
-__getattr__ = lazy_exports(__name__, {
-    "SamAutomaticMaskGenerator": "generator", "SamHierarchicalMaskGenerator": "hierarchical",
-})
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "SamAutomaticMaskGenerator": "generator",
+        "SamHierarchicalMaskGenerator": "hierarchical",
+    },
+)
 
 __all__ = ["MODES", "EverythingConfig", "SamAutomaticMaskGenerator", "SamHierarchicalMaskGenerator"]

@@ -24,7 +24,7 @@ def build_point_grid(n_per_side: int) -> np.ndarray:
 
 def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> List[np.ndarray]:
     """One grid per crop layer, `scale_per_layer` times sparser per side at each deeper layer."""
-    return [build_point_grid(int(n_per_side / (scale_per_layer ** i))) for i in range(n_layers + 1)]
+    return [build_point_grid(int(n_per_side / (scale_per_layer**i))) for i in range(n_layers + 1)]
 
 
 def generate_crop_boxes(
@@ -48,8 +48,9 @@ def generate_crop_boxes(
 
 
 @lru_cache(maxsize=32)
-def upsampling_matrices(low_res: int, img_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int],
-                        device: str = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+def upsampling_matrices(
+    low_res: int, img_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int], device: str = "cpu"
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """`Sam.postprocess_masks` (bilinear to the padded input, crop, bilinear to the original size)
     as one matrix per axis: logits (k, low, low) -> rows @ logits @ cols.T, (k, H, W).
 
@@ -58,6 +59,7 @@ def upsampling_matrices(low_res: int, img_size: int, input_size: Tuple[int, int]
     as its kernels compute them), composed in float64: results equal the two interpolate calls
     to ~1e-5, at a third of the cost for everything mode's masks.
     """
+
     def axis(n_input: int, n_out: int) -> torch.Tensor:
         up = F.interpolate(torch.eye(low_res)[None], size=img_size, mode="linear", align_corners=False)[0, :, :n_input]
         down = F.interpolate(torch.eye(n_input)[None], size=n_out, mode="linear", align_corners=False)[0]
@@ -66,11 +68,13 @@ def upsampling_matrices(low_res: int, img_size: int, input_size: Tuple[int, int]
     return axis(input_size[0], original_size[0]), axis(input_size[1], original_size[1])
 
 
-def upsample_logits(low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
-                    img_size: int) -> torch.Tensor:
+def upsample_logits(
+    low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int], img_size: int
+) -> torch.Tensor:
     """(k, low, low) decoder logits -> (k, H, W) logits at the original size, via `upsampling_matrices`."""
-    rows, cols = upsampling_matrices(low_res.shape[-1], img_size, tuple(input_size), tuple(original_size),
-                                     str(low_res.device))
+    rows, cols = upsampling_matrices(
+        low_res.shape[-1], img_size, tuple(input_size), tuple(original_size), str(low_res.device)
+    )
     return rows @ (low_res @ cols.T)
 
 
@@ -97,7 +101,9 @@ def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
     return boxes * (~empty)[:, None]
 
 
-def is_box_near_crop_edge(boxes: torch.Tensor, crop_box: List[int], orig_box: List[int], atol: float = 20.0) -> torch.Tensor:
+def is_box_near_crop_edge(
+    boxes: torch.Tensor, crop_box: List[int], orig_box: List[int], atol: float = 20.0
+) -> torch.Tensor:
     """Boxes (in crop coordinates) touching a crop edge that is not also an image edge."""
     crop = torch.as_tensor(crop_box, dtype=torch.float, device=boxes.device)
     orig = torch.as_tensor(orig_box, dtype=torch.float, device=boxes.device)

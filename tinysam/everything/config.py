@@ -53,8 +53,13 @@ class EverythingConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("points_per_side", "points_per_batch", "upsample_chunk", "decoder_chunk",
-                     "crop_n_points_downscale_factor"):
+        for name in (
+            "points_per_side",
+            "points_per_batch",
+            "upsample_chunk",
+            "decoder_chunk",
+            "crop_n_points_downscale_factor",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.round1_points_per_side is not None and self.round1_points_per_side < 1:
@@ -105,8 +110,10 @@ class EverythingConfig:
     def name(self) -> str:
         if self.mode == "dense":
             return f"dense {self.points_per_side}"
-        return (f"hierarchical {self.round1}/{self.points_per_side} tau {self.high_confidence_thresh:g} "
-                f"margin {self.skip_margin:g}")
+        return (
+            f"hierarchical {self.round1}/{self.points_per_side} tau {self.high_confidence_thresh:g} "
+            f"margin {self.skip_margin:g}"
+        )
 
     def as_dict(self) -> Dict[str, Any]:
         return {**asdict(self), "name": self.name}

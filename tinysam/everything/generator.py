@@ -151,13 +151,14 @@ class SamAutomaticMaskGenerator:
         for i, image in enumerate(images):
             boxes, layers = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
             jobs += [(i, box, layer) for box, layer in zip(boxes, layers)]
-        crops = [images[i][box[1]:box[3], box[0]:box[2]] for i, box, _ in jobs]
+        crops = [images[i][box[1] : box[3], box[0] : box[2]] for i, box, _ in jobs]
         embeddings, input_sizes = self._encode(crops)
         return self._generate(embeddings, input_sizes, jobs, [im.shape[:2] for im in images])
 
     @torch.inference_mode()
-    def generate_from_embeddings(self, embeddings: torch.Tensor, input_sizes: Sequence[Tuple[int, int]],
-                                 orig_sizes: Sequence[Tuple[int, int]]) -> List[List[Dict[str, Any]]]:
+    def generate_from_embeddings(
+        self, embeddings: torch.Tensor, input_sizes: Sequence[Tuple[int, int]], orig_sizes: Sequence[Tuple[int, int]]
+    ) -> List[List[Dict[str, Any]]]:
         """Masks for images whose encoder output is known (e.g. stored by the precompute job).
 
         `embeddings` (n, 256, 64, 64) in any float type, `input_sizes` the resized (h, w) the
@@ -166,7 +167,9 @@ class SamAutomaticMaskGenerator:
         if self.crop_n_layers:
             raise ValueError("crop layers encode crops of the image: use generate_batch with the images")
         if not (len(embeddings) == len(input_sizes) == len(orig_sizes)):
-            raise ValueError(f"{len(embeddings)} embeddings for {len(input_sizes)} input and {len(orig_sizes)} image sizes")
+            raise ValueError(
+                f"{len(embeddings)} embeddings for {len(input_sizes)} input and {len(orig_sizes)} image sizes"
+            )
         jobs = [(i, [0, 0, int(w), int(h)], 0) for i, (h, w) in enumerate(orig_sizes)]
         param = next(self.model.mask_decoder.parameters())
         embeddings = embeddings.to(device=param.device, dtype=param.dtype)
@@ -212,7 +215,9 @@ class SamAutomaticMaskGenerator:
     def _crop_nms(self, data: Dict[str, Any]) -> Dict[str, Any]:
         if len(data["rles"]) == 0:
             return data
-        keep = batched_nms(data["boxes"].float(), data["iou_preds"], torch.zeros(len(data["rles"])), self.box_nms_thresh)
+        keep = batched_nms(
+            data["boxes"].float(), data["iou_preds"], torch.zeros(len(data["rles"])), self.box_nms_thresh
+        )
         return _select(data, keep)
 
     def _decode_and_filter(self, embeddings, input_sizes, crop_sizes, jobs, orig_sizes, points, high_conf=None):
@@ -226,12 +231,15 @@ class SamAutomaticMaskGenerator:
         n_batches = max((len(p) + self.points_per_batch - 1) // self.points_per_batch for p in points)
         for b in range(n_batches):
             active = [i for i, p in enumerate(points) if b * self.points_per_batch < len(p)]
-            chunks = [points[i][b * self.points_per_batch:(b + 1) * self.points_per_batch] for i in active]
+            chunks = [points[i][b * self.points_per_batch : (b + 1) * self.points_per_batch] for i in active]
             sizes = [len(c) for c in chunks]
             width = max(sizes)
             padded = np.stack([np.concatenate([c, np.repeat(c[-1:], width - len(c), 0)]) for c in chunks])
-            coords = torch.as_tensor(self._to_input_frame(padded, [crop_sizes[i] for i in active]),
-                                     dtype=torch.float32, device=self.model.device)
+            coords = torch.as_tensor(
+                self._to_input_frame(padded, [crop_sizes[i] for i in active]),
+                dtype=torch.float32,
+                device=self.model.device,
+            )
             low_res, iou = self._decode(embeddings[active], coords.reshape(-1, 1, 2))
             low_res = low_res.view(len(active), width * 3, *low_res.shape[-2:])
             iou = iou.view(len(active), width * 3)
@@ -240,8 +248,15 @@ class SamAutomaticMaskGenerator:
                 self.last_stats["decoded_points"] += sizes[k]
                 _, crop_box, _ = jobs[i]
                 self._filter_batch(
-                    sets[i], low_res[k, :n], iou[k, :n], np.repeat(chunks[k], 3, axis=0), input_sizes[i],
-                    crop_sizes[i], crop_box, orig_sizes[i], None if high_conf is None else high_conf[i],
+                    sets[i],
+                    low_res[k, :n],
+                    iou[k, :n],
+                    np.repeat(chunks[k], 3, axis=0),
+                    input_sizes[i],
+                    crop_sizes[i],
+                    crop_box,
+                    orig_sizes[i],
+                    None if high_conf is None else high_conf[i],
                 )
         return sets
 
@@ -258,8 +273,9 @@ class SamAutomaticMaskGenerator:
         step = max(1, self.decoder_chunk // n) if n <= self.decoder_chunk else per_image
         low_parts, iou_parts = [], []
         for start in range(0, per_image, step):
-            sel = torch.cat([torch.arange(i * per_image + start, i * per_image + min(start + step, per_image))
-                             for i in range(n)])
+            sel = torch.cat(
+                [torch.arange(i * per_image + start, i * per_image + min(start + step, per_image)) for i in range(n)]
+            )
             sparse, dense = self.model.prompt_encoder((coords[sel], labels[sel]), None, None)
             low_res, iou = self._mask_decoder(embeddings, pe, sparse, dense, multimask_output=True)
             low_parts.append(low_res.view(n, -1, *low_res.shape[1:]))
@@ -268,8 +284,9 @@ class SamAutomaticMaskGenerator:
         iou = torch.cat(iou_parts, dim=1).flatten(0, 2)
         return low_res, iou
 
-    def _filter_batch(self, out: MaskSet, low_res, iou, points, input_size, crop_size, crop_box, orig_size,
-                      high_conf=None) -> None:
+    def _filter_batch(
+        self, out: MaskSet, low_res, iou, points, input_size, crop_size, crop_box, orig_size, high_conf=None
+    ) -> None:
         """IoU filter on low-res outputs, then stability/box/edge filters on full-res chunks."""
         keep = torch.arange(len(iou), device=iou.device)
         if self.pred_iou_thresh > 0.0:
@@ -279,10 +296,14 @@ class SamAutomaticMaskGenerator:
         offset = torch.tensor([x0, y0, x0, y0])
         chunk = max(1, min(self.upsample_chunk, UPSAMPLE_PIXELS // max(1, crop_size[0] * crop_size[1])))
         for start in range(0, len(keep), chunk):
-            idx = keep[start:start + chunk]
+            idx = keep[start : start + chunk]
             logits = upsample_logits(low_res[idx].float(), input_size, crop_size, self.model.image_encoder.img_size)
             stab = stability_score(logits, self.model.mask_threshold, self.stability_score_offset)
-            ok = stab >= self.stability_score_thresh if self.stability_score_thresh > 0.0 else torch.ones_like(stab, dtype=torch.bool)
+            ok = (
+                stab >= self.stability_score_thresh
+                if self.stability_score_thresh > 0.0
+                else torch.ones_like(stab, dtype=torch.bool)
+            )
             if not ok.any():
                 continue
             idx, logits, stab = idx[ok], logits[ok], stab[ok]
@@ -313,8 +334,9 @@ class SamAutomaticMaskGenerator:
             masks.append(mask)
             scores.append(0.0 if (changed_holes or changed_islands) else 1.0)
         boxes = masks_to_boxes_xyxy(torch.as_tensor(np.stack(masks)))
-        keep = batched_nms(boxes.float(), torch.tensor(scores), torch.zeros(len(boxes)),
-                           max(self.box_nms_thresh, self.crop_nms_thresh))
+        keep = batched_nms(
+            boxes.float(), torch.tensor(scores), torch.zeros(len(boxes)), max(self.box_nms_thresh, self.crop_nms_thresh)
+        )
         data = dict(data, rles=list(data["rles"]), boxes=data["boxes"].clone())
         for i in keep.tolist():
             if scores[i] == 0.0:
@@ -330,15 +352,17 @@ class SamAutomaticMaskGenerator:
             else:
                 mask = mask_utils.decode(rle).astype(bool)
                 seg = mask if self.output_mode == "binary_mask" else mask_to_uncompressed_rle(mask)
-            records.append({
-                "segmentation": seg,
-                "area": int(mask_utils.area(rle)),
-                "bbox": box_xyxy_to_xywh(data["boxes"][i].tolist()),
-                "predicted_iou": float(data["iou_preds"][i]),
-                "point_coords": [data["points"][i].tolist()],
-                "stability_score": float(data["stability"][i]),
-                "crop_box": box_xyxy_to_xywh(data["crop_boxes"][i].tolist()),
-            })
+            records.append(
+                {
+                    "segmentation": seg,
+                    "area": int(mask_utils.area(rle)),
+                    "bbox": box_xyxy_to_xywh(data["boxes"][i].tolist()),
+                    "predicted_iou": float(data["iou_preds"][i]),
+                    "point_coords": [data["points"][i].tolist()],
+                    "stability_score": float(data["stability"][i]),
+                    "crop_box": box_xyxy_to_xywh(data["crop_boxes"][i].tolist()),
+                }
+            )
         return records
 
 

@@ -40,8 +40,12 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         """`points_per_side` is the round-2 (dense) density; round 1 defaults to a quarter of it.
         `skip_margin` (in dense grid spacings, >= 0) is the margin of high-confidence area a point
         needs around it to be skipped. Other arguments are the dense generator's."""
-        super().__init__(model, points_per_side=points_per_side,
-                         crop_n_points_downscale_factor=crop_n_points_downscale_factor, **kwargs)
+        super().__init__(
+            model,
+            points_per_side=points_per_side,
+            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            **kwargs,
+        )
         if round1_points_per_side is None:
             if points_per_side is None:
                 raise ValueError("with explicit point_grids, give round1_points_per_side")
@@ -49,7 +53,7 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         if skip_margin < 0:
             raise ValueError(f"skip_margin must be >= 0, got {skip_margin}")
         self.round1_selections = [
-            _coarse_selection(grid, max(1, int(round1_points_per_side / crop_n_points_downscale_factor ** i)))
+            _coarse_selection(grid, max(1, int(round1_points_per_side / crop_n_points_downscale_factor**i)))
             for i, grid in enumerate(self.point_grids)
         ]
         self.high_confidence_thresh = high_confidence_thresh
@@ -92,7 +96,7 @@ def _coarse_selection(grid: np.ndarray, n_coarse: int):
     if n * n == len(grid) and np.allclose(grid, build_point_grid(n)) and n % n_coarse == 0:
         step = n // n_coarse
         picked = np.zeros((n, n), bool)
-        picked[step // 2::step, step // 2::step] = True
+        picked[step // 2 :: step, step // 2 :: step] = True
         picked = picked.ravel()
         return grid[picked], grid[~picked]
     return build_point_grid(n_coarse), grid
@@ -103,8 +107,12 @@ def _covered(points: np.ndarray, area: np.ndarray, margin_xy: np.ndarray) -> np.
     h, w = area.shape
     rx, ry = (int(round(m)) for m in margin_xy)
     if rx or ry:
-        area = cv2.erode(area.astype(np.uint8), np.ones((2 * ry + 1, 2 * rx + 1), np.uint8),
-                         borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+        area = cv2.erode(
+            area.astype(np.uint8),
+            np.ones((2 * ry + 1, 2 * rx + 1), np.uint8),
+            borderType=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        ).astype(bool)
     xs = np.clip(points[:, 0].astype(int), 0, w - 1)
     ys = np.clip(points[:, 1].astype(int), 0, h - 1)
     return area[ys, xs]

@@ -4,8 +4,12 @@ constants, which `tinysam.transforms` reads in torch-free data workers) imports 
 from typing import Any
 
 _EXPORTS = {
-    "ImageEncoderViT": "image_encoder", "MaskDecoder": "mask_decoder", "PromptEncoder": "prompt_encoder",
-    "Sam": "sam", "TinyViT": "tiny_vit", "TwoWayTransformer": "transformer",
+    "ImageEncoderViT": "image_encoder",
+    "MaskDecoder": "mask_decoder",
+    "PromptEncoder": "prompt_encoder",
+    "Sam": "sam",
+    "TinyViT": "tiny_vit",
+    "TwoWayTransformer": "transformer",
 }
 
 

@@ -71,8 +71,9 @@ class MLP(nn.Module):
         return torch.sigmoid(x) if self.sigmoid_output else x
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              attend: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Optional[Callable[..., torch.Tensor]] = None
+) -> torch.Tensor:
     """Scaled dot-product attention on (B, heads, N, d) tensors, through PyTorch's fused kernel
     (or `attend(q, k, v)`, e.g. the quantized explicit form).
 
@@ -121,8 +122,14 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return torch.matmul(attn, v)
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                       score: Callable = torch.matmul, value: Callable = torch.matmul) -> torch.Tensor:
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    score: Callable = torch.matmul,
+    value: Callable = torch.matmul,
+) -> torch.Tensor:
     """softmax(q.k^T / sqrt(d) [+ bias]) v with its two matmuls replaceable (quantized attention)."""
     attn = score(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
     if bias is not None:

@@ -41,9 +41,15 @@ def supports(decoder: MaskDecoder) -> bool:
         all(type(m) is nn.Linear for a in attentions for m in (a.q_proj, a.k_proj, a.v_proj, a.out_proj))
         and all(a.matmuls is None for a in attentions)
         and len(up) == 5
-        and all(type(up[i]) is nn.ConvTranspose2d and up[i].kernel_size == (2, 2) and up[i].stride == (2, 2)
-                and up[i].padding == (0, 0) and up[i].output_padding == (0, 0) and up[i].groups == 1
-                for i in (0, 3))
+        and all(
+            type(up[i]) is nn.ConvTranspose2d
+            and up[i].kernel_size == (2, 2)
+            and up[i].stride == (2, 2)
+            and up[i].padding == (0, 0)
+            and up[i].output_padding == (0, 0)
+            and up[i].groups == 1
+            for i in (0, 3)
+        )
         and type(up[1]) is LayerNorm2d
     )
 
@@ -119,7 +125,7 @@ def _token_to_image(attn: Attention, q_in: Tensor, k: Tensor, x: Tensor) -> Tens
     heads, dh = attn.num_heads, attn.internal_dim // attn.num_heads
     q = attn.q_proj(q_in).view(bsz, t, heads, dh)
     # scores: q_h W_k,h (k)^T; q_h b_k,h is constant along the keys, a no-op under softmax.
-    u = torch.einsum("bthd,hdc->bhtc", q, attn.k_proj.weight.view(heads, dh, c)) * dh ** -0.5
+    u = torch.einsum("bthd,hdc->bhtc", q, attn.k_proj.weight.view(heads, dh, c)) * dh**-0.5
     probs = _grouped_bmm(u.reshape(bsz, heads * t, c), k.transpose(1, 2)).softmax(dim=-1)
     mixed = _grouped_bmm(probs, x).view(bsz, heads, t, c)  # softmax(.) x, per head
     v = torch.einsum("bhtc,hdc->bthd", mixed, attn.v_proj.weight.view(heads, dh, c))
@@ -133,7 +139,7 @@ def _image_to_token(attn: Attention, q_in: Tensor, x: Tensor, k_in: Tensor, v_in
     bsz, t, c = k_in.shape
     n, hw = q_in.shape[:2]
     heads, dh = attn.num_heads, attn.internal_dim // attn.num_heads
-    k = attn.k_proj(k_in).view(bsz, t, heads, dh) * dh ** -0.5
+    k = attn.k_proj(k_in).view(bsz, t, heads, dh) * dh**-0.5
     v = attn.v_proj(v_in).view(bsz, t, heads, dh)
     wq = attn.q_proj.weight.view(heads, dh, c)
     fold_q = torch.einsum("hdc,bthd->bcht", wq, k).reshape(bsz, c, heads * t)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pixels import PIXEL_MEAN, PIXEL_STD, normalize_and_pad
 from .mask_decoder import MaskDecoder
+from .pixels import PIXEL_MEAN, PIXEL_STD, normalize_and_pad
 from .prompt_encoder import PromptEncoder
 
 
@@ -69,7 +69,5 @@ class Sam(nn.Module):
                 embedding.unsqueeze(0), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
             )
             masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
-            outputs.append(
-                {"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res}
-            )
+            outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res})
         return outputs

@@ -109,8 +109,9 @@ class PatchMerging(nn.Module):
 class ConvLayer(nn.Module):
     """Stage 0: MBConv blocks on the feature map, then a downsample to tokens."""
 
-    def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, out_dim: int,
-                 expand_ratio: float) -> None:
+    def __init__(
+        self, dim: int, input_resolution: Tuple[int, int], depth: int, out_dim: int, expand_ratio: float
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
         self.downsample = PatchMerging(input_resolution, dim, out_dim)
@@ -157,7 +158,8 @@ class Attention(nn.Module):
                 idxs.append(offsets.setdefault(off, len(offsets)))
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, len(offsets)))
         self.register_buffer(
-            "attention_bias_idxs", torch.tensor(idxs, dtype=torch.long).view(len(points), len(points)),
+            "attention_bias_idxs",
+            torch.tensor(idxs, dtype=torch.long).view(len(points), len(points)),
             persistent=False,
         )
 
@@ -177,15 +179,21 @@ class Attention(nn.Module):
 class TinyViTBlock(nn.Module):
     """Window attention + depthwise 3x3 conv + MLP, on tokens of a (H, W) grid."""
 
-    def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int,
-                 mlp_ratio: float, local_conv_size: int) -> None:
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: Tuple[int, int],
+        num_heads: int,
+        window_size: int,
+        mlp_ratio: float,
+        local_conv_size: int,
+    ) -> None:
         super().__init__()
         self.input_resolution = input_resolution
         self.window_size = window_size
         self.attn = Attention(dim, dim // num_heads, num_heads, (window_size, window_size))
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.local_conv = Conv2d_BN(dim, dim, ks=local_conv_size, stride=1, pad=local_conv_size // 2,
-                                    groups=dim)
+        self.local_conv = Conv2d_BN(dim, dim, ks=local_conv_size, stride=1, pad=local_conv_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = self.input_resolution
@@ -214,9 +222,18 @@ class TinyViTBlock(nn.Module):
 class BasicLayer(nn.Module):
     """An attention stage: TinyViT blocks, then an optional downsample."""
 
-    def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, num_heads: int,
-                 window_size: int, mlp_ratio: float, local_conv_size: int, out_dim: int,
-                 downsample: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: Tuple[int, int],
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        mlp_ratio: float,
+        local_conv_size: int,
+        out_dim: int,
+        downsample: bool,
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             TinyViTBlock(dim, input_resolution, num_heads, window_size, mlp_ratio, local_conv_size)
@@ -261,8 +278,17 @@ class TinyViT(nn.Module):
             if i == 0:
                 layer: nn.Module = ConvLayer(embed_dims[0], res, depth, out_dim, mbconv_expand_ratio)
             else:
-                layer = BasicLayer(embed_dims[i], res, depth, num_heads[i], window_sizes[i], mlp_ratio,
-                                   local_conv_size, out_dim, downsample=i < len(depths) - 1)
+                layer = BasicLayer(
+                    embed_dims[i],
+                    res,
+                    depth,
+                    num_heads[i],
+                    window_sizes[i],
+                    mlp_ratio,
+                    local_conv_size,
+                    out_dim,
+                    downsample=i < len(depths) - 1,
+                )
             self.layers.append(layer)
         # ImageNet classifier of the TinyViT checkpoint: unused by SAM, kept for strict loading.
         self.norm_head = nn.LayerNorm(embed_dims[-1])

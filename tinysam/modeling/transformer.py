@@ -37,8 +37,13 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
-    def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor,
-                cross: Optional["CrossAttention"] = None) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        image_embedding: Tensor,
+        image_pe: Tensor,
+        point_embedding: Tensor,
+        cross: Optional["CrossAttention"] = None,
+    ) -> Tuple[Tensor, Tensor]:
         """
         Args:
           image_embedding: (n, C, h, w) with n dividing B: prompt b belongs to image b // (B / n).
@@ -84,8 +89,9 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor,
-                cross: Optional["CrossAttention"] = None) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor, cross: Optional["CrossAttention"] = None
+    ) -> Tuple[Tensor, Tensor]:
         cross = cross or CrossAttention()
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
@@ -95,7 +101,9 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         k = keys + key_pe
-        queries = self.norm2(queries + cross.token_to_image(self.cross_attn_token_to_image, queries + query_pe, k, keys))
+        queries = self.norm2(
+            queries + cross.token_to_image(self.cross_attn_token_to_image, queries + query_pe, k, keys)
+        )
         queries = self.norm3(queries + self.mlp(queries))
 
         keys = self.norm4(cross.image_to_token(self.cross_attn_image_to_token, k, keys, queries + query_pe, queries))
@@ -144,8 +152,9 @@ class Attention(nn.Module):
         v = self._separate_heads(self.v_proj(v))
         if q.shape[0] < k.shape[0]:  # an image's shared tokens querying each of its prompts
             q = expand_groups(q, k.shape[0])
-        attend = None if self.matmuls is None else partial(explicit_attention, score=self.matmuls[0],
-                                                             value=self.matmuls[1])
+        attend = (
+            None if self.matmuls is None else partial(explicit_attention, score=self.matmuls[0], value=self.matmuls[1])
+        )
         out = attention(q, k, v, attend)
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))

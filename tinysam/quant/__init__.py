@@ -6,7 +6,18 @@ from .layers import compile_frozen, convert, int8_available, int8_unavailable_re
 from .model import QuantReport, check_quantizable, load_quantized, quant_params, quantize_sam, save_quantized
 
 __all__ = [
-    "QuantConfig", "QuantReport", "check_quantizable", "compile_frozen", "convert", "int8_available",
-    "int8_unavailable_reason", "load_quantized",
-    "quant_layers", "quant_params", "quantize_sam", "save_quantized", "set_mode", "task_loss",
+    "QuantConfig",
+    "QuantReport",
+    "check_quantizable",
+    "compile_frozen",
+    "convert",
+    "int8_available",
+    "int8_unavailable_reason",
+    "load_quantized",
+    "quant_layers",
+    "quant_params",
+    "quantize_sam",
+    "save_quantized",
+    "set_mode",
+    "task_loss",
 ]

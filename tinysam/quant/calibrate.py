@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling.sam import Sam
-from .layers import QMatMul, QuantMixin, QuantWeighted, QConvTranspose2d, _QConvBase, quant_layers
+from .layers import QConvTranspose2d, QMatMul, QuantMixin, QuantWeighted, _QConvBase, quant_layers
 from .quantizer import GELU_MIN, fake_quant, max_scale, qrange, twin_fake_quant
 
 
@@ -107,8 +107,10 @@ class Recorder:
         slot = len(grads)
         grads.append(torch.zeros_like(select(out.detach())))  # stays zero if no gradient arrives
         if out.requires_grad:
+
             def store(g: torch.Tensor) -> None:
                 grads[slot] = select(g.detach())
+
             out.register_hook(store)
 
     def observe(self, layer: QuantWeighted, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -149,6 +151,7 @@ class Recorder:
 
             def select(t: torch.Tensor) -> torch.Tensor:
                 return t.reshape(-1, t.shape[-1])[idx].reshape(len(idx), 1, -1)
+
         self.a.setdefault(layer, []).append(a.clone())
         self._hook(layer, out, select)
 
@@ -183,6 +186,7 @@ def _patches(x: torch.Tensor, bi, yi, xi, kernel, stride, padding, dilation) -> 
 
 # -- the calibration pass ------------------------------------------------------------------------
 
+
 def calibration_prompts(points_per_side: int, size: int) -> torch.Tensor:
     """A regular grid of point prompts (n, 1, 2) inside a `size` x `size` model input."""
     step = size / points_per_side
@@ -191,8 +195,9 @@ def calibration_prompts(points_per_side: int, size: int) -> torch.Tensor:
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)[:, None, :]
 
 
-def decode_all(sam: Sam, embedding: torch.Tensor, points: Optional[torch.Tensor] = None,
-               boxes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def decode_all(
+    sam: Sam, embedding: torch.Tensor, points: Optional[torch.Tensor] = None, boxes: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """All 4 mask logits (P, 4, 256, 256) and IoU predictions (P, 4) for single positive points
     and / or boxes (model-input coordinates): every output head takes part in the task loss, so
     every decoder layer gets a gradient."""
@@ -203,8 +208,9 @@ def decode_all(sam: Sam, embedding: torch.Tensor, points: Optional[torch.Tensor]
     if boxes is not None:
         sparse.append(sam.prompt_encoder(points=None, boxes=boxes, masks=None)[0])
     dense = sam.prompt_encoder(points=None, boxes=None, masks=None)[1]  # "no mask", shared
-    masks, iou, _ = sam.mask_decoder.predict_masks(embedding, sam.prompt_encoder.get_dense_pe(),
-                                                   torch.cat(sparse), dense)
+    masks, iou, _ = sam.mask_decoder.predict_masks(
+        embedding, sam.prompt_encoder.get_dense_pe(), torch.cat(sparse), dense
+    )
     return masks, iou
 
 
@@ -232,8 +238,10 @@ def task_loss(ref_masks, ref_iou, masks, iou) -> torch.Tensor:
     """KL(masks) + KL(IoUs) of a quantized output against the float one: per-pixel Bernoulli KL
     averaged over pixels and masks, plus the KL of the softmax over each prompt's IoU predictions."""
     p = torch.sigmoid(ref_masks)
-    kl_mask = (p * (F.logsigmoid(ref_masks) - F.logsigmoid(masks))
-               + (1 - p) * (F.logsigmoid(-ref_masks) - F.logsigmoid(-masks))).mean()
+    kl_mask = (
+        p * (F.logsigmoid(ref_masks) - F.logsigmoid(masks))
+        + (1 - p) * (F.logsigmoid(-ref_masks) - F.logsigmoid(-masks))
+    ).mean()
     kl_iou = F.kl_div(F.log_softmax(iou, -1), F.log_softmax(ref_iou, -1), log_target=True, reduction="batchmean")
     return kl_mask + kl_iou
 
@@ -247,8 +255,9 @@ def _fisher_loss(masks: torch.Tensor, iou: torch.Tensor, gen: torch.Generator) -
     return F.binary_cross_entropy_with_logits(masks, y) + F.cross_entropy(iou, c)
 
 
-def record(sam: Sam, images: Sequence[torch.Tensor], config: QuantConfig,
-           progress: Optional[Callable[[str], None]] = None) -> Recorder:
+def record(
+    sam: Sam, images: Sequence[torch.Tensor], config: QuantConfig, progress: Optional[Callable[[str], None]] = None
+) -> Recorder:
     """Run the float model over the calibration images (model inputs, 1x3x1024x1024), recording."""
     rec = Recorder(config)
     layers = quant_layers(sam)
@@ -276,6 +285,7 @@ def record(sam: Sam, images: Sequence[torch.Tensor], config: QuantConfig,
 
 
 # -- the search ------------------------------------------------------------------------------------
+
 
 class _Problem:
     """One layer's samples: A rows (rows, groups, in), the float output rows (rows, groups, out;
@@ -362,12 +372,17 @@ def search_layer(layer: QuantMixin, rec: Recorder, config: QuantConfig) -> Dict[
     layer.a_scale = (a_base * alpha).float()
     layer.b_scale = (b_base * prob.per_out(beta)).float()
     layer._cache.clear()
-    return {"alpha": float(alpha.mean()), "beta": float(beta.mean()),
-            "distance_max_scaling": float(start.sum()), "distance": float(best.sum())}
+    return {
+        "alpha": float(alpha.mean()),
+        "beta": float(beta.mean()),
+        "distance_max_scaling": float(start.sum()),
+        "distance": float(best.sum()),
+    }
 
 
-def search_scales(sam: Sam, rec: Recorder, config: QuantConfig,
-                  progress: Optional[Callable[[str], None]] = None) -> Dict[str, Dict[str, float]]:
+def search_scales(
+    sam: Sam, rec: Recorder, config: QuantConfig, progress: Optional[Callable[[str], None]] = None
+) -> Dict[str, Dict[str, float]]:
     """Search every recorded layer at `config.bits` (the samples do not depend on the bit width, so
     one recording serves several searches); layers never called keep float (alpha = None)."""
     results: Dict[str, Dict[str, float]] = {}

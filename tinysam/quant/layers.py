@@ -35,8 +35,12 @@ PACKED = ("int8_linear", "int8_conv")  # oneDNN's packed int8 weights: non-persi
 def int8_unavailable_reason() -> Optional[str]:
     """Why oneDNN's int8 kernels cannot run here, or None when they can."""
     ops = getattr(torch.ops, "onednn", None)
-    if not (torch.backends.mkldnn.is_available() and ops is not None
-            and hasattr(ops, "qlinear_pointwise") and hasattr(ops, "qconv_pointwise")):
+    if not (
+        torch.backends.mkldnn.is_available()
+        and ops is not None
+        and hasattr(ops, "qlinear_pointwise")
+        and hasattr(ops, "qconv_pointwise")
+    ):
         return "this PyTorch build has no oneDNN int8 kernels (they need an x86 CPU build)"
     try:
         caps = torch.cpu.get_capabilities()
@@ -51,15 +55,22 @@ def int8_unavailable_reason() -> Optional[str]:
     return None
 
 
-def qlinear(codes_u8: torch.Tensor, scale: float, packed: torch.Tensor, w_scales: torch.Tensor,
-            zeros: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def qlinear(
+    codes_u8: torch.Tensor,
+    scale: float,
+    packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
     """oneDNN's int8 linear on unsigned activation codes (zero point 128), fp32 out.
 
     Unsigned, not signed, codes: the same numbers, but on an AVX512-VNNI CPU without AMX (AMD Zen 4)
     oneDNN has no fast kernel for signed activations and falls back to one ~1000x slower than fp32,
     while u8 x s8 is its native VNNI form (docs/design.md, "int8 on CPUs")."""
-    return torch.ops.onednn.qlinear_pointwise(codes_u8, scale, 128, packed, w_scales, zeros, bias, 1.0, 0,
-                                              torch.float32, "none", [], "")
+    return torch.ops.onednn.qlinear_pointwise(
+        codes_u8, scale, 128, packed, w_scales, zeros, bias, 1.0, 0, torch.float32, "none", [], ""
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,8 +112,10 @@ def int8_slow_reason() -> Optional[str]:
     if int8_ms <= fp32_ms:
         return None
     cpu = torch.cpu.get_capabilities().get("cpu_name", "unknown") if hasattr(torch.cpu, "get_capabilities") else "?"
-    return (f"oneDNN's int8 linear kernel is {int8_ms / fp32_ms:.1f}x slower than fp32 on this CPU ({cpu}): "
-            f"{int8_ms:.2f} ms vs {fp32_ms:.2f} ms for {rows}x{cin}->{cout} on one thread")
+    return (
+        f"oneDNN's int8 linear kernel is {int8_ms / fp32_ms:.1f}x slower than fp32 on this CPU ({cpu}): "
+        f"{int8_ms:.2f} ms vs {fp32_ms:.2f} ms for {rows}x{cin}->{cout} on one thread"
+    )
 
 
 def int8_available() -> bool:
@@ -114,8 +127,10 @@ def int8_available() -> bool:
 def require_int8() -> None:
     reason = int8_unavailable_reason()
     if reason:
-        raise RuntimeError(f"int8 execution is not available: {reason}; use mode 'sim' for simulated "
-                           "quantization (the same quantized numbers, in float arithmetic)")
+        raise RuntimeError(
+            f"int8 execution is not available: {reason}; use mode 'sim' for simulated "
+            "quantization (the same quantized numbers, in float arithmetic)"
+        )
 
 
 def resolve_mode(mode: str) -> str:
@@ -126,8 +141,11 @@ def resolve_mode(mode: str) -> str:
     require_int8()
     slow = int8_slow_reason()
     if slow:
-        warnings.warn(f"int8 mode falls back to sim (the same quantized numbers in float arithmetic): {slow}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"int8 mode falls back to sim (the same quantized numbers in float arithmetic): {slow}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return "sim"
     return mode
 
@@ -266,10 +284,27 @@ class QuantWeighted(QuantMixin):
                 # the second product accumulates into the first's output (oneDNN's sum post-op):
                 # no second output tensor (512 MB in the decoder's last upscaling) to allocate and add
                 return torch.ops.onednn.qlinear_pointwise.binary(
-                    quant_codes(x2, neg_scale, bits, low=-q, high=0, unsigned=True), neg_scale, 128, self.int8_linear,
+                    quant_codes(x2, neg_scale, bits, low=-q, high=0, unsigned=True),
+                    neg_scale,
+                    128,
+                    self.int8_linear,
                     w_scales,
-                    zeros, out, None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+                    zeros,
+                    out,
+                    None,
+                    1.0,
+                    0,
+                    torch.float32,
+                    1.0,
+                    0,
+                    "sum",
+                    1.0,
+                    "none",
+                    [],
+                    "",
+                )
         elif kind == "":
+
             def run(x2: torch.Tensor) -> torch.Tensor:
                 return gemm(quant_codes(x2, a_scale, bits, unsigned=True), a_scale, bias)
         else:
@@ -284,8 +319,9 @@ class QLinear(QuantWeighted, nn.Linear):
     def int8_op(self):
         if "int8" not in self._cache:
             run = self._packed_linear(self.weight.detach(), self.b_scale, self.bias)
-            self._cache["int8"] = None if run is None else (
-                lambda x: run(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1))
+            self._cache["int8"] = (
+                None if run is None else (lambda x: run(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1))
+            )
         return self._cache["int8"]
 
 
@@ -312,9 +348,11 @@ class _QConvBase(QuantWeighted):
             w = self.effective_weight().detach()
             lin = self._packed_linear(w.reshape(w.shape[0], -1), self.b_scale, self.effective_bias())
             if lin is not None:
+
                 def pointwise(x):
                     b, _, h, wd = x.shape
                     return lin(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])).view(b, h, wd, -1).permute(0, 3, 1, 2)
+
                 run = pointwise
         elif c.groups == 1 and self.a_kind == "":
             run = self._packed_conv()
@@ -330,13 +368,16 @@ class _QConvBase(QuantWeighted):
         bias = self.effective_bias()
         bias = None if bias is None else bias.detach().float().contiguous()
         args = (list(c.stride), list(c.padding), list(c.dilation), c.groups)
-        self.register_buffer(PACKED[1], torch.ops.onednn.qconv_prepack(codes, w_scales, a_scale, 128, *args, None),
-                             persistent=False)
+        self.register_buffer(
+            PACKED[1], torch.ops.onednn.qconv_prepack(codes, w_scales, a_scale, 128, *args, None), persistent=False
+        )
 
         def run(x, _keep=codes):  # oneDNN's int8 convolution takes unsigned codes: zero point 128
             ux = quant_codes(x, a_scale, bits, unsigned=True)
-            return torch.ops.onednn.qconv_pointwise(ux, a_scale, 128, self.int8_conv, w_scales, zeros, bias, *args,
-                                                    1.0, 0, torch.float32, "none", [], None)
+            return torch.ops.onednn.qconv_pointwise(
+                ux, a_scale, 128, self.int8_conv, w_scales, zeros, bias, *args, 1.0, 0, torch.float32, "none", [], None
+            )
+
         return run
 
 
@@ -364,8 +405,13 @@ class QConvTranspose2d(QuantWeighted, nn.ConvTranspose2d):
     weight_axis = 1
 
     def check_supported(self) -> None:
-        if (self.kernel_size != self.stride or self.padding != (0, 0) or self.groups != 1
-                or self.output_padding != (0, 0) or self.dilation != (1, 1)):
+        if (
+            self.kernel_size != self.stride
+            or self.padding != (0, 0)
+            or self.groups != 1
+            or self.output_padding != (0, 0)
+            or self.dilation != (1, 1)
+        ):
             raise ValueError("only transposed convolutions with kernel == stride, no padding, one group are supported")
 
     def float_op(self, x, w, b):
@@ -393,6 +439,7 @@ class QConvTranspose2d(QuantWeighted, nn.ConvTranspose2d):
                 # channels-last in (the decoder's fast upscaling): channels-last out, (b, h, ky, w, kx, C) in memory
                 out = y.permute(0, 1, 3, 2, 4, 5).reshape(b, h * k[0], wd * k[1], -1)
                 return out.permute(0, 3, 1, 2)
+
             self._cache["int8"] = None if lin is None else upscale
         return self._cache["int8"]
 

@@ -42,8 +42,12 @@ def check_quantizable(model_type: str) -> None:
         raise ValueError(f"quantization supports the TinyViT models (vit_t, TinySAM); got {model_type!r}")
 
 
-def quantize_sam(sam: Sam, images: Sequence[np.ndarray], config: Optional[QuantConfig] = None,
-                 progress: Optional[Callable[[str], None]] = None) -> QuantReport:
+def quantize_sam(
+    sam: Sam,
+    images: Sequence[np.ndarray],
+    config: Optional[QuantConfig] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> QuantReport:
     """Convert `sam` in place, calibrate on the first `config.calibration_images` images (HxWx3 or
     any layout `prepare_image` takes) and leave it in simulated-quantization mode."""
     config = config or QuantConfig()

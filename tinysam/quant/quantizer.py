@@ -53,8 +53,9 @@ def _along(scale: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> torch.T
     return scale.view(shape)
 
 
-def _qtensor(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], zero_point: int = 0,
-             dtype: torch.dtype = torch.qint8) -> torch.Tensor:
+def _qtensor(
+    x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], zero_point: int = 0, dtype: torch.dtype = torch.qint8
+) -> torch.Tensor:
     """PyTorch's fused, vectorised quantizer (one pass; the elementwise round/clamp chain takes
     ~8x longer). Rounds half to even, as torch.round."""
     if scale.numel() == 1:
@@ -63,8 +64,14 @@ def _qtensor(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], zero_poi
     return torch.quantize_per_channel(x, scale.reshape(-1).double(), zeros, axis, dtype)
 
 
-def _quantize_dense(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], zero_point: int = 0,
-                    dtype: torch.dtype = torch.qint8, dequantize: bool = True) -> torch.Tensor:
+def _quantize_dense(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    axis: Optional[int],
+    zero_point: int = 0,
+    dtype: torch.dtype = torch.qint8,
+    dequantize: bool = True,
+) -> torch.Tensor:
     """_qtensor on x's own memory order: a channels-last NCHW tensor is quantized as the NHWC
     tensor it is in memory (no transposing copy), and comes back channels-last. Under
     torch.compile, plain tensor ops instead (quantized tensors do not compile; Inductor fuses
@@ -91,8 +98,14 @@ def _quantize_dense(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], z
     return q.dequantize() if dequantize else q.int_repr()
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int, axis: Optional[int] = None,
-               low: Optional[int] = None, high: Optional[int] = None) -> torch.Tensor:
+def fake_quant(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    axis: Optional[int] = None,
+    low: Optional[int] = None,
+    high: Optional[int] = None,
+) -> torch.Tensor:
     """Quantize and dequantize: one scale (scale.numel() == 1) or one per index of `axis`;
     codes limited to [low, high] (default: the full b-bit range)."""
     q = qrange(bits)
@@ -109,8 +122,14 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int, axis: Optional[i
     return out.clamp_(low * view, high * view)
 
 
-def quant_codes(x: torch.Tensor, scale: float, bits: int, low: Optional[int] = None,
-                high: Optional[int] = None, unsigned: bool = False) -> torch.Tensor:
+def quant_codes(
+    x: torch.Tensor,
+    scale: float,
+    bits: int,
+    low: Optional[int] = None,
+    high: Optional[int] = None,
+    unsigned: bool = False,
+) -> torch.Tensor:
     """int8 codes of x at one scale (the int8 kernels' input), limited to [low, high]; with
     `unsigned`, uint8 codes + 128 (oneDNN's convolution input)."""
     q = qrange(bits)
@@ -124,8 +143,9 @@ def quant_codes(x: torch.Tensor, scale: float, bits: int, low: Optional[int] = N
     return codes if (low, high) == (-128, 127) else codes.clamp_(low, high)
 
 
-def twin_fake_quant(x: torch.Tensor, scale: torch.Tensor, kind: str, bits: int,
-                    axis: Optional[int] = None) -> torch.Tensor:
+def twin_fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, kind: str, bits: int, axis: Optional[int] = None
+) -> torch.Tensor:
     """Quantize and dequantize with two scales, split into two groups by `kind` (see module doc)."""
     if not kind:
         return fake_quant(x, scale, bits, axis)
