@@ -1,0 +1,67 @@
+"""Export a SAM-family model to ONNX: the image encoder and the prompt encoder + mask decoder (the
+official SAM ONNX interface: an application written against `sam_onnx_example` runs the decoder
+file unchanged). Both files are checked with onnx.checker and carry inferred shapes.
+
+    python jobs/export_onnx.py --model vit_t --checkpoint mobile_sam --output onnx/
+    -> onnx/vit_t_encoder.onnx, onnx/vit_t_decoder.onnx
+
+Run them with `tinysam.export.OnnxSamPredictor` (ONNX Runtime). Exit status: 0 written, 2 refused
+(unknown model, unreadable or mismatched checkpoint, unwritable output).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.cli import checkpoint_arg  # noqa: E402
+from tinysam.build_sam import MODEL_CONFIGS, build_sam  # noqa: E402
+from tinysam.weights import CheckpointError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    p.add_argument("--model", default="vit_t", help=f"model type ({', '.join(sorted(MODEL_CONFIGS))})")
+    p.add_argument(
+        "--checkpoint", required=True, type=checkpoint_arg, help="known name, path or URL; 'none' for random weights"
+    )
+    p.add_argument("--output", required=True, help="folder for <model>_encoder.onnx and <model>_decoder.onnx")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("--parts", default="encoder,decoder", help="comma-separated: encoder,decoder")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights (needs onnxconverter-common)")
+    p.add_argument(
+        "--all-masks", action="store_true", help="decoder returns all 4 masks (official return_single_mask=False)"
+    )
+    args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
+    try:
+        if args.model not in MODEL_CONFIGS:
+            raise ValueError(f"unknown model {args.model!r}: one of {', '.join(sorted(MODEL_CONFIGS))}")
+        if args.opset < 17:
+            raise ValueError(f"opset {args.opset}: 17 or later (LayerNormalization)")
+        if not parts <= {"encoder", "decoder"}:
+            raise ValueError(f"--parts: encoder and/or decoder, got {args.parts!r}")
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+        model = build_sam(args.model, args.checkpoint).eval()
+    except (CheckpointError, FileNotFoundError, PermissionError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from tinysam.export import export_decoder, export_encoder
+
+    if "encoder" in parts:
+        print(export_encoder(model, str(out / f"{args.model}_encoder.onnx"), args.opset, args.fp16))
+    if "decoder" in parts:
+        path = str(out / f"{args.model}_decoder.onnx")
+        print(export_decoder(model, path, args.opset, args.fp16, return_single_mask=not args.all_masks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""ONNX export: the files run in ONNX Runtime with PyTorch's outputs, the decoder matches the
+official SAM export of the same weights, and bad input is refused with the reason."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from tinysam import SamPredictor  # noqa: E402
+from tinysam.export import OnnxSamPredictor, export_decoder, export_encoder  # noqa: E402
+
+from .helpers import import_official, load_job  # noqa: E402
+
+BOXES = np.array([[50, 60, 300, 280], [200, 100, 500, 380], [10, 10, 100, 100], [0, 0, 599, 399]])
+
+
+def _rel(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def _iou(a, b) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+@pytest.fixture(scope="module")
+def exported(vit_t, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    return export_encoder(vit_t, str(folder / "enc.onnx")), export_decoder(vit_t, str(folder / "dec.onnx"))
+
+
+def test_files_are_checked_opset_17_with_the_official_interface(exported):
+    import onnx
+
+    enc, dec = (onnx.load(p) for p in exported)
+    for model in (enc, dec):
+        onnx.checker.check_model(model)
+        assert model.opset_import[0].version >= 17
+        assert len(model.graph.value_info) > 0  # shapes inferred
+    assert [i.name for i in dec.graph.input] == [
+        "image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"
+    ]  # fmt: skip
+    assert [o.name for o in dec.graph.output] == ["masks", "iou_predictions", "low_res_masks"]
+
+
+def test_onnx_runtime_gives_the_pytorch_predictors_outputs(exported, vit_t, photos):
+    """Encoder embeddings and decoder logits within 1e-4 of their largest magnitude, masks at IoU
+    >= 0.999: four boxes in one call, and a point prompt (the best of the three masks, as the
+    official export selects)."""
+    image = photos["coffee"]
+    torch_predictor = SamPredictor(vit_t, fast_decoder=False)
+    torch_predictor.set_image(image)
+    onnx_predictor = OnnxSamPredictor(*exported)
+    onnx_predictor.set_image(image)
+    assert _rel(onnx_predictor.embedding, torch_predictor.features) <= 1e-4
+
+    masks, iou, low_res = onnx_predictor.predict(box=BOXES)
+    ref_masks, ref_iou, ref_low = (np.asarray(t) for t in torch_predictor.predict(box=BOXES, multimask_output=True))
+    assert masks.shape == (4, 1, *image.shape[:2])
+    best = ref_iou.argmax(1)
+    rows = np.arange(len(BOXES))
+    assert _rel(low_res[:, 0], ref_low[rows, best]) <= 1e-4
+    assert _rel(iou[:, 0], ref_iou[rows, best]) <= 1e-4
+    assert min(_iou(masks[k, 0], ref_masks[k, best[k]]) for k in rows) >= 0.999
+
+    point, label = np.array([[300, 200]]), np.array([1])
+    masks, iou, low_res = onnx_predictor.predict(point_coords=point, point_labels=label)
+    ref_masks, ref_iou, ref_low = torch_predictor.predict(point_coords=point, point_labels=label)
+    k = int(np.argmax(ref_iou))
+    assert _rel(low_res[0, 0], ref_low[k]) <= 1e-4 and _iou(masks[0, 0], ref_masks[k]) >= 0.999
+
+
+def test_decoder_matches_the_official_export_of_the_same_weights(exported, official_vit_t, tmp_path, rng):
+    """The official `SamOnnxModel` (segment_anything) over the official MobileSAM model with the same
+    weights, exported as the official script does; both files on the same inputs in ONNX Runtime."""
+    import onnxruntime as ort
+
+    onnx_utils = import_official("segment_anything.utils.onnx").utils.onnx
+    official = onnx_utils.SamOnnxModel(official_vit_t, return_single_mask=True).eval()
+    inputs = {
+        "image_embeddings": rng.standard_normal((1, 256, 64, 64)).astype(np.float32),
+        "point_coords": rng.integers(0, 1024, (1, 5, 2)).astype(np.float32),
+        "point_labels": rng.integers(0, 4, (1, 5)).astype(np.float32),
+        "mask_input": rng.standard_normal((1, 1, 256, 256)).astype(np.float32),
+        "has_mask_input": np.array([1], np.float32),
+        "orig_im_size": np.array([1500, 2250], np.float32),
+    }
+    path = str(tmp_path / "official.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            official,
+            tuple(torch.from_numpy(v) for v in inputs.values()),
+            path,
+            input_names=list(inputs),
+            output_names=["masks", "iou_predictions", "low_res_masks"],
+            dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, inputs)
+    ours = ort.InferenceSession(exported[1], providers=["CPUExecutionProvider"]).run(None, inputs)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and _rel(a, b) <= 1e-4
+    # the same inputs without a mask and with 2 points: the other branch of the mask selection
+    inputs.update(has_mask_input=np.array([0], np.float32), point_coords=inputs["point_coords"][:, :2])
+    inputs["point_labels"] = np.array([[1, -1]], np.float32)
+    theirs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, inputs)
+    ours = ort.InferenceSession(exported[1], providers=["CPUExecutionProvider"]).run(None, inputs)
+    assert all(_rel(a, b) <= 1e-4 for a, b in zip(ours, theirs))
+
+
+def test_export_job_refuses_bad_input_with_the_reason(tmp_path, capsys, mobile_sam_path):
+    job = load_job("export_onnx")
+    assert job.main(["--model", "vit_x", "--checkpoint", "none", "--output", str(tmp_path)]) == 2
+    assert "unknown model 'vit_x'" in capsys.readouterr().err
+    assert job.main(["--model", "vit_b", "--checkpoint", str(mobile_sam_path), "--output", str(tmp_path)]) == 2
+    assert str(mobile_sam_path) in capsys.readouterr().err  # a vit_t checkpoint for vit_b: named
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert job.main(["--checkpoint", "none", "--output", str(blocker / "onnx")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.onnx"))
+    assert job.main(["--checkpoint", "none", "--output", str(tmp_path / "ok"), "--parts", "decoder"]) == 0
+    assert (tmp_path / "ok" / "vit_t_decoder.onnx").exists()

@@ -1,0 +1,107 @@
+"""Run exported SAM files on ONNX Runtime, with the PyTorch predictor's inputs and outputs: point and
+box prompts in the image's own frame, many prompts per call."""
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from ..transforms import ResizeLongestSide, prepare_image, to_rgb_uint8
+
+
+class OnnxSamPredictor:
+    """`SamPredictor`'s API over an exported encoder and decoder (`tinysam.export`). The decoder
+    returns one mask per prompt (the official export's `return_single_mask`)."""
+
+    mask_threshold = 0.0
+
+    def __init__(
+        self,
+        encoder_path: Optional[str],
+        decoder_path: str,
+        providers: Optional[List[str]] = None,
+        threads: Optional[int] = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self.encoder = ort.InferenceSession(encoder_path, options, providers=providers) if encoder_path else None
+        self.decoder = ort.InferenceSession(decoder_path, options, providers=providers)
+        self.image_size = 1024
+        self.transform = ResizeLongestSide(self.image_size)
+        self.embedding: Optional[np.ndarray] = None
+        self.original_size: Tuple[int, int] = (0, 0)
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Encode an HxWx3 RGB image (other layouts converted as by `SamPredictor`)."""
+        if self.encoder is None:
+            raise ValueError("no encoder file given: use set_embedding")
+        image = to_rgb_uint8(image)
+        prepared = prepare_image(image, self.image_size)
+        embedding = self.encoder.run(None, {"image": prepared.tensor[None].numpy()})[0]
+        self.set_embedding(embedding, prepared.original_size)
+
+    def set_embedding(self, embedding: np.ndarray, original_size: Tuple[int, int]) -> None:
+        """Use a stored (1, 256, 64, 64) embedding of an image of `original_size` (H, W)."""
+        self.embedding = np.asarray(embedding, np.float32).reshape(1, *np.shape(embedding)[-3:])
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+
+    def predict(
+        self,
+        point_coords: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None,
+        mask_input: Optional[np.ndarray] = None,
+        return_logits: bool = False,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks (B, 1, H, W), IoU predictions (B, 1) and low-res logits (B, 1, 256, 256) for B
+        prompts: points (N, 2) or (B, N, 2) with labels, and/or boxes (4,) or (B, 4), in the
+        original image's pixels. One prompt's points and its box go together, as in SAM."""
+        if self.embedding is None:
+            raise RuntimeError("set an image or an embedding first")
+        coords, labels = self._prompts(point_coords, point_labels, box)
+        has_mask = mask_input is not None
+        mask = np.asarray(mask_input, np.float32).reshape(1, 1, 256, 256) if has_mask else np.zeros((1, 1, 256, 256))
+        masks, iou, low_res = self.decoder.run(
+            None,
+            {
+                "image_embeddings": self.embedding,
+                "point_coords": coords,
+                "point_labels": labels,
+                "mask_input": mask.astype(np.float32),
+                "has_mask_input": np.array([float(has_mask)], np.float32),
+                "orig_im_size": np.array(self.original_size, np.float32),
+            },
+        )
+        return (masks if return_logits else masks > self.mask_threshold), iou, low_res
+
+    def _prompts(self, point_coords, point_labels, box) -> Tuple[np.ndarray, np.ndarray]:
+        """(B, N, 2) coordinates in the 1024 frame and (B, N) labels: points, then box corners
+        (labels 2, 3); without a box a padding point (label -1), as the official example does."""
+        parts, labels = [], []
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_coords need point_labels")
+            pts = np.asarray(point_coords, float)
+            pts = pts[None] if pts.ndim == 2 else pts
+            parts.append(self.transform.apply_coords(pts.reshape(-1, 2), self.original_size).reshape(pts.shape))
+            lab = np.asarray(point_labels, float)
+            labels.append(lab[None] if lab.ndim == 1 else lab)
+        if box is not None:
+            boxes = np.asarray(box, float).reshape(-1, 4)
+            parts.append(self.transform.apply_boxes(boxes, self.original_size).reshape(-1, 2, 2))
+            labels.append(np.tile([2.0, 3.0], (len(boxes), 1)))
+        else:
+            b = parts[0].shape[0] if parts else 1
+            parts.append(np.zeros((b, 1, 2)))
+            labels.append(-np.ones((b, 1)))
+        sizes = {p.shape[0] for p in parts}
+        if len(sizes) > 1:
+            b = max(sizes)
+            if 1 not in sizes:
+                raise ValueError(f"points for {sorted(sizes)} prompts cannot be paired")
+            parts = [np.repeat(p, b, 0) if p.shape[0] == 1 else p for p in parts]
+            labels = [np.repeat(q, b, 0) if q.shape[0] == 1 else q for q in labels]
+        return np.concatenate(parts, 1).astype(np.float32), np.concatenate(labels, 1).astype(np.float32)

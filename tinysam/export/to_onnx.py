@@ -1,0 +1,95 @@
+"""Export a SAM-family model to ONNX: the image encoder, and the prompt encoder + mask decoder with
+the official interface. Each file is checked with `onnx.checker` and saved with inferred shapes."""
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from ..modeling import Sam
+from .modules import DECODER_INPUTS, DECODER_OUTPUTS, SamOnnxDecoder, SamOnnxEncoder
+
+OPSET = 17
+
+
+def export_encoder(model: Sam, path: str, opset: int = OPSET, fp16: bool = False, dynamic_batch: bool = True) -> str:
+    """The image encoder as ONNX: input `image` (B, 3, S, S) float32, output `image_embeddings`."""
+    size = model.image_encoder.img_size
+    example = (torch.randn(1, 3, size, size),)
+    axes = {"image": {0: "batch"}, "image_embeddings": {0: "batch"}} if dynamic_batch else None
+    _export(SamOnnxEncoder(model).eval(), example, path, ["image"], ["image_embeddings"], axes, opset)
+    return _finish(path, fp16)
+
+
+def export_decoder(
+    model: Sam, path: str, opset: int = OPSET, fp16: bool = False, return_single_mask: bool = True
+) -> str:
+    """Prompt encoder + mask decoder as ONNX, with the inputs and outputs of the official SAM export
+    (a dynamic number of points, and of prompts)."""
+    embed_dim = model.prompt_encoder.embed_dim
+    h, w = model.prompt_encoder.image_embedding_size
+    example = (
+        torch.randn(1, embed_dim, h, w),
+        torch.randint(0, 1024, (1, 5, 2), dtype=torch.float),
+        torch.randint(0, 4, (1, 5), dtype=torch.float),
+        torch.randn(1, 1, 4 * h, 4 * w),
+        torch.tensor([1], dtype=torch.float),
+        torch.tensor([1500, 2250], dtype=torch.float),
+    )
+    # The official export's dynamic point count, plus a dynamic prompt count (dimension 0, 1 in the
+    # official example): many prompts share one image's embedding in one call.
+    axes = {
+        "point_coords": {0: "num_prompts", 1: "num_points"},
+        "point_labels": {0: "num_prompts", 1: "num_points"},
+        **{name: {0: "num_prompts"} for name in DECODER_OUTPUTS},
+    }
+    module = SamOnnxDecoder(model, return_single_mask=return_single_mask).eval()
+    _export(module, example, path, list(DECODER_INPUTS), list(DECODER_OUTPUTS), axes, opset)
+    return _finish(path, fp16)
+
+
+def _export(module, example, path: str, inputs, outputs, axes: Optional[Dict], opset: int) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings on Python-side shape arithmetic
+        torch.onnx.export(
+            module,
+            example,
+            path,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def _finish(path: str, fp16: bool) -> str:
+    """Check the graph, infer its shapes, optionally store the weights as fp16 (inputs and outputs
+    stay fp32), and write it back in one step."""
+    import onnx
+
+    model = onnx.load(path)
+    onnx.checker.check_model(model)
+    if fp16:
+        model = _to_fp16(model)
+    model = onnx.shape_inference.infer_shapes(model)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".onnx.tmp")
+    os.close(fd)
+    onnx.save(model, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _to_fp16(model):
+    """fp16 weights and arithmetic with fp32 inputs and outputs (onnxconverter-common's converter,
+    when installed; else a clear error)."""
+    try:
+        from onnxconverter_common import float16
+    except ImportError as e:
+        raise RuntimeError("fp16 export needs onnxconverter-common: pip install onnxconverter-common") from e
+    return float16.convert_float_to_float16(model, keep_io_types=True)
