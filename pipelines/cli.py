@@ -14,7 +14,7 @@ from tinysam.everything.config import MODES, EverythingConfig
 from tinysam.weights import CheckpointError
 
 from .reading import DEFAULT_MAX_MEGAPIXELS
-from .stages import JobSummary, TooManyFailures
+from .results import JobSummary, TooManyFailures
 
 EXIT_CODES = """exit status:
   0  every image written (or already present)

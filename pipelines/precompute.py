@@ -13,19 +13,13 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from .actors import SamActor
 from .reading import DEFAULT_MAX_MEGAPIXELS, plan_inputs
-from .stages import (
-    JobSummary,
-    SamActor,
-    batch_file_name,
-    finish_summary,
-    image_pipeline,
-    ok_rows,
-    preflight,
-    run_to_output,
-)
+from .results import JobSummary, finish_summary, run_to_output
+from .stages import image_pipeline, ok_rows, preflight
 from .storage.embeddings import EMBEDDING_SHAPE, default_rows_per_file, write_embeddings
 from .storage.errors import write_errors
+from .storage.files import batch_file_name
 
 DTYPES = ("float16", "float32")
 

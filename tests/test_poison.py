@@ -216,7 +216,8 @@ def test_an_image_that_kills_its_actor_is_reported_after_three_attempts(ray_loca
 
     from pipelines.precompute import write_batch
     from pipelines.reading import plan_inputs
-    from pipelines.stages import JobSummary, finish_summary, image_pipeline, run_to_output
+    from pipelines.results import JobSummary, finish_summary, run_to_output
+    from pipelines.stages import image_pipeline
     from pipelines.storage.errors import read_errors
     from pipelines.storage.files import read_table
 

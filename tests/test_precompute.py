@@ -75,7 +75,7 @@ def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, 
         assert name in reason
     assert "empty" in reasons["empty.jpg"]
 
-    from pipelines.stages import TooManyFailures
+    from pipelines.results import TooManyFailures
 
     with pytest.raises(TooManyFailures, match="more than --max-failures 0"):
         precompute_embeddings(

@@ -14,9 +14,9 @@ import numpy as np
 from tinysam.utils.sa1b import sa1b_document
 
 from ..sources import decode_image, filesystem, read_bytes
-from ..stages import batch_file_name, ok_rows
+from ..stages import ok_rows
 from ..storage.errors import write_errors
-from ..storage.files import read_table, write_bytes_atomic
+from ..storage.files import batch_file_name, read_table, write_bytes_atomic
 from ..storage.masks import iter_results, write_masks
 
 SA1B_DIR = "sa1b"  # per-image SA-1B JSON files under the output

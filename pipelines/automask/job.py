@@ -8,7 +8,8 @@ import numpy as np
 from tinysam.everything import EverythingConfig
 
 from ..reading import DEFAULT_MAX_MEGAPIXELS, plan_inputs
-from ..stages import JobSummary, finish_summary, image_pipeline, model_and_write, preflight, run_to_output
+from ..results import JobSummary, finish_summary, run_to_output
+from ..stages import image_pipeline, model_and_write, preflight
 from ..storage.masks import default_rows_per_file
 from .exports import write_batch, write_coco_results, write_previews
 from .stored import pending_stored, stored_rows

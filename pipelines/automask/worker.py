@@ -10,7 +10,8 @@ import torch
 
 from tinysam.everything import EverythingConfig
 
-from ..stages import SamActor, ok_rows
+from ..actors import SamActor
+from ..stages import ok_rows
 
 PASSED_THROUGH = ("image_id", "source", "source_offset", "source_length", "orig_h", "orig_w")
 

@@ -232,3 +232,8 @@ def rows_per_file(bytes_per_row: float, requested: Optional[int] = None) -> int:
             raise ValueError(f"--rows-per-file must be at least 1, got {requested}")
         return requested
     return max(1, int(TARGET_FILE_BYTES // max(1.0, bytes_per_row)))
+
+
+def batch_file_name(ids: Iterable[str]) -> str:
+    """A name for a batch's output file that is the same on a rerun of the same batch."""
+    return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
