@@ -1,6 +1,7 @@
 """Our models against the official code: same state-dict layout, same outputs (fp32, CPU)."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -238,3 +239,27 @@ def test_checkpoint_preflight_checks_layout_without_building_weights(mobile_sam_
     check_checkpoint("vit_t", str(mobile_sam_path))
     with pytest.raises(CheckpointError, match=r"mobile_sam\.pt \(vit_h\).*look like 'vit_t'"):
         check_checkpoint("vit_h", str(mobile_sam_path))
+
+
+@pytest.mark.parametrize("window", [0, 14])
+def test_fused_rel_pos_attention_equals_explicit(window):
+    """FlexAttention with the decomposed relative-position bias as a score_mod (the CUDA default)
+    gives the explicit biased attention's output: a global block and a windowed one whose 20x20
+    grid pads to two 14x14 windows; fp32 on CPU, random weights of SAM's layout."""
+    from tinysam.modeling.image_encoder import Block, set_attention_impl
+
+    torch.manual_seed(0)
+    size = (20, 20)
+    block = Block(64, 4, 4.0, True, torch.nn.LayerNorm, torch.nn.GELU, True, window, size).eval()
+    with torch.no_grad():
+        block.attn.rel_pos_h.normal_(0, 0.5)
+        block.attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(2, *size, 64)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention warns that it is a reference implementation
+        explicit = set_attention_impl(block, "explicit")(x)
+        fused = set_attention_impl(block, "fused")(x)
+    assert block.attn.impl == "fused"
+    assert (fused - explicit).abs().max().item() <= 1e-5 * explicit.abs().max().item()
+    with pytest.raises(ValueError, match="attention impl"):
+        set_attention_impl(block, "flash")

@@ -4,7 +4,7 @@ positions, a few global blocks, and a conv neck down to 256 channels.
 Parameter names follow the official segment-anything code, so its checkpoints load unchanged.
 """
 
-from typing import Optional, Tuple, Type
+from typing import Callable, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +112,19 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+ATTENTION_IMPLS = ("auto", "explicit", "fused")
+
+
 class Attention(nn.Module):
-    """Multi-head attention over a (B, H, W, C) grid with decomposed relative position bias."""
+    """Multi-head attention over a (B, H, W, C) grid with decomposed relative position bias.
+
+    `impl`: "explicit" builds the (heads, q, k) bias and runs the biased attention (fastest on the
+    CPU); "fused" runs FlexAttention with the two bias terms as a `score_mod`, so neither the score
+    nor the bias matrix is materialised (compiled once per shape on CUDA); "auto" (default) is
+    fused on CUDA, explicit elsewhere. Same numbers either way (tested).
+    """
+
+    impl: str = "auto"
 
     def __init__(
         self,
@@ -139,13 +150,56 @@ class Attention(nn.Module):
         b, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, HW, d)
-        if self.use_rel_pos:
+        if self.use_rel_pos and self._fused(q):
+            x = fused_rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w))
+        elif self.use_rel_pos:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
             x = biased_attention(q, k, v, bias)
         else:
             x = F.scaled_dot_product_attention(q, k, v)
         x = x.transpose(1, 2).reshape(b, h, w, -1)
         return self.proj(x)
+
+    def _fused(self, q: torch.Tensor) -> bool:
+        if self.impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {self.impl!r}")
+        return self.impl == "fused" or (self.impl == "auto" and q.is_cuda)
+
+
+def set_attention_impl(model: nn.Module, impl: str) -> nn.Module:
+    """Choose how every relative-position attention of `model` runs (see `Attention`)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.impl = impl
+    return model
+
+
+_flex_attention: Optional[Callable] = None
+
+
+def fused_rel_pos_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size
+) -> torch.Tensor:
+    """Attention with the decomposed relative position bias added inside FlexAttention: the bias
+    terms are (B, heads, q, H) and (B, heads, q, W) tables, read per score as
+    `rel_h[q, k // W] + rel_w[q, k % W]`, so memory grows with q * (H + W), not q * H * W."""
+    global _flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    h, w = size
+    b, heads = q.shape[:2]
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size, size)
+    rel_h, rel_w = rel_h.reshape(b, heads, h * w, h), rel_w.reshape(b, heads, h * w, w)
+
+    def score_mod(score, batch, head, q_idx, kv_idx):
+        return score + rel_h[batch, head, q_idx, kv_idx // w] + rel_w[batch, head, q_idx, kv_idx % w]
+
+    if q.is_cuda:  # eager FlexAttention is a reference implementation: compile once, per shape
+        _flex_attention = _flex_attention or torch.compile(flex_attention, dynamic=False)
+        return _flex_attention(q, k, v, score_mod=score_mod)
+    return flex_attention(q, k, v, score_mod=score_mod)
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -189,6 +243,21 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     return rel_pos[relative.long()]
 
 
+def rel_pos_terms(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, q_size: Tuple[int, int], k_size: Tuple[int, int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of MViTv2's decomposed relative position bias: (B, heads, q_h, q_w, k_h) and
+    (B, heads, q_h, q_w, k_w). From the unscaled queries, as the official code (it adds the bias
+    after scaling q.k)."""
+    q_h, q_w = q_size
+    k_h, k_w = k_size
+    b, heads, _, dim = q.shape
+    r_q = q.reshape(b, heads, q_h, q_w, dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(q_h, k_h, rel_pos_h))
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(q_w, k_w, rel_pos_w))
+    return rel_h, rel_w
+
+
 def decomposed_rel_pos_bias(
     q: torch.Tensor,
     rel_pos_h: torch.Tensor,
@@ -196,20 +265,11 @@ def decomposed_rel_pos_bias(
     q_size: Tuple[int, int],
     k_size: Tuple[int, int],
 ) -> torch.Tensor:
-    """MViTv2 decomposed relative position bias as an additive attention mask (B, heads, q, k).
-
-    Uses the unscaled queries, as the official code does (it adds the bias after scaling q.k).
-    """
-    q_h, q_w = q_size
-    k_h, k_w = k_size
-    rh = get_rel_pos(q_h, k_h, rel_pos_h)
-    rw = get_rel_pos(q_w, k_w, rel_pos_w)
-    b, heads, _, dim = q.shape
-    r_q = q.reshape(b, heads, q_h, q_w, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)
+    """The decomposed relative position bias as an additive attention mask (B, heads, q, k)."""
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
+    b, heads = q.shape[:2]
     bias = rel_h[..., :, None] + rel_w[..., None, :]
-    return bias.reshape(b, heads, q_h * q_w, k_h * k_w)
+    return bias.reshape(b, heads, q_size[0] * q_size[1], k_size[0] * k_size[1])
 
 
 class PatchEmbed(nn.Module):
