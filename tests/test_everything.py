@@ -198,3 +198,21 @@ def test_everything_config_from_the_cli_to_the_generator(vit_t):
     assert EverythingConfig.parse("hierarchical:4:16:9:0.5") == EverythingConfig(
         points_per_side=16, round1_points_per_side=4, high_confidence_thresh=9.0, skip_margin=0.5
     )
+
+
+def test_device_side_rle_gives_the_same_records(vit_t, photos, monkeypatch):
+    """Everything mode with its RLEs run-length coded on the device path (as on a GPU; forced here
+    on CPU tensors) gives the records of the pycocotools path, byte for byte: hierarchical mode on
+    a real photo, and a crop layer (masks placed in the full image)."""
+    from functools import partial
+
+    from tinysam.everything import generator as generator_module
+
+    image = photos["coffee"]
+    configs = [dict(points_per_side=8), dict(points_per_side=4, crop_n_layers=1)]
+    expected = [SamHierarchicalMaskGenerator(vit_t, output_mode="coco_rle", **c).generate(image) for c in configs]
+    monkeypatch.setattr(generator_module, "_encode_rles", partial(generator_module._encode_rles, on_device=True))
+    got = [SamHierarchicalMaskGenerator(vit_t, output_mode="coco_rle", **c).generate(image) for c in configs]
+    assert len(expected[0]) > 3 and len(expected[1]) > 3
+    for ours, theirs in zip(got, expected):
+        assert [r["segmentation"] for r in ours] == [r["segmentation"] for r in theirs]

@@ -22,3 +22,26 @@ def test_bbox_is_tight_xywh():
     mask[2:5, 3:9] = True
     assert mask_bbox_xywh(mask) == [3, 2, 6, 3]
     assert mask_bbox_xywh(np.zeros((4, 4), bool)) == [0, 0, 0, 0]
+
+
+def test_run_lengths_on_the_device_path_equal_pycocotools_byte_for_byte(rng):
+    """The device-side RLE (diff and nonzero on a torch tensor; here a CPU one) gives pycocotools'
+    own compressed strings: random masks, empty and full ones, and crop masks placed in an image."""
+    import torch
+
+    from tinysam.everything.generator import _encode_rles
+    from tinysam.utils.rle import coco_rles_from_run_lengths, run_lengths
+
+    masks = rng.random((6, 37, 53)) > 0.5
+    masks[1] = True
+    masks[2] = False
+    masks[3, 0, 0] = True
+    masks[4] = rng.random((37, 53)) > 0.99  # sparse
+    expected = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    got = coco_rles_from_run_lengths(run_lengths(torch.from_numpy(masks)), 37, 53)
+    assert [(r["size"], r["counts"]) for r in got] == [(list(r["size"]), r["counts"]) for r in expected]
+    crop = [10, 5, 63, 42]  # x0, y0, x1, y1 of a 37x53 crop in a 50x70 image
+    host = _encode_rles(torch.from_numpy(masks), crop, (50, 70), on_device=False)
+    device = _encode_rles(torch.from_numpy(masks), crop, (50, 70), on_device=True)
+    assert [r["counts"] for r in device] == [r["counts"] for r in host]
+    assert coco_rle_to_mask(device[0])[5:42, 10:63].tolist() == masks[0].tolist()

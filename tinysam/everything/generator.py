@@ -21,7 +21,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 from ..modeling import Sam, folded_decoder
 from ..transforms import ResizeLongestSide, prepare_image, to_rgb_uint8
 from ..utils.malloc import allocation_for
-from ..utils.rle import mask_to_uncompressed_rle
+from ..utils.rle import coco_rles_from_run_lengths, mask_to_uncompressed_rle, run_lengths
 from .amg import (
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
@@ -370,11 +370,19 @@ def _encode_rle(mask: np.ndarray) -> Dict[str, Any]:
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
 
 
-def _encode_rles(masks: torch.Tensor, crop_box: List[int], orig_size: Tuple[int, int]) -> List[Dict[str, Any]]:
-    """Compressed COCO RLEs of (k, h, w) crop masks placed in the full image."""
-    arr = masks.cpu().numpy().astype(np.uint8)
+def _encode_rles(
+    masks: torch.Tensor, crop_box: List[int], orig_size: Tuple[int, int], on_device: Optional[bool] = None
+) -> List[Dict[str, Any]]:
+    """Compressed COCO RLEs of (k, h, w) crop masks placed in the full image. Masks on an
+    accelerator (or `on_device=True`) are run-length coded where they are and only the run
+    lengths cross to the host; on the CPU pycocotools encodes them directly. Same bytes either way."""
     x0, y0, x1, y1 = crop_box
     h, w = orig_size
+    if masks.device.type != "cpu" if on_device is None else on_device:
+        if (x0, y0, x1, y1) != (0, 0, w, h):
+            masks = torch.nn.functional.pad(masks, (x0, w - x1, y0, h - y1))
+        return coco_rles_from_run_lengths(run_lengths(masks.bool()), h, w)
+    arr = masks.cpu().numpy().astype(np.uint8)
     if (x0, y0, x1, y1) != (0, 0, w, h):
         arr = np.pad(arr, ((0, 0), (y0, h - y1), (x0, w - x1)))
     # pycocotools wants (h, w, k) in Fortran order: one transpose for the whole chunk.

@@ -12,6 +12,28 @@ def mask_to_coco_rle(mask: np.ndarray) -> Dict[str, Any]:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def run_lengths(masks) -> List[np.ndarray]:
+    """COCO's run lengths of each of (k, h, w) boolean masks (a torch tensor on any device):
+    column-major, starting with a run of 0s. The changes are found where the masks are (diff and
+    nonzero); only their positions, a few per row of a mask's outline, cross to the host."""
+    k, h, w = masks.shape
+    n = h * w
+    flat = masks.transpose(1, 2).reshape(k, n)
+    changes = (flat[:, 1:] != flat[:, :-1]).nonzero().cpu().numpy()  # (m, 2): mask, position
+    first = flat[:, 0].cpu().numpy()
+    per_mask = np.split(changes[:, 1] + 1, np.searchsorted(changes[:, 0], np.arange(1, k)))
+    out = []
+    for starts, starts_with_one in zip(per_mask, first):
+        counts = np.diff(np.concatenate([[0], starts, [n]]))
+        out.append(np.concatenate([[0], counts]) if starts_with_one else counts)
+    return out
+
+
+def coco_rles_from_run_lengths(counts: List[np.ndarray], h: int, w: int) -> List[Dict[str, Any]]:
+    """pycocotools' compressed RLEs of run lengths: byte for byte `mask_utils.encode`'s output."""
+    return [mask_utils.frPyObjects({"size": [h, w], "counts": c.tolist()}, h, w) for c in counts]
+
+
 def coco_rle_to_mask(rle: Dict[str, Any]) -> np.ndarray:
     """COCO RLE (counts as str or bytes) -> boolean HxW mask."""
     counts = rle["counts"]
