@@ -1,7 +1,7 @@
 """PyTorch eager vs ONNX Runtime, fp32, side by side in one run: the encoder plus a one-box decoder
 call (the paper's latency) and a 64-box decoder call (everything mode's batch).
 
-    python benchmarks/onnx.py [--model vit_t] [--checkpoint mobile_sam] [--threads 2] [--repeats 5]
+    python benchmarks/onnx_runtime.py [--model vit_t] [--checkpoint mobile_sam] [--threads 2] [--repeats 5]
 
 Prints a Markdown table; every variant's median over --repeats, runs interleaved.
 """
