@@ -27,7 +27,7 @@ from tinysam.distill.data import annotation_list
 from tinysam.distill.distiller import match_embedding_statistics
 from tinysam.sample_data import SAMPLE_PHOTOS, write_pseudo_labelled_shard
 
-from .helpers import import_official, job_env, load_job
+from .helpers import distill_args, import_official, job_env, load_job
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "distill.py"
 PROMPTS = PromptConfig(prompts_per_image=8, max_iterations=3)
@@ -272,28 +272,7 @@ def job_on_s3(prepared, tmp_path, mobile_sam_path, s3_endpoint):
     fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_endpoint})
     if not fs.exists("runs"):
         fs.mkdir("runs")
-    args = [
-        "--embeddings",
-        str(emb),
-        "--teacher-checkpoint",
-        str(mobile_sam_path),
-        "--student",
-        "vit_t_mini",
-        "--checkpoint-every",
-        "2",
-        "--prompts-per-image",
-        "4",
-        "--max-iterations",
-        "2",
-        "--lr",
-        "5e-3",
-        "--warmup-steps",
-        "2",
-        "--storage-path",
-        "s3://runs",
-        "--num-cpus",
-        "4",
-    ]
+    args = distill_args(emb, mobile_sam_path, lr="5e-3", storage_path="s3://runs", num_cpus=4)
     return args, {**job_env(), **s3_env(s3_endpoint)}, fs
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from .helpers import job_env
+from .helpers import distill_args, job_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,28 +87,7 @@ def test_distillation_resumes_from_its_checkpoint_after_losing_a_worker_node(
     shard = write_pseudo_labelled_shard(tmp_path / "sa1b", vit_t, points_per_side=4)
     emb = tmp_path / "emb"
     precompute_embeddings(str(shard), str(emb), teacher="vit_t", checkpoint=str(mobile_sam_path))
-    args = [
-        "--embeddings",
-        str(emb),
-        "--teacher-checkpoint",
-        str(mobile_sam_path),
-        "--student",
-        "vit_t_mini",
-        "--checkpoint-every",
-        "2",
-        "--prompts-per-image",
-        "4",
-        "--max-iterations",
-        "2",
-        "--warmup-steps",
-        "2",
-        "--storage-path",
-        str(tmp_path / "runs"),
-        "--name",
-        "lost",
-        "--steps",
-        "4",
-    ]
+    args = distill_args(emb, mobile_sam_path, storage_path=tmp_path / "runs", name="lost", steps=4)
     result = scenario("distill", json.dumps(args))
     assert result["killed"] and result["progress_at_kill"], result["log"]
     assert any("TrainWorker" in name or "RayTrainWorker" in name for name in result["actors_on_node"]), result

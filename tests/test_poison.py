@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .helpers import load_job
+from .helpers import flags, load_job
 
 FAST = ["--points-per-side", "4", "--num-cpus", "4"]
 
@@ -60,23 +60,8 @@ def test_a_huge_small_file_never_stalls_the_job(ray_local, corpus, tmp_path, mob
     assert "scan.png: 12000x12000 is 144.0 Mpx, above the limit of 40.0 Mpx" in reason
 
     out = tmp_path / "masks-capped"
-    code, summary, log = run(
-        "automask",
-        [
-            "--input",
-            str(corpus),
-            "--output",
-            str(out),
-            "--checkpoint",
-            str(mobile_sam_path),
-            "--max-megapixels",
-            "200",
-            "--actor-memory-gb",
-            "3",
-            *FAST,
-        ],
-        capsys,
-    )
+    args = flags(input=corpus, output=out, checkpoint=mobile_sam_path, max_megapixels=200, actor_memory_gb=3)
+    code, summary, log = run("automask", [*args, *FAST], capsys)
     assert summary is not None and summary["written"] >= 2 and summary["written"] + summary["failed"] == 3, log
     rows = read_table(str(out), columns=["image_id", "width", "height"]).to_pylist()
     assert {r["image_id"].split("-")[0] for r in rows} >= {"coffee", "chelsea"}
@@ -117,19 +102,7 @@ def test_a_rerun_with_another_checkpoint_is_refused_then_redone_with_overwrite(
 
 def test_output_inside_input_is_never_read_as_input(ray_local, corpus, mobile_sam_path, capsys):
     out = corpus / "masks"
-    args = [
-        "--input",
-        str(corpus),
-        "--output",
-        str(out),
-        "--checkpoint",
-        str(mobile_sam_path),
-        "--preview",
-        "2",
-        "--coco-json",
-        str(out / "coco.json"),
-        *FAST,
-    ]
+    args = [*flags(input=corpus, output=out, checkpoint=mobile_sam_path, preview=2, coco_json=out / "coco.json"), *FAST]
     code, first, _ = run("automask", args, capsys)
     assert code == 0 and (first["images"], first["written"]) == (2, 2)
     assert len(list((out / "previews").glob("*.png"))) == 2

@@ -9,7 +9,7 @@ import torch
 
 from tinysam import SamPredictor
 
-from .helpers import kill_midway_and_rerun, load_job
+from .helpers import flags, kill_midway_and_rerun, load_job
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "precompute_embeddings.py"
@@ -102,23 +102,8 @@ def test_unreadable_checkpoint_fails_before_any_work(ray_local, tmp_path, photos
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     out = tmp_path / "emb"
     # the job's own main, in this process (on this process's Ray): no second Python start
-    assert (
-        load_job("precompute_embeddings").main(
-            [
-                "--input",
-                str(photos_dir),
-                "--output",
-                str(out),
-                "--teacher",
-                "vit_t",
-                "--checkpoint",
-                str(bad),
-                "--num-cpus",
-                "2",
-            ]
-        )
-        == 2
-    )
+    job = load_job("precompute_embeddings")
+    assert job.main(flags(input=photos_dir, output=out, teacher="vit_t", checkpoint=bad, num_cpus=2)) == 2
     err = capsys.readouterr().err
     assert "broken.pth" in err and "corrupt" in err
     assert not out.exists()
@@ -128,24 +113,8 @@ def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir,
     from pipelines.storage.files import read_table
 
     out = tmp_path / "emb"
-    cmd = [
-        sys.executable,
-        str(JOB),
-        "--input",
-        str(photos_dir),
-        "--output",
-        str(out),
-        "--teacher",
-        "vit_t",
-        "--checkpoint",
-        str(mobile_sam_path),
-        "--batch-size",
-        "1",
-        "--rows-per-file",
-        "1",
-        "--num-cpus",
-        "2",
-    ]
+    args = flags(input=photos_dir, output=out, teacher="vit_t", checkpoint=mobile_sam_path, batch_size=1)
+    cmd = [sys.executable, str(JOB), *args, *flags(rows_per_file=1, num_cpus=2)]
     kill_midway_and_rerun(cmd, out, total=3)
     ids = read_table(str(out), columns=["image_id"])["image_id"].to_pylist()
     assert len(ids) == 3 and len(set(ids)) == 3
