@@ -2,6 +2,7 @@
 call (the paper's latency) and a 64-box decoder call (everything mode's batch).
 
     python benchmarks/onnx_runtime.py [--model vit_t] [--checkpoint mobile_sam] [--threads 2] [--repeats 5]
+        [--quantized q_tinysam_w8a8.pt]   # adds ONNX Runtime W8A8 (the file exported as QDQ)
 
 Prints a Markdown table; every variant's median over --repeats, runs interleaved.
 """
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--quantized", help="a jobs/quantize.py file: also time its W8A8 QDQ export")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     sam = build_sam(args.model, args.checkpoint).eval()
@@ -48,6 +50,12 @@ def main() -> None:
             "PyTorch eager fp32, folded decoder": SamPredictor(sam),
             "ONNX Runtime fp32": OnnxSamPredictor(enc, dec, threads=args.threads),
         }
+        if args.quantized:
+            from tinysam.quant import load_quantized
+
+            q = load_quantized(args.quantized, mode="sim")
+            q_enc, q_dec = export_encoder(q, f"{folder}/q_enc.onnx"), export_decoder(q, f"{folder}/q_dec.onnx")
+            variants["ONNX Runtime W8A8 (QDQ)"] = OnnxSamPredictor(q_enc, q_dec, threads=args.threads)
         times = {name: {"encoder": [], "1 box": [], f"{args.prompts} boxes": []} for name in variants}
         for _ in range(args.repeats):
             for name, predictor in variants.items():

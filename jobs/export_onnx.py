@@ -4,6 +4,8 @@ file unchanged). Both files are checked with onnx.checker and carry inferred sha
 
     python jobs/export_onnx.py --model vit_t --checkpoint mobile_sam --output onnx/
     -> onnx/vit_t_encoder.onnx, onnx/vit_t_decoder.onnx
+    python jobs/export_onnx.py --quantized q_tinysam_w8a8.pt --output onnx/
+    -> onnx/vit_t_w8a8_encoder.onnx, onnx/vit_t_w8a8_decoder.onnx (QDQ: the file's own scales)
 
 Run them with `tinysam.export.OnnxSamPredictor` (ONNX Runtime). Exit status: 0 written, 2 refused
 (unknown model, unreadable or mismatched checkpoint, unwritable output).
@@ -25,8 +27,10 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     p.add_argument("--model", default="vit_t", help=f"model type ({', '.join(sorted(MODEL_CONFIGS))})")
-    p.add_argument(
-        "--checkpoint", required=True, type=checkpoint_arg, help="known name, path or URL; 'none' for random weights"
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=checkpoint_arg, help="known name, path or URL; 'none' for random weights")
+    source.add_argument(
+        "--quantized", help="a jobs/quantize.py file: W8A8 as QuantizeLinear/DequantizeLinear pairs, its own scales"
     )
     p.add_argument("--output", required=True, help="folder for <model>_encoder.onnx and <model>_decoder.onnx")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
@@ -49,16 +53,21 @@ def main(argv=None) -> int:
         probe = out / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
-        model = build_sam(args.model, args.checkpoint).eval()
+        if args.quantized:
+            from tinysam.quant import load_quantized
+
+            model, name = load_quantized(args.quantized, mode="sim"), f"{args.model}_w8a8"
+        else:
+            model, name = build_sam(args.model, args.checkpoint).eval(), args.model
     except (CheckpointError, FileNotFoundError, PermissionError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from tinysam.export import export_decoder, export_encoder
 
     if "encoder" in parts:
-        print(export_encoder(model, str(out / f"{args.model}_encoder.onnx"), args.opset, args.fp16))
+        print(export_encoder(model, str(out / f"{name}_encoder.onnx"), args.opset, args.fp16))
     if "decoder" in parts:
-        path = str(out / f"{args.model}_decoder.onnx")
+        path = str(out / f"{name}_decoder.onnx")
         print(export_decoder(model, path, args.opset, args.fp16, return_single_mask=not args.all_masks))
     return 0
 

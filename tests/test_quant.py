@@ -7,6 +7,7 @@ keep the suite short; the mechanism is the same.
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,28 @@ CONFIG = QuantConfig(candidates=20, rounds=1, calibration_images=2, points_per_s
 def box_miou(sam, nuclei) -> float:
     image, labels = nuclei
     return box_prompt_miou(SamPredictor(sam), image, list(instance_masks(labels)))
+
+
+def onnx_qdq_box_miou(quantized_file, folder, nuclei) -> float:
+    """Box mIoU of the W8A8 ONNX files `jobs/export_onnx.py --quantized` writes, on ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from tinysam.export import OnnxSamPredictor
+    from tinysam.utils.rle import mask_bbox_xywh
+
+    assert load_job("export_onnx").main(["--quantized", str(quantized_file), "--output", str(folder)]) == 0
+    encoder, decoder = folder / "vit_t_w8a8_encoder.onnx", folder / "vit_t_w8a8_decoder.onnx"
+    ops = [n.op_type for n in onnx.load(str(encoder)).graph.node]
+    assert ops.count("QuantizeLinear") >= 100 and ops.count("DequantizeLinear") >= 100  # QDQ pairs
+    image, labels = nuclei
+    gts = np.stack([np.asarray(g, bool) for g in instance_masks(labels)])
+    xywh = np.array([mask_bbox_xywh(g) for g in gts], float)
+    predictor = OnnxSamPredictor(str(encoder), str(decoder))
+    predictor.set_image(image)
+    masks = predictor.predict(box=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))[0][:, 0]
+    inter, union = (masks & gts).sum((1, 2)), (masks | gts).sum((1, 2))
+    return float((inter / np.maximum(union, 1)).mean())
 
 
 def held_out_task_loss(sam, images) -> float:
@@ -86,6 +109,11 @@ def test_w8a8_box_miou_within_001_of_fp32_and_int8_matches(quantized, vit_t, nuc
         a = decode_all(sam, sam.image_encoder(x), points)
         b = decode_all(loaded, loaded.image_encoder(x), points)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    # the file exports as a QDQ graph with its own scales, and runs in ONNX Runtime
+    onnx_w8 = onnx_qdq_box_miou(path, tmp_path / "onnx", nuclei)
+    print(f"BBBC038 box mIoU: W8A8 QDQ in ONNX Runtime {onnx_w8:.4f}")
+    assert fp32 - onnx_w8 <= 0.01
 
     if int8_available():
         set_mode(loaded, "int8")

@@ -247,6 +247,8 @@ class QuantWeighted(QuantMixin):
             kernel = self.int8_op()
             if kernel is not None:
                 return kernel(x)
+        if torch.onnx.is_in_onnx_export():  # traced: the weights become int8 codes and a DequantizeLinear
+            return self.float_op(self.quant_input(x), self.quant_weight(), self.effective_bias())
         if "w" not in self._cache:
             self.prepare()
         return self.float_op(self.quant_input(x), self._cache["w"], self._cache["b"])

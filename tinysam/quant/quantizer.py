@@ -77,6 +77,13 @@ def _quantize_dense(
     torch.compile, plain tensor ops instead (quantized tensors do not compile; Inductor fuses
     these into the op that made x)."""
     x = x.float()
+    if dequantize and dtype == torch.qint8 and zero_point == 0 and torch.onnx.is_in_onnx_export():
+        # ONNX export: fake-quantize ops, which export as QuantizeLinear/DequantizeLinear pairs
+        # (per tensor, or per channel along `axis`); the same codes and values
+        if scale.numel() == 1:
+            return torch.fake_quantize_per_tensor_affine(x, float(scale), 0, -128, 127)
+        zeros = torch.zeros(scale.numel(), dtype=torch.int32)
+        return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1).float(), zeros, axis, -128, 127)
     if torch.compiler.is_compiling():
         view = _along(scale, x, axis)
         low, high = (0, 255) if dtype == torch.quint8 else (-128, 127)
