@@ -24,11 +24,13 @@ from tinysam import build_sam
 from tinysam.everything import EverythingConfig
 from tinysam.sample_data import write_sample_corpus
 from tinysam.transforms import prepare_image, to_rgb_uint8
+from tinysam.utils.malloc import keep_freed_memory
 
 
 def in_process_loop(folder: Path, model_type: str, checkpoint: str, everything: EverythingConfig) -> dict:
     """The generator called image by image, with the time split into read/decode, encoder and
-    everything mode (decoder + post-processing)."""
+    everything mode (decoder + post-processing). The allocator set as in the job's actors."""
+    keep_freed_memory()
     generator = make_generator(build_sam(model_type, checkpoint), everything)
     times = {"read_decode": 0.0, "encoder": 0.0, "everything": 0.0}
     masks = 0

@@ -27,7 +27,9 @@ class SamActor:
         import torch
 
         from tinysam.build_sam import build_sam
+        from tinysam.utils.malloc import keep_freed_memory
 
+        keep_freed_memory()  # a dedicated process: reuse freed memory instead of faulting it in again
         if memory_gb:
             cap_memory(memory_gb)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
