@@ -28,14 +28,18 @@ def main(argv=None) -> int:
     )
     p.add_argument("--model", default="vit_t", help=f"model type ({', '.join(sorted(MODEL_CONFIGS))})")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=checkpoint_arg, help="known name, path or URL; 'none' for random weights")
+    source.add_argument(  # no default: 'none' (None) must still count as given for the group
+        "--checkpoint",
+        type=checkpoint_arg,
+        default=argparse.SUPPRESS,
+        help="known name, path or URL; 'none' for random weights",
+    )
     source.add_argument(
         "--quantized", help="a jobs/quantize.py file: W8A8 as QuantizeLinear/DequantizeLinear pairs, its own scales"
     )
     p.add_argument("--output", required=True, help="folder for <model>_encoder.onnx and <model>_decoder.onnx")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--parts", default="encoder,decoder", help="comma-separated: encoder,decoder")
-    p.add_argument("--fp16", action="store_true", help="fp16 weights (needs onnxconverter-common)")
     p.add_argument(
         "--all-masks", action="store_true", help="decoder returns all 4 masks (official return_single_mask=False)"
     )
@@ -58,17 +62,17 @@ def main(argv=None) -> int:
 
             model, name = load_quantized(args.quantized, mode="sim"), f"{args.model}_w8a8"
         else:
-            model, name = build_sam(args.model, args.checkpoint).eval(), args.model
+            model, name = build_sam(args.model, getattr(args, "checkpoint", None)).eval(), args.model
     except (CheckpointError, FileNotFoundError, PermissionError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from tinysam.export import export_decoder, export_encoder
 
     if "encoder" in parts:
-        print(export_encoder(model, str(out / f"{name}_encoder.onnx"), args.opset, args.fp16))
+        print(export_encoder(model, str(out / f"{name}_encoder.onnx"), args.opset))
     if "decoder" in parts:
         path = str(out / f"{name}_decoder.onnx")
-        print(export_decoder(model, path, args.opset, args.fp16, return_single_mask=not args.all_masks))
+        print(export_decoder(model, path, args.opset, return_single_mask=not args.all_masks))
     return 0
 
 

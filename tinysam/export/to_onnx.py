@@ -15,18 +15,16 @@ from .modules import DECODER_INPUTS, DECODER_OUTPUTS, SamOnnxDecoder, SamOnnxEnc
 OPSET = 17
 
 
-def export_encoder(model: Sam, path: str, opset: int = OPSET, fp16: bool = False, dynamic_batch: bool = True) -> str:
+def export_encoder(model: Sam, path: str, opset: int = OPSET, dynamic_batch: bool = True) -> str:
     """The image encoder as ONNX: input `image` (B, 3, S, S) float32, output `image_embeddings`."""
     size = model.image_encoder.img_size
     example = (torch.randn(1, 3, size, size),)
     axes = {"image": {0: "batch"}, "image_embeddings": {0: "batch"}} if dynamic_batch else None
     _export(SamOnnxEncoder(model).eval(), example, path, ["image"], ["image_embeddings"], axes, opset)
-    return _finish(path, fp16)
+    return _finish(path)
 
 
-def export_decoder(
-    model: Sam, path: str, opset: int = OPSET, fp16: bool = False, return_single_mask: bool = True
-) -> str:
+def export_decoder(model: Sam, path: str, opset: int = OPSET, return_single_mask: bool = True) -> str:
     """Prompt encoder + mask decoder as ONNX, with the inputs and outputs of the official SAM export
     (a dynamic number of points, and of prompts)."""
     embed_dim = model.prompt_encoder.embed_dim
@@ -48,7 +46,7 @@ def export_decoder(
     }
     module = SamOnnxDecoder(model, return_single_mask=return_single_mask).eval()
     _export(module, example, path, list(DECODER_INPUTS), list(DECODER_OUTPUTS), axes, opset)
-    return _finish(path, fp16)
+    return _finish(path)
 
 
 def _export(module, example, path: str, inputs, outputs, axes: Optional[Dict], opset: int) -> None:
@@ -68,28 +66,15 @@ def _export(module, example, path: str, inputs, outputs, axes: Optional[Dict], o
         )
 
 
-def _finish(path: str, fp16: bool) -> str:
-    """Check the graph, infer its shapes, optionally store the weights as fp16 (inputs and outputs
-    stay fp32), and write it back in one step."""
+def _finish(path: str) -> str:
+    """Check the graph, infer its shapes, and write it back in one step."""
     import onnx
 
     model = onnx.load(path)
     onnx.checker.check_model(model)
-    if fp16:
-        model = _to_fp16(model)
     model = onnx.shape_inference.infer_shapes(model)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".onnx.tmp")
     os.close(fd)
     onnx.save(model, tmp)
     os.replace(tmp, path)
     return path
-
-
-def _to_fp16(model):
-    """fp16 weights and arithmetic with fp32 inputs and outputs (onnxconverter-common's converter,
-    when installed; else a clear error)."""
-    try:
-        from onnxconverter_common import float16
-    except ImportError as e:
-        raise RuntimeError("fp16 export needs onnxconverter-common: pip install onnxconverter-common") from e
-    return float16.convert_float_to_float16(model, keep_io_types=True)
