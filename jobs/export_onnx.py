@@ -41,6 +41,11 @@ def main(argv=None) -> int:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--parts", default="encoder,decoder", help="comma-separated: encoder,decoder")
     p.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="with --quantized: weights held to 7 bits, for int8 kernels on CPUs without VNNI (AVX2)",
+    )
+    p.add_argument(
         "--all-masks", action="store_true", help="decoder returns all 4 masks (official return_single_mask=False)"
     )
     args = p.parse_args(argv)
@@ -60,7 +65,8 @@ def main(argv=None) -> int:
         if args.quantized:
             from tinysam.quant import load_quantized
 
-            model, name = load_quantized(args.quantized, mode="sim"), f"{args.model}_w8a8"
+            bits = "w7a8" if args.reduce_range else "w8a8"
+            model, name = load_quantized(args.quantized, mode="sim"), f"{args.model}_{bits}"
         else:
             model, name = build_sam(args.model, getattr(args, "checkpoint", None)).eval(), args.model
     except (CheckpointError, FileNotFoundError, PermissionError, OSError, ValueError) as e:
@@ -69,10 +75,11 @@ def main(argv=None) -> int:
     from tinysam.export import export_decoder, export_encoder
 
     if "encoder" in parts:
-        print(export_encoder(model, str(out / f"{name}_encoder.onnx"), args.opset))
+        print(export_encoder(model, str(out / f"{name}_encoder.onnx"), args.opset, reduce_range=args.reduce_range))
     if "decoder" in parts:
         path = str(out / f"{name}_decoder.onnx")
-        print(export_decoder(model, path, args.opset, return_single_mask=not args.all_masks))
+        single = not args.all_masks
+        print(export_decoder(model, path, args.opset, return_single_mask=single, reduce_range=args.reduce_range))
     return 0
 
 

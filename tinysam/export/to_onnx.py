@@ -15,16 +15,21 @@ from .modules import DECODER_INPUTS, DECODER_OUTPUTS, SamOnnxDecoder, SamOnnxEnc
 OPSET = 17
 
 
-def export_encoder(model: Sam, path: str, opset: int = OPSET, dynamic_batch: bool = True) -> str:
-    """The image encoder as ONNX: input `image` (B, 3, S, S) float32, output `image_embeddings`."""
+def export_encoder(
+    model: Sam, path: str, opset: int = OPSET, dynamic_batch: bool = True, reduce_range: bool = False
+) -> str:
+    """The image encoder as ONNX: input `image` (B, 3, S, S) float32, output `image_embeddings`.
+    `reduce_range`: a quantized model's weights held to 7-bit codes (int8 kernels without VNNI)."""
     size = model.image_encoder.img_size
     example = (torch.randn(1, 3, size, size),)
     axes = {"image": {0: "batch"}, "image_embeddings": {0: "batch"}} if dynamic_batch else None
-    _export(SamOnnxEncoder(model).eval(), example, path, ["image"], ["image_embeddings"], axes, opset)
+    _export(SamOnnxEncoder(model).eval(), example, path, ["image"], ["image_embeddings"], axes, opset, reduce_range)
     return _finish(path)
 
 
-def export_decoder(model: Sam, path: str, opset: int = OPSET, return_single_mask: bool = True) -> str:
+def export_decoder(
+    model: Sam, path: str, opset: int = OPSET, return_single_mask: bool = True, reduce_range: bool = False
+) -> str:
     """Prompt encoder + mask decoder as ONNX, with the inputs and outputs of the official SAM export
     (a dynamic number of points, and of prompts)."""
     embed_dim = model.prompt_encoder.embed_dim
@@ -45,25 +50,33 @@ def export_decoder(model: Sam, path: str, opset: int = OPSET, return_single_mask
         **{name: {0: "num_prompts"} for name in DECODER_OUTPUTS},
     }
     module = SamOnnxDecoder(model, return_single_mask=return_single_mask).eval()
-    _export(module, example, path, list(DECODER_INPUTS), list(DECODER_OUTPUTS), axes, opset)
+    _export(module, example, path, list(DECODER_INPUTS), list(DECODER_OUTPUTS), axes, opset, reduce_range)
     return _finish(path)
 
 
-def _export(module, example, path: str, inputs, outputs, axes: Optional[Dict], opset: int) -> None:
+def _export(
+    module, example, path: str, inputs, outputs, axes: Optional[Dict], opset: int, reduce_range: bool = False
+) -> None:
+    from ..quant.layers import EXPORT_WEIGHT_BITS
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings on Python-side shape arithmetic
-        torch.onnx.export(
-            module,
-            example,
-            path,
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_axes=axes,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    EXPORT_WEIGHT_BITS["bits"] = 7 if reduce_range else 8
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings on Python-side shape arithmetic
+            torch.onnx.export(
+                module,
+                example,
+                path,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        EXPORT_WEIGHT_BITS["bits"] = 8
 
 
 def _finish(path: str) -> str:

@@ -28,6 +28,9 @@ from ..modeling.tiny_vit import Conv2d_BN
 from .quantizer import TWIN_KINDS, fake_quant, qrange, quant_codes, second_scale, twin_fake_quant
 
 MODES = ("float", "observe", "sim", "int8")
+# ONNX export only: weights held to 7-bit codes (scale doubled), for int8 kernels without VNNI,
+# which sum u8 x s8 pairs in saturating 16-bit lanes (set by tinysam.export's `reduce_range`)
+EXPORT_WEIGHT_BITS = {"bits": 8}
 PACKED = ("int8_linear", "int8_conv")  # oneDNN's packed int8 weights: non-persistent buffers, int8 mode only
 
 
@@ -248,10 +251,21 @@ class QuantWeighted(QuantMixin):
             if kernel is not None:
                 return kernel(x)
         if torch.onnx.is_in_onnx_export():  # traced: the weights become int8 codes and a DequantizeLinear
-            return self.float_op(self.quant_input(x), self.quant_weight(), self.effective_bias())
+            return self.float_op(self.quant_input(x), self._export_weight(), self.effective_bias())
         if "w" not in self._cache:
             self.prepare()
         return self.float_op(self.quant_input(x), self._cache["w"], self._cache["b"])
+
+    def _export_weight(self) -> torch.Tensor:
+        """The fake-quantized weight as ONNX export traces it; with fewer export bits (7), the
+        scale doubles and the weight is clipped first, so every code fits in 7 bits."""
+        w, scale = self.effective_weight().detach(), self.b_scale
+        bits = min(self.bits, EXPORT_WEIGHT_BITS["bits"])
+        if bits < self.bits:
+            scale = scale * 2.0 ** (self.bits - bits)
+            limit = self.scale_view(scale) * qrange(bits)
+            w = torch.maximum(torch.minimum(w, limit), -limit)
+        return fake_quant(w, scale, self.bits, axis=self.weight_axis)
 
     def prepare(self) -> None:
         if self.mode in ("sim", "int8") and "w" not in self._cache:
