@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="folder for <model>_encoder.onnx and <model>_decoder.onnx")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--parts", default="encoder,decoder", help="comma-separated: encoder,decoder")
+    p.add_argument("--fp16", action="store_true", help="float16 weights, arithmetic, inputs and outputs")
     p.add_argument(
         "--reduce-range",
         action="store_true",
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
             raise ValueError(f"unknown model {args.model!r}: one of {', '.join(sorted(MODEL_CONFIGS))}")
         if args.opset < 17:
             raise ValueError(f"opset {args.opset}: 17 or later (LayerNormalization)")
+        if args.fp16 and args.quantized:
+            raise ValueError("--fp16 and --quantized: a W8A8 file exports with float32 around its QDQ pairs")
         if not parts <= {"encoder", "decoder"}:
             raise ValueError(f"--parts: encoder and/or decoder, got {args.parts!r}")
         out = Path(args.output)
@@ -74,12 +77,14 @@ def main(argv=None) -> int:
         return 2
     from tinysam.export import export_decoder, export_encoder
 
+    name += "_fp16" if args.fp16 else ""
     if "encoder" in parts:
-        print(export_encoder(model, str(out / f"{name}_encoder.onnx"), args.opset, reduce_range=args.reduce_range))
+        path = str(out / f"{name}_encoder.onnx")
+        print(export_encoder(model, path, args.opset, reduce_range=args.reduce_range, fp16=args.fp16))
     if "decoder" in parts:
         path = str(out / f"{name}_decoder.onnx")
         single = not args.all_masks
-        print(export_decoder(model, path, args.opset, return_single_mask=single, reduce_range=args.reduce_range))
+        print(export_decoder(model, path, args.opset, single, reduce_range=args.reduce_range, fp16=args.fp16))
     return 0
 
 

@@ -125,3 +125,26 @@ def test_export_job_refuses_bad_input_with_the_reason(tmp_path, capsys, mobile_s
     assert not list(tmp_path.rglob("*.onnx"))
     assert job.main(["--checkpoint", "none", "--output", str(tmp_path / "ok"), "--parts", "decoder"]) == 0
     assert (tmp_path / "ok" / "vit_t_decoder.onnx").exists()
+
+
+def test_fp16_export_runs_in_onnx_runtime_close_to_fp32(vit_t, exported, photos, tmp_path):
+    """--fp16: float16 files (sizes stay float32) that ONNX Runtime's CPU provider runs; the
+    embedding within 1% of the fp32 file's largest value, the four box masks at IoU >= 0.98."""
+    import onnx
+
+    job = load_job("export_onnx")
+    assert job.main(["--quantized", "q.pt", "--output", str(tmp_path), "--fp16"]) == 2  # refused by name
+    encoder, decoder = (
+        export_encoder(vit_t, str(tmp_path / "e16.onnx"), fp16=True),
+        export_decoder(vit_t, str(tmp_path / "d16.onnx"), fp16=True),
+    )
+    types = {i.name: i.type.tensor_type.elem_type for i in onnx.load(decoder).graph.input}
+    assert types["orig_im_size"] == onnx.TensorProto.FLOAT and types["point_coords"] == onnx.TensorProto.FLOAT16
+    image = photos["coffee"]
+    half, full = OnnxSamPredictor(encoder, decoder), OnnxSamPredictor(*exported)
+    half.set_image(image)
+    full.set_image(image)
+    assert _rel(half.embedding, full.embedding) <= 1e-2
+    masks, _, _ = half.predict(box=BOXES)
+    ref, _, _ = full.predict(box=BOXES)
+    assert masks.dtype == bool and min(_iou(masks[k, 0], ref[k, 0]) for k in range(len(BOXES))) >= 0.98

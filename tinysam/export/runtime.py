@@ -40,7 +40,7 @@ class OnnxSamPredictor:
             raise ValueError("no encoder file given: use set_embedding")
         image = to_rgb_uint8(image)
         prepared = prepare_image(image, self.image_size)
-        embedding = self.encoder.run(None, {"image": prepared.tensor[None].numpy()})[0]
+        embedding = _run(self.encoder, {"image": prepared.tensor[None].numpy()})[0]
         self.set_embedding(embedding, prepared.original_size)
 
     def set_embedding(self, embedding: np.ndarray, original_size: Tuple[int, int]) -> None:
@@ -64,8 +64,8 @@ class OnnxSamPredictor:
         coords, labels = self._prompts(point_coords, point_labels, box)
         has_mask = mask_input is not None
         mask = np.asarray(mask_input, np.float32).reshape(1, 1, 256, 256) if has_mask else np.zeros((1, 1, 256, 256))
-        masks, iou, low_res = self.decoder.run(
-            None,
+        masks, iou, low_res = _run(
+            self.decoder,
             {
                 "image_embeddings": self.embedding,
                 "point_coords": coords,
@@ -105,3 +105,11 @@ class OnnxSamPredictor:
             parts = [np.repeat(p, b, 0) if p.shape[0] == 1 else p for p in parts]
             labels = [np.repeat(q, b, 0) if q.shape[0] == 1 else q for q in labels]
         return np.concatenate(parts, 1).astype(np.float32), np.concatenate(labels, 1).astype(np.float32)
+
+
+def _run(session, inputs: dict) -> List[np.ndarray]:
+    """Run `session` with each input cast to the file's type (an fp16 export takes float16);
+    float outputs come back as float32."""
+    types = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
+    outputs = session.run(None, {k: np.asarray(v, types[k]) for k, v in inputs.items()})
+    return [o.astype(np.float32) if o.dtype == np.float16 else o for o in outputs]

@@ -16,30 +16,46 @@ OPSET = 17
 
 
 def export_encoder(
-    model: Sam, path: str, opset: int = OPSET, dynamic_batch: bool = True, reduce_range: bool = False
+    model: Sam,
+    path: str,
+    opset: int = OPSET,
+    dynamic_batch: bool = True,
+    reduce_range: bool = False,
+    fp16: bool = False,
 ) -> str:
-    """The image encoder as ONNX: input `image` (B, 3, S, S) float32, output `image_embeddings`.
-    `reduce_range`: a quantized model's weights held to 7-bit codes (int8 kernels without VNNI)."""
+    """The image encoder as ONNX: input `image` (B, 3, S, S), output `image_embeddings`; float32,
+    or with `fp16` weights, arithmetic, input and output in float16 (a half copy of the model is
+    exported). `reduce_range`: a quantized model's weights held to 7-bit codes (int8 kernels
+    without VNNI)."""
+    model = _half(model) if fp16 else model
     size = model.image_encoder.img_size
-    example = (torch.randn(1, 3, size, size),)
+    example = (torch.randn(1, 3, size, size, dtype=torch.float16 if fp16 else torch.float32),)
     axes = {"image": {0: "batch"}, "image_embeddings": {0: "batch"}} if dynamic_batch else None
     _export(SamOnnxEncoder(model).eval(), example, path, ["image"], ["image_embeddings"], axes, opset, reduce_range)
     return _finish(path)
 
 
 def export_decoder(
-    model: Sam, path: str, opset: int = OPSET, return_single_mask: bool = True, reduce_range: bool = False
+    model: Sam,
+    path: str,
+    opset: int = OPSET,
+    return_single_mask: bool = True,
+    reduce_range: bool = False,
+    fp16: bool = False,
 ) -> str:
     """Prompt encoder + mask decoder as ONNX, with the inputs and outputs of the official SAM export
-    (a dynamic number of points, and of prompts)."""
+    (a dynamic number of points, and of prompts). With `fp16` every input and output is float16
+    except `orig_im_size`, which stays float32 (float16 would round sizes above 2048)."""
+    model = _half(model) if fp16 else model
+    dtype = torch.float16 if fp16 else torch.float32
     embed_dim = model.prompt_encoder.embed_dim
     h, w = model.prompt_encoder.image_embedding_size
     example = (
-        torch.randn(1, embed_dim, h, w),
-        torch.randint(0, 1024, (1, 5, 2), dtype=torch.float),
-        torch.randint(0, 4, (1, 5), dtype=torch.float),
-        torch.randn(1, 1, 4 * h, 4 * w),
-        torch.tensor([1], dtype=torch.float),
+        torch.randn(1, embed_dim, h, w, dtype=dtype),
+        torch.randint(0, 1024, (1, 5, 2)).to(dtype),
+        torch.randint(0, 4, (1, 5)).to(dtype),
+        torch.randn(1, 1, 4 * h, 4 * w, dtype=dtype),
+        torch.tensor([1], dtype=dtype),
         torch.tensor([1500, 2250], dtype=torch.float),
     )
     # The official export's dynamic point count, plus a dynamic prompt count (dimension 0, 1 in the
@@ -52,6 +68,13 @@ def export_decoder(
     module = SamOnnxDecoder(model, return_single_mask=return_single_mask).eval()
     _export(module, example, path, list(DECODER_INPUTS), list(DECODER_OUTPUTS), axes, opset, reduce_range)
     return _finish(path)
+
+
+def _half(model: Sam) -> Sam:
+    """A float16 copy of `model` (the caller's model is left as it is)."""
+    import copy
+
+    return copy.deepcopy(model).half().eval()
 
 
 def _export(

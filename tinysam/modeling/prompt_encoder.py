@@ -26,9 +26,9 @@ class PositionEmbeddingRandom(nn.Module):
     def forward(self, size: Tuple[int, int]) -> torch.Tensor:
         """Encoding of every cell centre of an (h, w) grid: (C, h, w)."""
         h, w = size
-        device = self.positional_encoding_gaussian_matrix.device
-        y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
-        x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+        matrix = self.positional_encoding_gaussian_matrix  # its dtype: a half-precision model stays half
+        y = (torch.arange(h, device=matrix.device, dtype=matrix.dtype) + 0.5) / h
+        x = (torch.arange(w, device=matrix.device, dtype=matrix.dtype) + 0.5) / w
         grid = torch.stack([x[None, :].expand(h, w), y[:, None].expand(h, w)], dim=-1)
         return self._pe_encoding(grid).permute(2, 0, 1)
 
