@@ -5,7 +5,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ..transforms import ResizeLongestSide, prepare_image, to_rgb_uint8
+from ..transforms import ResizeLongestSide, prepare_image
 
 
 class OnnxSamPredictor:
@@ -38,7 +38,6 @@ class OnnxSamPredictor:
         """Encode an HxWx3 RGB image (other layouts converted as by `SamPredictor`)."""
         if self.encoder is None:
             raise ValueError("no encoder file given: use set_embedding")
-        image = to_rgb_uint8(image)
         prepared = prepare_image(image, self.image_size)
         embedding = _run(self.encoder, {"image": prepared.tensor[None].numpy()})[0]
         self.set_embedding(embedding, prepared.original_size)
@@ -63,16 +62,16 @@ class OnnxSamPredictor:
             raise RuntimeError("set an image or an embedding first")
         coords, labels = self._prompts(point_coords, point_labels, box)
         has_mask = mask_input is not None
-        mask = np.asarray(mask_input, np.float32).reshape(1, 1, 256, 256) if has_mask else np.zeros((1, 1, 256, 256))
+        mask = np.asarray(mask_input).reshape(1, 1, 256, 256) if has_mask else np.zeros((1, 1, 256, 256))
         masks, iou, low_res = _run(
             self.decoder,
             {
                 "image_embeddings": self.embedding,
                 "point_coords": coords,
                 "point_labels": labels,
-                "mask_input": mask.astype(np.float32),
-                "has_mask_input": np.array([float(has_mask)], np.float32),
-                "orig_im_size": np.array(self.original_size, np.float32),
+                "mask_input": mask,
+                "has_mask_input": np.array([float(has_mask)]),
+                "orig_im_size": np.array(self.original_size),
             },
         )
         return (masks if return_logits else masks > self.mask_threshold), iou, low_res
@@ -108,8 +107,8 @@ class OnnxSamPredictor:
 
 
 def _run(session, inputs: dict) -> List[np.ndarray]:
-    """Run `session` with each input cast to the file's type (an fp16 export takes float16);
-    float outputs come back as float32."""
+    """Run `session` with each input cast to the file's type (float32, or float16 for an fp16
+    export); float outputs come back as float32."""
     types = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
     outputs = session.run(None, {k: np.asarray(v, types[k]) for k, v in inputs.items()})
     return [o.astype(np.float32) if o.dtype == np.float16 else o for o in outputs]

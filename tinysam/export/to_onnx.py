@@ -1,5 +1,6 @@
 """Export a SAM-family model to ONNX: the image encoder, and the prompt encoder + mask decoder with
-the official interface. Each file is checked with `onnx.checker` and saved with inferred shapes."""
+the official interface. Each file is checked with `onnx.checker`, saved with inferred shapes, and
+appears only when complete."""
 
 import os
 import tempfile
@@ -31,8 +32,9 @@ def export_encoder(
     size = model.image_encoder.img_size
     example = (torch.randn(1, 3, size, size, dtype=torch.float16 if fp16 else torch.float32),)
     axes = {"image": {0: "batch"}, "image_embeddings": {0: "batch"}} if dynamic_batch else None
-    _export(SamOnnxEncoder(model).eval(), example, path, ["image"], ["image_embeddings"], axes, opset, reduce_range)
-    return _finish(path)
+    return _export(
+        SamOnnxEncoder(model).eval(), example, path, ["image"], ["image_embeddings"], axes, opset, reduce_range
+    )
 
 
 def export_decoder(
@@ -66,8 +68,7 @@ def export_decoder(
         **{name: {0: "num_prompts"} for name in DECODER_OUTPUTS},
     }
     module = SamOnnxDecoder(model, return_single_mask=return_single_mask).eval()
-    _export(module, example, path, list(DECODER_INPUTS), list(DECODER_OUTPUTS), axes, opset, reduce_range)
-    return _finish(path)
+    return _export(module, example, path, list(DECODER_INPUTS), list(DECODER_OUTPUTS), axes, opset, reduce_range)
 
 
 def _half(model: Sam) -> Sam:
@@ -79,18 +80,24 @@ def _half(model: Sam) -> Sam:
 
 def _export(
     module, example, path: str, inputs, outputs, axes: Optional[Dict], opset: int, reduce_range: bool = False
-) -> None:
-    from ..quant.layers import EXPORT_WEIGHT_BITS
+) -> str:
+    """Trace `module` to ONNX, check the graph, infer its shapes, and put it at `path` in one step
+    (a temporary file beside it until then: a failed export leaves nothing behind)."""
+    import onnx
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    EXPORT_WEIGHT_BITS["bits"] = 7 if reduce_range else 8
+    from ..quant.layers import export_weight_bits
+
+    folder = Path(path).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".onnx.tmp")
+    os.close(fd)
     try:
-        with warnings.catch_warnings():
+        with export_weight_bits(7 if reduce_range else 8), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings on Python-side shape arithmetic
             torch.onnx.export(
                 module,
                 example,
-                path,
+                tmp,
                 input_names=inputs,
                 output_names=outputs,
                 dynamic_axes=axes,
@@ -98,19 +105,11 @@ def _export(
                 do_constant_folding=True,
                 dynamo=False,
             )
+        model = onnx.load(tmp)
+        onnx.checker.check_model(model)
+        onnx.save(onnx.shape_inference.infer_shapes(model), tmp)
+        os.replace(tmp, path)
     finally:
-        EXPORT_WEIGHT_BITS["bits"] = 8
-
-
-def _finish(path: str) -> str:
-    """Check the graph, infer its shapes, and write it back in one step."""
-    import onnx
-
-    model = onnx.load(path)
-    onnx.checker.check_model(model)
-    model = onnx.shape_inference.infer_shapes(model)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".onnx.tmp")
-    os.close(fd)
-    onnx.save(model, tmp)
-    os.replace(tmp, path)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path

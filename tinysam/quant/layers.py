@@ -16,9 +16,10 @@ channel's max (the paper's grid of ratios). Activations have one scale per tenso
 group, so it gets one activation scale and one weight ratio per group.
 """
 
+import contextlib
 import functools
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,7 @@ from ..modeling.tiny_vit import Conv2d_BN
 from .quantizer import TWIN_KINDS, fake_quant, qrange, quant_codes, second_scale, twin_fake_quant
 
 MODES = ("float", "observe", "sim", "int8")
-# ONNX export only: weights held to 7-bit codes (scale doubled), for int8 kernels without VNNI,
-# which sum u8 x s8 pairs in saturating 16-bit lanes (set by tinysam.export's `reduce_range`)
-EXPORT_WEIGHT_BITS = {"bits": 8}
+_export_weight_bits = 8  # see export_weight_bits
 PACKED = ("int8_linear", "int8_conv")  # oneDNN's packed int8 weights: non-persistent buffers, int8 mode only
 
 
@@ -134,6 +133,18 @@ def require_int8() -> None:
             f"int8 execution is not available: {reason}; use mode 'sim' for simulated "
             "quantization (the same quantized numbers, in float arithmetic)"
         )
+
+
+@contextlib.contextmanager
+def export_weight_bits(bits: int) -> Iterator[None]:
+    """Within: ONNX export traces the weights at `bits` (7: scale doubled, weights clipped first),
+    for int8 kernels without VNNI, which sum u8 x s8 pairs in saturating 16-bit lanes."""
+    global _export_weight_bits
+    previous, _export_weight_bits = _export_weight_bits, bits
+    try:
+        yield
+    finally:
+        _export_weight_bits = previous
 
 
 def resolve_mode(mode: str) -> str:
@@ -260,7 +271,7 @@ class QuantWeighted(QuantMixin):
         """The fake-quantized weight as ONNX export traces it; with fewer export bits (7), the
         scale doubles and the weight is clipped first, so every code fits in 7 bits."""
         w, scale = self.effective_weight().detach(), self.b_scale
-        bits = min(self.bits, EXPORT_WEIGHT_BITS["bits"])
+        bits = min(self.bits, _export_weight_bits)
         if bits < self.bits:
             scale = scale * 2.0 ** (self.bits - bits)
             limit = self.scale_view(scale) * qrange(bits)
