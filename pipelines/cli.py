@@ -108,13 +108,8 @@ def add_everything_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(EverythingConfig):
         kind = {"bool": _bool, "float": float, "str": str}.get(type(f.default).__name__, int)
         extra = {"choices": MODES} if f.name == "mode" else {"metavar": kind.__name__.strip("_").upper()}
-        default = (
-            ""
-            if f.default is None
-            else f" (default {f.default:g})"
-            if isinstance(f.default, float)
-            else f" (default {f.default})"
-        )
+        shown = f"{f.default:g}" if isinstance(f.default, float) else f.default
+        default = "" if f.default is None else f" (default {shown})"
         g.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f"everything_{f.name}",

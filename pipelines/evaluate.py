@@ -5,6 +5,7 @@ distributes `evaluate_image` and gathers its JSON parts. Failures are per image:
 image is reported and left out, not fatal.
 """
 
+import dataclasses
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -60,7 +61,7 @@ def config_to_json(config) -> str:
             "n_points": list(config.n_points),
             "max_dets": config.max_dets,
             "point_max_objects": config.point_max_objects,
-            "everything": [json.loads(c.to_json()) for c in config.everything],
+            "everything": [dataclasses.asdict(c) for c in config.everything],
         }
     )
 

@@ -136,7 +136,6 @@ def distill(
         "eval_points": job.eval_points,
         "seed": job.distill.get("seed", 0),
         "distill": job.distill,
-        "huge_pages_env": HUGE_PAGES_ENV,
         "on_step": on_step,
     }
     storage_path, storage_fs = _storage(job)

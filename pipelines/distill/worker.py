@@ -19,6 +19,8 @@ from tinysam import build_sam
 from tinysam.distill import DistillConfig, Distiller, init_student_decoder
 from tinysam.distill.distiller import match_embedding_statistics
 
+from .job import HUGE_PAGES_ENV
+
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
 LOSS_TERMS = ("embedding", "token", "output", "focal", "dice", "iou")
@@ -38,7 +40,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     if rank == 0 and config.get("log", True):
         print(
             f"worker 0 of {world}: {device}, {config['threads']} threads, "
-            f"{config['huge_pages_env']}={os.environ.get(config['huge_pages_env'])}",
+            f"{HUGE_PAGES_ENV}={os.environ.get(HUGE_PAGES_ENV)}",
             flush=True,
         )
     checkpoint = ray.train.get_checkpoint()

@@ -378,7 +378,9 @@ def _encode_rles(
     lengths cross to the host; on the CPU pycocotools encodes them directly. Same bytes either way."""
     x0, y0, x1, y1 = crop_box
     h, w = orig_size
-    if masks.device.type != "cpu" if on_device is None else on_device:
+    if on_device is None:
+        on_device = masks.device.type != "cpu"
+    if on_device:
         if (x0, y0, x1, y1) != (0, 0, w, h):
             masks = torch.nn.functional.pad(masks, (x0, w - x1, y0, h - y1))
         return coco_rles_from_run_lengths(run_lengths(masks.bool()), h, w)
