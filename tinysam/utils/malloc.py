@@ -49,7 +49,7 @@ def set_mmap_threshold(nbytes: int) -> bool:
 def keep_freed_memory() -> bool:
     """For the rest of the process: serve large temporaries from glibc's heap and keep up to 1 GiB
     of freed memory there, so that image after image reuses memory instead of faulting it in
-    afresh (everything mode on a photo: ~1.4x faster, peak RSS ~200 MB higher). For dedicated
+    afresh (everything mode on a photo: 1.29x faster, `benchmarks/allocator.py`). For dedicated
     model processes (the jobs' actors); False where glibc is not there."""
     global _normal_threshold
     libc = _libc()
