@@ -41,8 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--everything",
         action="append",
-        help="dense[:POINTS] or hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN]]]]; repeat for a grid "
-        "(default: dense:32 and hierarchical:8:32:8.5:0.25)",
+        help="a preset (quality, balanced, fast), dense[:POINTS] or "
+        "hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN[:SIMILARITY]]]]]; repeat for a grid (default: quality and balanced)",
     )
     p.add_argument("--max-dets", type=int, default=100, help="detections per image for AP (LVIS: 300)")
     p.add_argument("--limit", type=int, help="only the first N images")
@@ -71,7 +71,7 @@ def build_config(args) -> EvalConfig:
         detections = {}
         for d in dets:
             detections.setdefault(int(d["image_id"]), []).append(d)
-    everything = [EverythingConfig.parse(s) for s in (args.everything or ["dense:32", "hierarchical:8:32:8.5:0.25"])]
+    everything = [EverythingConfig.parse(s) for s in (args.everything or ["quality", "balanced"])]
     return EvalConfig(
         tuple(s for s in args.protocols.split(",") if s),
         detections,

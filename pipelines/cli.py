@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any, Callable, Dict
 
-from tinysam.everything.config import MODES, EverythingConfig
+from tinysam.everything.config import DECODER_DTYPES, MODES, PRESETS, EverythingConfig
 from tinysam.weights import CheckpointError
 
 from .reading import DEFAULT_MAX_MEGAPIXELS
@@ -105,9 +105,17 @@ def add_everything_arguments(p: argparse.ArgumentParser) -> None:
     text written there. Unset flags stay None: the config's defaults apply, and dense mode can tell
     a hierarchical-only flag that was given from one that was not."""
     g = p.add_argument_group("everything mode (tinysam/everything/config.py)")
+    g.add_argument(
+        "--preset",
+        dest="everything_preset",
+        choices=PRESETS,
+        help="named settings that the flags below override: quality (dense, the official masks), balanced "
+        "(the defaults), fast (the paper's hierarchical rule); speed and agreement in docs/benchmarks.md",
+    )
+    choices = {"mode": MODES, "decoder_dtype": DECODER_DTYPES}
     for f in dataclasses.fields(EverythingConfig):
         kind = {"bool": _bool, "float": float, "str": str}.get(type(f.default).__name__, int)
-        extra = {"choices": MODES} if f.name == "mode" else {"metavar": kind.__name__.strip("_").upper()}
+        extra = {"choices": choices[f.name]} if f.name in choices else {"metavar": kind.__name__.strip("_").upper()}
         shown = f"{f.default:g}" if isinstance(f.default, float) else f.default
         default = "" if f.default is None else f" (default {shown})"
         g.add_argument(
@@ -124,7 +132,7 @@ def everything_config(args: argparse.Namespace) -> EverythingConfig:
     """The `EverythingConfig` of the flags `add_everything_arguments` declared (ValueError if invalid)."""
     prefix = "everything_"
     given = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
-    return EverythingConfig.from_dict(given)
+    return EverythingConfig.from_preset(given.pop("preset", None), **given)
 
 
 def run_job(run: Callable[[], JobSummary], report: Callable[[JobSummary], None]) -> int:

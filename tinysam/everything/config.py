@@ -12,8 +12,15 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, Optional
 
 MODES = ("hierarchical", "dense")
+DECODER_DTYPES = ("float32", "bfloat16")
 # Settings only the hierarchical generator has: refused in dense mode unless left at their default.
-HIERARCHICAL_ONLY = ("round1_points_per_side", "high_confidence_thresh", "skip_margin")
+HIERARCHICAL_ONLY = ("round1_points_per_side", "high_confidence_thresh", "skip_margin", "skip_similarity")
+# Named starting points over the settings below; measured speed and agreement in docs/benchmarks.md.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "quality": {"mode": "dense"},  # the official grid: the official generator's masks
+    "balanced": {},  # the defaults: hierarchical, the dense masks at a fraction of the points
+    "fast": {"skip_margin": 0.0, "skip_similarity": 0.0},  # the paper's rule
+}
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -36,6 +43,11 @@ class EverythingConfig:
     skip_margin: float = _setting(
         0.25, "hierarchical: confident area, in grid spacings, a round-2 point needs around it to be skipped"
     )
+    skip_similarity: float = _setting(
+        0.6,
+        "hierarchical: a confident point is skipped only where the image embedding is at least this similar "
+        "(cosine) to its neighbours' (0: off, the paper's rule)",
+    )
     points_per_batch: int = _setting(64, "prompts decoded per model call")
     pred_iou_thresh: float = _setting(0.88, "keep masks whose predicted IoU is at least this")
     stability_score_thresh: float = _setting(0.95, "keep masks whose stability score is at least this")
@@ -49,10 +61,16 @@ class EverythingConfig:
     upsample_chunk: int = _setting(16, "masks upsampled to full resolution at once (bounds memory)")
     decoder_chunk: int = _setting(4, "prompts through the mask decoder at once (bounds memory)")
     fast_decoder: bool = _setting(True, "the folded decoder (same masks, faster); false: the official rounding")
+    decoder_dtype: str = _setting(
+        "float32",
+        "mask decoder precision: bfloat16 pays on CPUs with AVX512-BF16 or AMX and on GPUs (masks differ a little)",
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.decoder_dtype not in DECODER_DTYPES:
+            raise ValueError(f"decoder_dtype must be one of {', '.join(DECODER_DTYPES)}, got {self.decoder_dtype!r}")
         for name in (
             "points_per_side",
             "points_per_batch",
@@ -67,7 +85,7 @@ class EverythingConfig:
         for name in ("crop_n_layers", "min_mask_region_area", "skip_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio"):
+        for name in ("box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio", "skip_similarity"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.mode == "dense":
@@ -85,21 +103,37 @@ class EverythingConfig:
         return cls(**{k: v for k, v in settings.items() if k in known})
 
     @classmethod
+    def from_preset(cls, preset: Optional[str] = None, **settings: Any) -> "EverythingConfig":
+        """A preset's settings (`PRESETS`), then `settings` over them. A mode of dense given over a
+        hierarchical preset drops the preset's hierarchical-only settings."""
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"no everything-mode preset {preset!r}; presets: {', '.join(PRESETS)}")
+        base = dict(PRESETS[preset]) if preset else {}
+        if settings.get("mode") == "dense":
+            base = {k: v for k, v in base.items() if k not in HIERARCHICAL_ONLY}
+        return cls.from_dict({**base, **settings})
+
+    @classmethod
     def parse(cls, spec: str) -> "EverythingConfig":
-        """'dense:32' or 'hierarchical:8:32:8.5:0.25' (round 1, round 2, tau, skip margin)."""
+        """A preset name, 'dense:32' or 'hierarchical:8:32:4:0.25:0.6' (round 1, round 2, tau, skip
+        margin, skip similarity; the defaults for the parts left off)."""
+        if spec in PRESETS:
+            return cls.from_preset(spec)
         parts = spec.split(":")
         try:
             if parts[0] == "dense" and len(parts) <= 2:
                 return cls("dense", int(parts[1]) if len(parts) > 1 else 32)
-            if parts[0] == "hierarchical" and len(parts) <= 5:
-                r1 = int(parts[1]) if len(parts) > 1 else None
-                r2 = int(parts[2]) if len(parts) > 2 else 32
-                tau = float(parts[3]) if len(parts) > 3 else 8.5
-                margin = float(parts[4]) if len(parts) > 4 else 0.25
-                return cls("hierarchical", r2, r1, tau, margin)
+            if parts[0] == "hierarchical" and len(parts) <= 6:
+                names = ("round1_points_per_side", "points_per_side", "high_confidence_thresh")
+                names += ("skip_margin", "skip_similarity")
+                kinds = (int, int, float, float, float)
+                return cls.from_dict({n: k(v) for n, k, v in zip(names, kinds, parts[1:])})
         except ValueError:
             pass
-        raise ValueError(f"{spec!r}: expected dense[:POINTS] or hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN]]]]")
+        raise ValueError(
+            f"{spec!r}: expected a preset ({', '.join(PRESETS)}), dense[:POINTS] or "
+            "hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN[:SIMILARITY]]]]]"
+        )
 
     @property
     def round1(self) -> int:
@@ -108,11 +142,12 @@ class EverythingConfig:
 
     @property
     def name(self) -> str:
+        bf16 = " bf16" if self.decoder_dtype == "bfloat16" else ""
         if self.mode == "dense":
-            return f"dense {self.points_per_side}"
+            return f"dense {self.points_per_side}{bf16}"
         return (
             f"hierarchical {self.round1}/{self.points_per_side} tau {self.high_confidence_thresh:g} "
-            f"margin {self.skip_margin:g}"
+            f"margin {self.skip_margin:g} similarity {self.skip_similarity:g}{bf16}"
         )
 
     def as_dict(self) -> Dict[str, Any]:

@@ -10,6 +10,8 @@ is reorganised so that it costs less and holds less:
   compressed COCO RLE, so memory stays bounded whatever the number of points.
 """
 
+import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -101,6 +103,7 @@ class SamAutomaticMaskGenerator:
         upsample_chunk: int = 16,
         decoder_chunk: int = 4,
         fast_decoder: bool = True,
+        decoder_dtype: str = "float32",
     ) -> None:
         """Arguments as the official generator's (see its docs), plus: `upsample_chunk` bounds how
         many masks are held at full resolution at once (fewer on large images: at most
@@ -109,7 +112,8 @@ class SamAutomaticMaskGenerator:
         the decoder at once (its activations dominate peak memory; a few prompts at a time also keep
         each prompt's image tokens in cache); `fast_decoder` runs the decoder folded (see
         `modeling/folded_decoder.py`; a quantized decoder gets the channels-last upscaling instead),
-        False the plain decoder with the official rounding."""
+        False the plain decoder with the official rounding; `decoder_dtype` "bfloat16" runs the
+        decoder on a bfloat16 copy of its weights (see `reduced_precision_decoder`)."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side and point_grids must be given")
         if output_mode not in OUTPUT_MODES:
@@ -133,7 +137,11 @@ class SamAutomaticMaskGenerator:
         self.output_mode = output_mode
         self.upsample_chunk = upsample_chunk
         self.decoder_chunk = decoder_chunk
-        self._mask_decoder = folded_decoder.fast_decoder(model.mask_decoder) if fast_decoder else model.mask_decoder
+        decoder = model.mask_decoder
+        if decoder_dtype != "float32":
+            decoder = reduced_precision_decoder(decoder, getattr(torch, decoder_dtype))
+        self._decoder_dtype = next(decoder.parameters()).dtype
+        self._mask_decoder = folded_decoder.fast_decoder(decoder) if fast_decoder else decoder
         self.last_stats: Dict[str, int] = {}
 
     # ---- public API -------------------------------------------------------------------------
@@ -269,7 +277,9 @@ class SamAutomaticMaskGenerator:
         prompts: the decoder's activations grow with the chunk, not with the point batch."""
         n, per_image = embeddings.shape[0], coords.shape[0] // embeddings.shape[0]
         labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
-        pe = self.model.prompt_encoder.get_dense_pe()
+        dtype = self._decoder_dtype
+        pe = self.model.prompt_encoder.get_dense_pe().to(dtype)
+        embeddings = embeddings.to(dtype)
         step = max(1, self.decoder_chunk // n) if n <= self.decoder_chunk else per_image
         low_parts, iou_parts = [], []
         for start in range(0, per_image, step):
@@ -277,9 +287,9 @@ class SamAutomaticMaskGenerator:
                 [torch.arange(i * per_image + start, i * per_image + min(start + step, per_image)) for i in range(n)]
             )
             sparse, dense = self.model.prompt_encoder((coords[sel], labels[sel]), None, None)
-            low_res, iou = self._mask_decoder(embeddings, pe, sparse, dense, multimask_output=True)
-            low_parts.append(low_res.view(n, -1, *low_res.shape[1:]))
-            iou_parts.append(iou.view(n, -1, iou.shape[-1]))
+            low_res, iou = self._mask_decoder(embeddings, pe, sparse.to(dtype), dense.to(dtype), multimask_output=True)
+            low_parts.append(low_res.float().view(n, -1, *low_res.shape[1:]))
+            iou_parts.append(iou.float().view(n, -1, iou.shape[-1]))
         low_res = torch.cat(low_parts, dim=1).flatten(0, 2)
         iou = torch.cat(iou_parts, dim=1).flatten(0, 2)
         return low_res, iou
@@ -364,6 +374,33 @@ class SamAutomaticMaskGenerator:
                 }
             )
         return records
+
+
+def reduced_precision_decoder(decoder: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `decoder` in `dtype` (the model's own stays float32 for the predictor). Pays where
+    the hardware multiplies that type natively (AVX512-BF16 or AMX CPUs, GPUs); elsewhere it is
+    emulated and slower than float32, so it runs with a warning."""
+    device = next(decoder.parameters()).device
+    if dtype == torch.bfloat16 and not bfloat16_is_native(device):
+        warnings.warn(
+            f"decoder_dtype bfloat16 on {device}, which has no native bfloat16 matmul (AVX512-BF16, AMX or a "
+            "GPU): it will run slower than float32",
+            stacklevel=3,
+        )
+    return copy.deepcopy(decoder).to(dtype)
+
+
+def bfloat16_is_native(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware: a GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (oneDNN's own check also accepts plain AVX512, where it emulates)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def _encode_rle(mask: np.ndarray) -> Dict[str, Any]:

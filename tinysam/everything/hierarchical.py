@@ -5,7 +5,7 @@ logits exceed `high_confidence_thresh` (tau, 8.5) form the high-confidence area.
 the dense grid, skipping every point inside that area: those objects are segmented already.
 Both rounds' masks are merged, NMS-ed and post-processed as in dense mode.
 
-Two refinements over the paper's description, both measured in `benchmarks/everything.py`:
+Three refinements over the paper's description, each measured in `benchmarks/everything.py`:
 - when the coarse grid divides the dense one, round 1 takes its points from the dense grid (the
   one nearest each coarse cell's centre), so no point is decoded twice and, with nothing skipped,
   the result is exactly the dense generator's;
@@ -14,12 +14,23 @@ Two refinements over the paper's description, both measured in `benchmarks/every
   mask is where a neighbouring object starts, or where a coarse point's mask is cut at the wrong
   place; crowded small objects (BBBC038 nuclei) lost 0.016 mIoU against dense without the margin,
   0.0003 with a quarter spacing. 0 is the paper's rule.
+- `skip_similarity`: a covered point is skipped only where the image embedding is homogeneous:
+  its cosine similarity to each of its 8 neighbouring embedding cells at least this. Small objects
+  and parts inside a confident mask (149 pixels inside the cup on coffee, 530 on the cat's face on
+  chelsea) change the embedding, and
+  the masks of the points on them are often the only ones to find them; without this the photos
+  lost one dense mask in 12 (agreement 0.93), with 0.6 none (>= 0.99) for 5-17% more points.
+  The check costs one gather of the embedding. 0 is the paper's rule.
+A lower tau skips more, but loses masks that neither check keeps (tau 4 on a held-out photo:
+agreement 0.81), so the paper's 8.5 stays.
 """
 
 from typing import Any, Dict, List, Optional
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..modeling import Sam
 from .amg import build_point_grid
@@ -34,12 +45,14 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         round1_points_per_side: Optional[int] = None,
         high_confidence_thresh: float = 8.5,
         skip_margin: float = 0.25,
+        skip_similarity: float = 0.6,
         crop_n_points_downscale_factor: int = 1,
         **kwargs: Any,
     ) -> None:
         """`points_per_side` is the round-2 (dense) density; round 1 defaults to a quarter of it.
         `skip_margin` (in dense grid spacings, >= 0) is the margin of high-confidence area a point
-        needs around it to be skipped. Other arguments are the dense generator's."""
+        needs around it to be skipped, `skip_similarity` (0-1) the least cosine similarity of the
+        image embedding there to its neighbours'. Other arguments are the dense generator's."""
         super().__init__(
             model,
             points_per_side=points_per_side,
@@ -52,12 +65,15 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
             round1_points_per_side = max(1, points_per_side // 4)
         if skip_margin < 0:
             raise ValueError(f"skip_margin must be >= 0, got {skip_margin}")
+        if not 0 <= skip_similarity <= 1:
+            raise ValueError(f"skip_similarity must be in [0, 1], got {skip_similarity}")
         self.round1_selections = [
             _coarse_selection(grid, max(1, int(round1_points_per_side / crop_n_points_downscale_factor**i)))
             for i, grid in enumerate(self.point_grids)
         ]
         self.high_confidence_thresh = high_confidence_thresh
         self.skip_margin = skip_margin
+        self.skip_similarity = skip_similarity
 
     def _process_crops(self, embeddings, input_sizes, crop_sizes, jobs, orig_sizes) -> List[Dict[str, Any]]:
         scales = [np.array(size)[None, ::-1] for size in crop_sizes]
@@ -70,9 +86,14 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         first = self._decode_and_filter(embeddings, input_sizes, crop_sizes, jobs, orig_sizes, round1, high_conf=areas)
 
         round2 = []
-        for pts, area, size, (_, _, layer) in zip(candidates, areas, crop_sizes, jobs):
+        for k, (pts, area, size, (_, _, layer)) in enumerate(zip(candidates, areas, crop_sizes, jobs)):
             per_side = np.sqrt(len(self.point_grids[layer]))
-            round2.append(pts[~_covered(pts, area.area, self.skip_margin * np.array(size[::-1]) / per_side)])
+            skip = _covered(pts, area.area, self.skip_margin * np.array(size[::-1]) / per_side)
+            if self.skip_similarity > 0 and skip.any():
+                cell = self.model.image_encoder.img_size / embeddings.shape[-1]  # pixels per embedding cell
+                cells = self.transform.apply_coords(pts[skip], size) / cell
+                skip[skip] = local_similarity(embeddings[k], cells) >= self.skip_similarity
+            round2.append(pts[~skip])
         second = self._decode_and_filter(embeddings, input_sizes, crop_sizes, jobs, orig_sizes, round2)
 
         n_candidates, n_kept = sum(len(p) for p in candidates), sum(len(p) for p in round2)
@@ -116,3 +137,20 @@ def _covered(points: np.ndarray, area: np.ndarray, margin_xy: np.ndarray) -> np.
     xs = np.clip(points[:, 0].astype(int), 0, w - 1)
     ys = np.clip(points[:, 1].astype(int), 0, h - 1)
     return area[ys, xs]
+
+
+def local_similarity(embedding: torch.Tensor, cells: np.ndarray) -> np.ndarray:
+    """For (x, y) positions in embedding cells: the least cosine similarity between the (C, h, w)
+    image embedding at that cell and at each of its 8 neighbours (edge cells repeat themselves)."""
+    e = F.normalize(embedding.float(), dim=0)
+    _, h, w = e.shape
+    xy = torch.as_tensor(cells, dtype=torch.float32, device=e.device).floor().long()
+    x, y = xy[:, 0].clamp(0, w - 1), xy[:, 1].clamp(0, h - 1)
+    centre = e[:, y, x]
+    least = torch.ones(len(cells), device=e.device)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dx or dy:
+                neighbour = e[:, (y + dy).clamp(0, h - 1), (x + dx).clamp(0, w - 1)]
+                least = torch.minimum(least, (centre * neighbour).sum(0))
+    return least.cpu().numpy()

@@ -157,6 +157,8 @@ def _image_to_token(attn: Attention, q_in: Tensor, x: Tensor, k_in: Tensor, v_in
         scores = torch.matmul(stacked, q_in.transpose(1, 2)).view(bsz, heads * t, hw) + bias.transpose(1, 2)
     probs = scores.view(bsz, heads, t, hw).softmax(dim=2).view(bsz, heads * t, hw).transpose(1, 2)
     if n == bsz:
+        if x.dtype != torch.float32:  # bfloat16 baddbmm_ with this transposed batch takes a naive loop on CPU
+            return x.add_(torch.bmm(probs, fold_o))
         return x.baddbmm_(probs, fold_o)
     return add_groups(x, torch.bmm(probs, fold_o))
 
