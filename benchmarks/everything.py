@@ -1,13 +1,19 @@
-"""Everything mode, side by side in one run: the official dense generator, ours dense, ours hierarchical
-(default skip margin, and margin 0: the paper's rule).
+"""Everything mode, side by side in one run: the official dense generator and ours in each preset
+(quality = dense, balanced = the default, fast = the paper's rule), the previous default, and the
+default with a bfloat16 decoder where the CPU multiplies bfloat16 natively.
 
-Same real weights (mobile_sam.pt) and images. Per image: seconds and masks for each, and quality:
-mIoU against ground truth on the BBBC038 nuclei image (for each ground-truth mask, the best IoU
-among the predicted masks, averaged), agreement with the official dense output elsewhere (the same
-measure with the official masks as reference). Then the peak memory of one call on a 1024x1024
-image, measured in a fresh process.
+Same real weights (mobile_sam.pt), images and allocator setting (`keep_freed_memory`, as the
+jobs' actors run); the official generator is also timed as shipped, with glibc's default
+allocator, in a fresh process beforehand ("x official as shipped"). Per image and method:
+seconds, of which the decoder and the rest (the encoder and the host-side post-processing:
+upsampling, filters, NMS, RLE), points decoded, masks, and quality: agreement
+with the official dense output (for each official mask the best IoU among ours, averaged) and, on
+the BBBC038 nuclei image, the same against the ground truth (GT mIoU). Then the peak memory of
+one call per size, measured in a fresh process.
 
     python benchmarks/everything.py [--images astronaut coffee chelsea nuclei] [--skip-official]
+    python benchmarks/everything.py --skip-official --peak-sizes --images rocket camera coins immunohistochemistry
+        (held-out photos, against ours dense: the official masks, tested)
 """
 
 import argparse
@@ -21,9 +27,16 @@ import warnings
 import numpy as np
 import torch
 
-from tinysam import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator, build_sam
+from tinysam import build_sam
+from tinysam.everything import EverythingConfig
+from tinysam.everything.generator import bfloat16_is_native
 from tinysam.sample_data import bbbc038, instance_masks, sample_images
+from tinysam.transforms import to_rgb_uint8
+from tinysam.utils.malloc import keep_freed_memory
 from tinysam.utils.metrics import best_match_ious
+
+# The default before the embedding-similarity check (tau 8.5, margin 0.25), for the side-by-side.
+PREVIOUS_DEFAULT = dict(high_confidence_thresh=8.5, skip_margin=0.25, skip_similarity=0.0)
 
 
 def best_match_miou(reference, predicted) -> float:
@@ -45,11 +58,11 @@ def peak_memory_child(checkpoint: str, mode: str, size: str) -> None:
     """In a fresh process: RSS peak of one generate() on a WxH photo, above the RSS before it."""
     from PIL import Image
 
+    keep_freed_memory()
     model = build_sam("vit_t", checkpoint)
     w, h = (int(v) for v in size.split("x"))
     image = np.array(Image.fromarray(sample_images(("astronaut",))[0][1]).resize((w, h)))
-    cls = SamHierarchicalMaskGenerator if mode == "hierarchical" else SamAutomaticMaskGenerator
-    gen = cls(model)
+    gen = EverythingConfig(mode=mode).generator(model)
     gen.generate(image[:64, :64])  # warm-up allocations outside the measurement
 
     def status(key):
@@ -61,6 +74,35 @@ def peak_memory_child(checkpoint: str, mode: str, size: str) -> None:
         f.write("5")  # reset the peak RSS counter
     masks = gen.generate(image)
     print(json.dumps({"mode": mode, "masks": len(masks), "rss_before": before, "peak": status("VmHWM:")}))
+
+
+def official_child(checkpoint: str, names) -> None:
+    """In a fresh process with glibc's default allocator: seconds of the official dense generator
+    per image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import mobile_sam
+    official = mobile_sam.sam_model_registry["vit_t"]()
+    official.load_state_dict(build_sam("vit_t", checkpoint).state_dict())
+    gen = mobile_sam.SamAutomaticMaskGenerator(official.eval())
+    seconds = {}
+    for name, image, _ in load_images(names):
+        rgb = to_rgb_uint8(image)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            gen.generate(rgb)
+        seconds[name] = time.perf_counter() - t0
+    print(json.dumps(seconds))
+
+
+def official_as_shipped(checkpoint: str, names) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--official-child", "--checkpoint", checkpoint, "--images", *names],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure_peak(checkpoint: str, mode: str, size: str) -> dict:
@@ -80,25 +122,33 @@ def main() -> None:
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument(
         "--peak-sizes",
-        nargs="+",
+        nargs="*",
         default=["1024x1024", "4000x3000"],
-        help="photo sizes (WxH) whose peak memory is measured",
+        help="photo sizes (WxH) whose peak memory is measured (none: no peak measurement)",
     )
     parser.add_argument("--peak-only", action="store_true", help="only the peak memory")
     parser.add_argument("--peak-memory-child", choices=["dense", "hierarchical"], help=argparse.SUPPRESS)
     parser.add_argument("--peak-size", default="1024x1024", help=argparse.SUPPRESS)
+    parser.add_argument("--official-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.official_child:
+        return official_child(args.checkpoint, args.images)
     if args.peak_memory_child:
         return peak_memory_child(args.checkpoint, args.peak_memory_child, args.peak_size)
     if args.peak_only:
         return report_peaks(args.checkpoint, args.peak_sizes)
 
+    shipped = {} if args.skip_official else official_as_shipped(args.checkpoint, args.images)
+    keep_freed_memory()  # for every method alike, as in the jobs' actors
     model = build_sam("vit_t", args.checkpoint)
     runners = {
-        "ours dense": SamAutomaticMaskGenerator(model),
-        "ours hierarchical": SamHierarchicalMaskGenerator(model),  # skip margin 1/4 grid spacing
-        "ours hierarchical, paper's rule": SamHierarchicalMaskGenerator(model, skip_margin=0),
+        f"ours {name}": EverythingConfig.from_preset(name).generator(model) for name in ("quality", "balanced", "fast")
     }
+    runners["ours previous default"] = EverythingConfig(**PREVIOUS_DEFAULT).generator(model)
+    if bfloat16_is_native(torch.device("cpu")):
+        runners["ours balanced, bfloat16 decoder"] = EverythingConfig(decoder_dtype="bfloat16").generator(model)
+    for gen in runners.values():
+        time_decoder(gen)
     if not args.skip_official:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -109,61 +159,87 @@ def main() -> None:
 
     rows = []
     for name, image, gt in load_images(args.images):
-        from tinysam.transforms import to_rgb_uint8
-
         rgb = to_rgb_uint8(image)
         results = {}
         for key, gen in runners.items():
+            if hasattr(gen, "decoder_seconds"):
+                gen.decoder_seconds = 0.0
             t0 = time.perf_counter()
             with torch.inference_mode():
                 masks = [r["segmentation"] for r in gen.generate(rgb)]
             secs = time.perf_counter() - t0
             stats = getattr(gen, "last_stats", {})
-            skipped = (
-                f"{stats['skipped_points']} of {stats['round2_grid_points']}" if "skipped_points" in stats else None
-            )
-            results[key] = (secs, masks, skipped)
-        ref_key = "official dense" if "official dense" in results else "ours dense"
-        for key, (secs, masks, skipped) in results.items():
+            results[key] = (secs, masks, stats.get("decoded_points", 1024), getattr(gen, "decoder_seconds", None))
+        ref_key = "official dense" if "official dense" in results else "ours quality"
+        for key, (secs, masks, points, decoder_secs) in results.items():
             row = {
                 "image": name,
                 "method": key,
                 "seconds": secs,
+                "decoder": decoder_secs,
                 "masks": len(masks),
-                "skipped": skipped,
+                "points": points,
                 "agreement": best_match_miou(results[ref_key][1], masks),
+                "speedup": results[ref_key][0] / secs,
+                "shipped_speedup": shipped[name] / secs if name in shipped else None,
             }
             if gt is not None:
                 row["gt_miou"] = best_match_miou(gt, masks)
             rows.append(row)
             extra = f"  GT mIoU {row['gt_miou']:.4f}" if gt is not None else ""
-            extra += f"  skipped {skipped}" if skipped is not None else ""
+            if decoder_secs is not None:
+                extra += f"  decoder {decoder_secs:.1f} s, rest {secs - decoder_secs:.1f} s"
+            if row["shipped_speedup"] is not None:
+                extra += f"  {row['shipped_speedup']:.2f}x official as shipped ({shipped[name]:.1f} s)"
             print(
-                f"{name:10s} {key:32s} {secs:7.1f} s  {len(masks):4d} masks  agreement {row['agreement']:.4f}{extra}",
+                f"{name:10s} {key:32s} {secs:7.1f} s ({row['speedup']:.2f}x)  {points:4d} points  {len(masks):4d} masks"
+                f"  agreement {row['agreement']:.4f}{extra}",
                 flush=True,
             )
 
-    print("\n| image | method | s/image | masks | round-2 points skipped | agreement with official dense | GT mIoU |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"\n| image | method | s/image | x {ref_key} | x official as shipped | decoder s | rest s | points | masks "
+        "| agreement | GT mIoU |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gt = f"{r['gt_miou']:.4f}" if "gt_miou" in r else ""
+        dec, rest = ("", "") if r["decoder"] is None else (f"{r['decoder']:.1f}", f"{r['seconds'] - r['decoder']:.1f}")
+        as_shipped = "" if r["shipped_speedup"] is None else f"{r['shipped_speedup']:.2f}"
         print(
-            f"| {r['image']} | {r['method']} | {r['seconds']:.1f} | {r['masks']} | {r['skipped'] or ''} | "
-            f"{r['agreement']:.4f} | {gt} |"
+            f"| {r['image']} | {r['method']} | {r['seconds']:.1f} | {r['speedup']:.2f} | {as_shipped} | {dec} | "
+            f"{rest} | {r['points']} | {r['masks']} | {r['agreement']:.4f} | {gt} |"
         )
-    if "official dense" in runners:
-        for key in [k for k in runners if k.startswith("ours")]:
-            ratios = [
-                next(x["seconds"] for x in rows if x["image"] == img and x["method"] == "official dense") / r["seconds"]
-                for img in args.images
-                for r in rows
-                if r["image"] == img and r["method"] == key
-            ]
-            print(
-                f"speed-up of {key} over official dense: median {statistics.median(ratios):.2f}x "
-                f"(per image {', '.join(f'{x:.2f}' for x in ratios)})"
-            )
+    print(
+        f"\n| method | median x {ref_key} | median x official as shipped | min agreement (photos) | GT mIoU | points |"
+    )
+    print("|---|---|---|---|---|---|")
+    for key in runners:
+        mine = [r for r in rows if r["method"] == key]
+        photos = [r["agreement"] for r in mine if "gt_miou" not in r]
+        gts = [f"{r['gt_miou']:.4f}" for r in mine if "gt_miou" in r]
+        as_shipped = [r["shipped_speedup"] for r in mine if r["shipped_speedup"] is not None]
+        print(
+            f"| {key} | {statistics.median(r['speedup'] for r in mine):.2f} | "
+            f"{f'{statistics.median(as_shipped):.2f}' if as_shipped else ''} | "
+            f"{min(photos) if photos else float('nan'):.4f} | {', '.join(gts)} | "
+            f"{statistics.mean(r['points'] for r in mine):.0f} |"
+        )
     report_peaks(args.checkpoint, args.peak_sizes)
+
+
+def time_decoder(gen) -> None:
+    """Accumulate the seconds `gen` spends in its decoder calls into `gen.decoder_seconds`."""
+    decode = gen._decode
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = decode(*args, **kwargs)
+        gen.decoder_seconds += time.perf_counter() - t0
+        return out
+
+    gen._decode = timed
+    gen.decoder_seconds = 0.0
 
 
 def report_peaks(checkpoint: str, sizes) -> None:
