@@ -1,6 +1,8 @@
-"""The GPU path, checked and timed in one run on one card: encoders in fp32 vs bf16 autocast (speed,
-memory, embedding error), everything mode on the GPU (speed, masks from bf16 vs fp32 embeddings),
-and the two Ray jobs' GPU actor pools vs a bare loop on the same card (images/s, GPU utilisation).
+"""The GPU path, checked and timed in one run on one card: encoders in fp32 vs bf16 autocast and
+explicit vs fused attention (speed, memory, embedding error), everything mode on the GPU (speed,
+masks from bf16 vs fp32 embeddings and from the bfloat16 decoder), the two Ray jobs' GPU actor
+pools vs a bare loop on the same card (images/s, GPU utilisation), and last SAM-H compiled by
+Inductor, alone and in the precompute job (--compile).
 
     python benchmarks/gpu_check.py [--vit-t-checkpoint mobile_sam] [--out DIR]
 
@@ -105,6 +107,32 @@ def encoder_speed(model_type: str, checkpoint, batches: List[int], iters: int) -
     return out
 
 
+def compiled_encoder_speed(batches: List[int], iters: int) -> Dict[str, Any]:
+    """SAM-H in bf16 with fused attention, eager vs compiled by Inductor (what the precompute job's
+    --compile does), and the compile's cost: the first call at each batch size."""
+    model = on_gpu("vit_h", None)
+    set_attention_impl(model, "fused")
+    out: Dict[str, Any] = {}
+    for b in batches:
+        x = real_batch(b)
+        out[f"b{b}_eager_images_per_s"] = round(b / median_seconds(lambda: encode(model, x, True), iters), 2)
+    eager = model.image_encoder
+    model.image_encoder = torch.compile(eager)
+    for b in batches:
+        x = real_batch(b)
+        start = time.perf_counter()
+        encode(model, x, True)
+        torch.cuda.synchronize()
+        out[f"b{b}_compile_seconds"] = round(time.perf_counter() - start, 1)
+        out[f"b{b}_compiled_images_per_s"] = round(b / median_seconds(lambda: encode(model, x, True), iters), 2)
+        out[f"b{b}_compile_speedup"] = round(out[f"b{b}_compiled_images_per_s"] / out[f"b{b}_eager_images_per_s"], 2)
+    compiled = encode(model, real_batch(2), True)
+    model.image_encoder = eager
+    reference = encode(model, real_batch(2), True)
+    out["compiled_vs_eager_rel_error"] = float((compiled - reference).norm() / reference.norm())
+    return out
+
+
 def everything_on_gpu(checkpoint: str) -> Dict[str, Any]:
     """Per-image time of dense and hierarchical everything mode on the GPU, and whether bf16
     embeddings give the fp32 embeddings' masks."""
@@ -130,6 +158,23 @@ def everything_on_gpu(checkpoint: str) -> Dict[str, Any]:
         out[f"{mode}_masks_fp32_vs_bf16"] = counts
         out[f"{mode}_bf16_vs_fp32_mean_best_iou"] = round(float(np.mean(ious)), 4)
         out[f"{mode}_bf16_vs_fp32_min_best_iou"] = round(float(np.min(ious)), 4)
+    # The bfloat16 decoder option against the float32 decoder (same fp32 embeddings).
+    gens = {dtype: make_generator(model, EverythingConfig(decoder_dtype=dtype)) for dtype in ("float32", "bfloat16")}
+    ious, times = [], {dtype: [] for dtype in gens}
+    for im, p in zip(images, prepared):
+        with torch.inference_mode():
+            emb = encode(model, p.tensor[None].cuda(), False)
+            masks = {}
+            for dtype, gen in gens.items():
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                masks[dtype] = gen.generate_from_embeddings(emb, [p.input_size], [im.shape[:2]])[0]
+                torch.cuda.synchronize()
+                times[dtype].append(time.perf_counter() - start)
+        ious.extend(best_match_ious(decode(masks["float32"]), decode(masks["bfloat16"])))
+    for dtype in gens:
+        out[f"hierarchical_decoder_{dtype}_seconds_per_image"] = round(statistics.median(times[dtype][1:]), 3)
+    out["decoder_bf16_vs_fp32_mean_best_iou"] = round(float(np.mean(ious)), 4)
     # The same generator on the CPU, same weights and fp32 embeddings: the GPU path's masks must match.
     cpu_model = build_sam("vit_t", checkpoint).eval()
     gen_gpu = make_generator(model, EverythingConfig("dense", points_per_side=32))
@@ -196,7 +241,7 @@ def loop_images_per_s(folder: Path, run_batch: Callable[[List[np.ndarray]], Any]
     return len(refs) / (time.perf_counter() - start)
 
 
-def precompute_on_gpu(work: Path, images: int, batch_size: int) -> Dict[str, Any]:
+def precompute_on_gpu(work: Path, images: int, batch_size: int, compile: bool = False) -> Dict[str, Any]:
     folder = write_sample_corpus(work / "teacher_in", images)
     model = on_gpu("vit_h", None)
 
@@ -208,14 +253,16 @@ def precompute_on_gpu(work: Path, images: int, batch_size: int) -> Dict[str, Any
     with GpuSampler() as gpu:
         summary = precompute_embeddings(
             str(folder),
-            str(work / "teacher_out"),
+            str(work / ("teacher_out_compiled" if compile else "teacher_out")),
             teacher="vit_h",
             checkpoint=None,
             batch_size=batch_size,
             num_gpus_per_actor=1,
             num_cpus_per_actor=4,
+            compile=compile,
         )
     return {
+        "compile": compile,
         "images": images,
         "batch_size": batch_size,
         "loop_images_per_s": round(loop, 2),
@@ -347,7 +394,7 @@ def main() -> None:
     parser.add_argument("--teacher-images", type=int, default=512)
     parser.add_argument("--automask-images", type=int, default=48)
     parser.add_argument("--out", default=None, help="folder for gpu_check.json")
-    parser.add_argument("--sections", default="encoders,everything,precompute,automask,distill")
+    parser.add_argument("--sections", default="encoders,everything,precompute,automask,distill,compile")
     parser.add_argument("--distill-steps", type=int, default=200)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -359,7 +406,7 @@ def main() -> None:
         wanted = args.sections.split(",")
         if "encoders" in wanted:
             section("encoder_vit_t", lambda: encoder_speed("vit_t", args.vit_t_checkpoint, [1, 8, 32], 10))
-            section("encoder_vit_h", lambda: encoder_speed("vit_h", None, [1, 8], 5))
+            section("encoder_vit_h", lambda: encoder_speed("vit_h", None, [1, 8, 16, 32], 5))
         if "everything" in wanted:
             section("everything_vit_t", lambda: everything_on_gpu(args.vit_t_checkpoint))
         if "precompute" in wanted:
@@ -371,6 +418,12 @@ def main() -> None:
         if "distill" in wanted:
             init_ray()
             section("distill_vit_t", lambda: distill_on_gpu(work, args.vit_t_checkpoint, args.distill_steps))
+        if "compile" in wanted:  # last: compiling SAM-H takes minutes
+            section("encoder_vit_h_compiled", lambda: compiled_encoder_speed([8, 16, 32], 5))
+            init_ray()
+            section(
+                "precompute_job_vit_h_compiled", lambda: precompute_on_gpu(work, args.teacher_images, 8, compile=True)
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if args.out:

@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--teacher", default="vit_h", help="model type of the teacher encoder (vit_h, vit_l, vit_b, vit_t)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embedding type")
+    p.add_argument(
+        "--compile", action="store_true", help="compile the teacher with Inductor in each actor (GPU runs; slow start)"
+    )
     add_corpus_arguments(p, batch_size=4)
     args = p.parse_args(argv)
 
@@ -38,7 +41,10 @@ def main(argv=None) -> int:
         )
 
     return run_job(
-        lambda: precompute_embeddings(args.input, teacher=args.teacher, dtype=args.dtype, **corpus_kwargs(args)), report
+        lambda: precompute_embeddings(
+            args.input, teacher=args.teacher, dtype=args.dtype, compile=args.compile, **corpus_kwargs(args)
+        ),
+        report,
     )
 
 

@@ -13,7 +13,9 @@ if TYPE_CHECKING:
 
 class SamActor:
     """Base of the Ray actors: builds the model once, on GPU when there is one, and encodes
-    prepared rows. With `bf16` the encoder runs under bf16 autocast on CUDA (SAM-H: 3.4x)."""
+    prepared rows. With `bf16` the encoder runs under bf16 autocast on CUDA (SAM-H: 3.4x); with
+    `compile` it is compiled by Inductor at its first batch (a new batch size compiles once more,
+    after which the batch dimension is dynamic)."""
 
     def __init__(
         self,
@@ -23,6 +25,7 @@ class SamActor:
         cpu_threads: Optional[int] = None,
         bf16: bool = True,
         memory_gb: Optional[float] = None,
+        compile: bool = False,
     ) -> None:
         import torch
 
@@ -38,6 +41,8 @@ class SamActor:
         self.sam = build_sam(model_type, checkpoint).to(self.device).eval()
         self.mean, self.std = self.sam.pixel_mean, self.sam.pixel_std
         self.autocast = bf16 and self.device.type == "cuda"
+        if compile:
+            self.sam.image_encoder = torch.compile(self.sam.image_encoder)
 
     def encode(self, batch: Dict[str, np.ndarray], rows: np.ndarray) -> "torch.Tensor":
         """Image embeddings (len(rows), 256, 64, 64) of the prepared rows `rows`."""

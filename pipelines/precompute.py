@@ -35,8 +35,9 @@ class TeacherEncoder(SamActor):
         device: Optional[str] = None,
         cpu_threads: Optional[int] = None,
         memory_gb: Optional[float] = None,
+        compile: bool = False,
     ) -> None:
-        super().__init__(model_type, checkpoint, device, cpu_threads, memory_gb=memory_gb)
+        super().__init__(model_type, checkpoint, device, cpu_threads, memory_gb=memory_gb, compile=compile)
         self.sam.prompt_encoder = self.sam.mask_decoder = None  # only the encoder is used
         self.out_dtype = np.float16 if dtype == "float16" else np.float32
 
@@ -96,9 +97,11 @@ def precompute_embeddings(
     actor_memory_gb: Optional[float] = None,
     storage_options: Optional[dict] = None,
     actor_options: Optional[Dict[str, Any]] = None,
+    compile: bool = False,
 ) -> PrecomputeSummary:
     """Embed every image of `input` not yet in `output`. Ray must be initialised by the caller.
-    `checkpoint=None` means random weights (tests); the jobs require one."""
+    `checkpoint=None` means random weights (tests); the jobs require one. `compile` compiles the
+    teacher with Inductor in each actor (minutes at the start; for GPU runs)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
     checkpoint_sha = preflight(teacher, checkpoint, output, storage_options)
@@ -109,7 +112,13 @@ def precompute_embeddings(
         ds = image_pipeline(
             plan,
             TeacherEncoder,
-            {"model_type": teacher, "checkpoint": checkpoint, "dtype": dtype, "memory_gb": actor_memory_gb},
+            {
+                "model_type": teacher,
+                "checkpoint": checkpoint,
+                "dtype": dtype,
+                "memory_gb": actor_memory_gb,
+                "compile": compile,
+            },
             write_batch,
             {"output": output, "provenance": provenance},
             batch_size,

@@ -50,6 +50,27 @@ def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos
     assert read_table(str(out)).num_rows == 3
 
 
+def test_compiled_teacher_stores_the_eager_embeddings(ray_local, photos_dir, tmp_path, vit_t, mobile_sam_path):
+    """--compile: the actor's encoder compiled by Inductor (on the CPU here) stores the embeddings
+    of the eager encoder, to float32 rounding."""
+    from PIL import Image
+
+    from pipelines.storage.embeddings import load_embeddings
+    from pipelines.storage.files import read_table
+
+    out = tmp_path / "emb"
+    args = flags(input=photos_dir, output=out, teacher="vit_t", checkpoint=mobile_sam_path, batch_size=4)
+    assert load_job("precompute_embeddings").main([*args, *flags(dtype="float32", limit=2), "--compile"]) == 0
+    ids, stored = load_embeddings(str(out))
+    sources = dict(zip(*(read_table(str(out))[k].to_pylist() for k in ("image_id", "source"))))
+    assert len(ids) == 2 and stored.dtype == torch.float32
+    predictor = SamPredictor(vit_t)
+    for image_id, emb in zip(ids, stored):
+        predictor.set_image(np.array(Image.open(sources[image_id]).convert("RGB")))
+        ref = predictor.get_image_embedding()[0]
+        assert (emb - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
+
+
 def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, tmp_path, mobile_sam_path):
     from pipelines.precompute import precompute_embeddings
     from pipelines.storage.errors import read_errors
