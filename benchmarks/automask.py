@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--num-gpus-per-actor", type=float, default=0.0)
+    parser.add_argument(
+        "--actors", type=int, default=1, help="job actors sharing --threads (each gets threads / actors); loop: 1"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     everything = EverythingConfig(args.mode, points_per_side=args.points_per_side)
@@ -80,13 +83,14 @@ def main() -> None:
             checkpoint=args.checkpoint,
             everything=everything,
             batch_size=args.batch_size,
-            num_cpus_per_actor=args.threads,
+            concurrency=args.actors,
+            num_cpus_per_actor=max(1, args.threads // args.actors),
             num_gpus_per_actor=args.num_gpus_per_actor,
         )
         n = args.images
         print(
             f"{n} images, {args.model}, {args.mode} {args.points_per_side}x{args.points_per_side}, "
-            f"job batch {args.batch_size}, {args.threads} threads"
+            f"job batch {args.batch_size}, {args.threads} threads, {args.actors} job actor(s)"
         )
         print(
             f"  in-process loop: {loop['images_per_second']:.4f} images/s, {loop['masks'] / n:.1f} masks/image; "
