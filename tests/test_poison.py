@@ -91,7 +91,7 @@ def test_a_rerun_with_another_checkpoint_is_refused_then_redone_with_overwrite(
     code, summary, log = run(
         "automask", [*args, "--points-per-side", "8", "--checkpoint", str(mobile_sam_path)], capsys
     )
-    assert code == 2 and "params" in log  # another generator setting: refused too
+    assert code == 2 and "params.points_per_side: 4 -> 8" in log  # another generator setting, named: refused too
     code, summary, _ = run("automask", [*args, "--checkpoint", "none", "--overwrite"], capsys)
     assert code == 0 and summary["written"] == 2
     table = read_table(str(out), columns=["image_id", "checkpoint_sha256"])

@@ -216,13 +216,37 @@ def resume_ids(
 
 
 def describe_difference(stored_json: str, wanted: Dict[str, Any]) -> str:
-    """ "key: stored -> this run" for each setting that differs."""
+    """ "key: stored -> this run" for each setting that differs; a setting that is itself a JSON
+    object (the everything-mode params) is compared key by key, as "params.key"."""
     try:
         stored = json.loads(stored_json)
     except ValueError:
         return "the stored files carry no provenance (written by an older version)"
-    keys = sorted(set(stored) | set(wanted))
-    return ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in keys if stored.get(k) != wanted.get(k))
+    return ", ".join(_differences(stored, wanted))
+
+
+def _differences(stored: Dict[str, Any], wanted: Dict[str, Any], prefix: str = "") -> List[str]:
+    out = []
+    for k in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(k), wanted.get(k)
+        if a == b:
+            continue
+        inner = [_json_object(a), _json_object(b)]
+        if not prefix and all(x is not None for x in inner):
+            out += _differences(inner[0], inner[1], f"{k}.")
+        else:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _json_object(value: Any) -> Optional[Dict[str, Any]]:
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return None
+        return parsed if isinstance(parsed, dict) else None
+    return None
 
 
 def rows_per_file(bytes_per_row: float, requested: Optional[int] = None) -> int:
