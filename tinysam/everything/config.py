@@ -63,7 +63,8 @@ class EverythingConfig:
     fast_decoder: bool = _setting(True, "the folded decoder (same masks, faster); false: the official rounding")
     decoder_dtype: str = _setting(
         "float32",
-        "mask decoder precision: bfloat16 pays on CPUs with AVX512-BF16 or AMX and on GPUs (masks differ a little)",
+        "mask decoder precision: bfloat16 pays on CPUs with AVX512-BF16 or AMX and on GPUs (masks near the "
+        "filters' thresholds can change)",
     )
 
     def __post_init__(self) -> None:
