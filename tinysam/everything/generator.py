@@ -380,6 +380,8 @@ def reduced_precision_decoder(decoder: torch.nn.Module, dtype: torch.dtype) -> t
     """A copy of `decoder` in `dtype` (the model's own stays float32 for the predictor). Pays where
     the hardware multiplies that type natively (AVX512-BF16 or AMX CPUs, GPUs); elsewhere it is
     emulated and slower than float32, so it runs with a warning."""
+    if not folded_decoder.supports(decoder):
+        raise ValueError(f"decoder_dtype {dtype} needs the float mask decoder, not a quantized one")
     device = next(decoder.parameters()).device
     if dtype == torch.bfloat16 and not bfloat16_is_native(device):
         warnings.warn(
