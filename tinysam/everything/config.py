@@ -116,7 +116,7 @@ class EverythingConfig:
 
     @classmethod
     def parse(cls, spec: str) -> "EverythingConfig":
-        """A preset name, 'dense:32' or 'hierarchical:8:32:4:0.25:0.6' (round 1, round 2, tau, skip
+        """A preset name, 'dense:32' or 'hierarchical:8:32:8.5:0.25:0.6' (round 1, round 2, tau, skip
         margin, skip similarity; the defaults for the parts left off)."""
         if spec in PRESETS:
             return cls.from_preset(spec)
@@ -125,8 +125,13 @@ class EverythingConfig:
             if parts[0] == "dense" and len(parts) <= 2:
                 return cls("dense", int(parts[1]) if len(parts) > 1 else 32)
             if parts[0] == "hierarchical" and len(parts) <= 6:
-                names = ("round1_points_per_side", "points_per_side", "high_confidence_thresh")
-                names += ("skip_margin", "skip_similarity")
+                names = (
+                    "round1_points_per_side",
+                    "points_per_side",
+                    "high_confidence_thresh",
+                    "skip_margin",
+                    "skip_similarity",
+                )
                 kinds = (int, int, float, float, float)
                 return cls.from_dict({n: k(v) for n, k, v in zip(names, kinds, parts[1:])})
         except ValueError:

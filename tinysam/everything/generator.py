@@ -397,12 +397,14 @@ def bfloat16_is_native(device: torch.device) -> bool:
     AVX512-BF16 or AMX (oneDNN's own check also accepts plain AVX512, where it emulates)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
+    except OSError:  # not Linux: oneDNN's check, which may count emulation as support
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def _encode_rle(mask: np.ndarray) -> Dict[str, Any]:

@@ -17,10 +17,10 @@ Three refinements over the paper's description, each measured in `benchmarks/eve
 - `skip_similarity`: a covered point is skipped only where the image embedding is homogeneous:
   its cosine similarity to each of its 8 neighbouring embedding cells at least this. Small objects
   and parts inside a confident mask (149 pixels inside the cup on coffee, 530 on the cat's face on
-  chelsea) change the embedding, and
-  the masks of the points on them are often the only ones to find them; without this the photos
-  lost one dense mask in 12 (agreement 0.93), with 0.6 none (>= 0.99) for 5-17% more points.
-  The check costs one gather of the embedding. 0 is the paper's rule.
+  chelsea) change the embedding, and the masks of the points on them are often the only ones to
+  find them; without this the photos lost one dense mask in 12 (agreement 0.93), with 0.6 none
+  (>= 0.99) for 5-17% more points. The check costs one gather of the embedding. 0 is the paper's
+  rule.
 A lower tau skips more, but loses masks that neither check keeps (tau 4 on a held-out photo:
 agreement 0.81), so the paper's 8.5 stays.
 """
