@@ -27,6 +27,8 @@ class JobSummary:
     failed: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    first_result_seconds: float = 0.0  # start-up: actors started, models built, first batch through
+    first_result_rows: int = 0
     failures: List[str] = field(default_factory=list)
     unsupported: List[str] = field(default_factory=list)  # input files that are not images or shards
     seen: List[np.ndarray] = field(default_factory=list, repr=False)  # hashes of the ids the run got back
@@ -38,6 +40,13 @@ class JobSummary:
     @property
     def images_per_second(self) -> float:
         return (self.written + self.failed) / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """The rate after the first results came back: what a long run approaches, start-up aside."""
+        rows = self.written + self.failed - self.first_result_rows
+        seconds = self.seconds - self.first_result_seconds
+        return rows / seconds if rows > 0 and seconds > 0 else 0.0
 
 
 def run_to_output(
@@ -53,6 +62,9 @@ def run_to_output(
     """
     start = time.perf_counter()
     for result in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if not summary.first_result_seconds:
+            summary.first_result_seconds = time.perf_counter() - start
+            summary.first_result_rows = len(result["image_id"])
         summary.seen.append(id_hashes(str(i) for i in result["image_id"]))
         for i, (source, ok, nbytes) in enumerate(zip(result["source"], result["ok"], result["bytes"])):
             if ok:

@@ -177,6 +177,7 @@ def set_attention_impl(model: nn.Module, impl: str) -> nn.Module:
 
 
 _flex_attention: Optional[Callable] = None
+FLEX_COMPILE_DYNAMIC: Optional[bool] = False  # torch.compile's `dynamic` for the fused attention
 
 
 def fused_rel_pos_attention(
@@ -197,7 +198,7 @@ def fused_rel_pos_attention(
         return score + rel_h[batch, head, q_idx, kv_idx // w] + rel_w[batch, head, q_idx, kv_idx % w]
 
     if q.is_cuda:  # eager FlexAttention is a reference implementation: compile once, per shape
-        _flex_attention = _flex_attention or torch.compile(flex_attention, dynamic=False)
+        _flex_attention = _flex_attention or torch.compile(flex_attention, dynamic=FLEX_COMPILE_DYNAMIC)
         return _flex_attention(q, k, v, score_mod=score_mod)
     return flex_attention(q, k, v, score_mod=score_mod)
 
