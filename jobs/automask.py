@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     if not args.input and not args.embeddings:
         p.error("give --input or --embeddings")
     try:
-        everything = everything_config(args)  # a bad setting fails here, not in every actor
+        # a bad setting fails here, not in every actor; GPU actors get the GPU execution settings
+        everything = everything_config(args, gpu=args.num_gpus_per_actor > 0)
     except ValueError as e:
         p.error(str(e))
 

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any, Callable, Dict
 
-from tinysam.everything.config import DECODER_DTYPES, MODES, PRESETS, EverythingConfig
+from tinysam.everything.config import DECODER_DTYPES, GPU_EXECUTION, MODES, PRESETS, EverythingConfig
 from tinysam.weights import CheckpointError
 
 from .reading import DEFAULT_MAX_MEGAPIXELS
@@ -128,10 +128,13 @@ def add_everything_arguments(p: argparse.ArgumentParser) -> None:
         )
 
 
-def everything_config(args: argparse.Namespace) -> EverythingConfig:
-    """The `EverythingConfig` of the flags `add_everything_arguments` declared (ValueError if invalid)."""
+def everything_config(args: argparse.Namespace, gpu: bool = False) -> EverythingConfig:
+    """The `EverythingConfig` of the flags `add_everything_arguments` declared (ValueError if
+    invalid). With `gpu`, the execution settings not given take their GPU values (`GPU_EXECUTION`)."""
     prefix = "everything_"
     given = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    if gpu:
+        given = {**GPU_EXECUTION, **given}
     return EverythingConfig.from_preset(given.pop("preset", None), **given)
 
 

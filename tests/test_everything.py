@@ -268,6 +268,11 @@ def test_everything_config_from_the_cli_to_the_generator(vit_t):
         EverythingConfig(decoder_dtype="float16")
     with pytest.raises(SystemExit):  # argparse's own refusal of an unknown preset
         p.parse_args(["--preset", "slow"])
+    # GPU actors: the execution settings not given take their GPU values; the masks' settings do not move
+    on_gpu = everything_config(p.parse_args(["--decoder-chunk", "32"]), gpu=True)
+    assert (on_gpu.points_per_batch, on_gpu.decoder_chunk, on_gpu.upsample_chunk) == (256, 32, 64)
+    assert on_gpu.provenance_json() == EverythingConfig().provenance_json() != on_gpu.to_json()
+    assert "decoder_chunk" not in on_gpu.provenance_json() and "skip_similarity" in on_gpu.provenance_json()
 
 
 def test_device_side_rle_gives_the_same_records(vit_t, photos, monkeypatch):

@@ -98,6 +98,9 @@ def test_a_rerun_with_another_checkpoint_is_refused_then_redone_with_overwrite(
     assert table.num_rows == 2 and set(table["checkpoint_sha256"].to_pylist()) == {"random-init"}
     code, summary, _ = run("automask", [*args, "--checkpoint", "none"], capsys)  # same settings: skips
     assert code == 0 and (summary["written"], summary["skipped"]) == (0, 2)
+    # settings of speed and memory only (as a rerun on GPU nodes changes them): not refused, skips
+    code, summary, _ = run("automask", [*args, "--checkpoint", "none", "--decoder-chunk", "16"], capsys)
+    assert code == 0 and (summary["written"], summary["skipped"]) == (0, 2)
 
 
 def test_output_inside_input_is_never_read_as_input(ray_local, corpus, mobile_sam_path, capsys):

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from tinysam.everything import EverythingConfig
+from tinysam.everything.config import GPU_EXECUTION
 
 from ..reading import DEFAULT_MAX_MEGAPIXELS, plan_inputs
 from ..results import JobSummary, finish_summary, run_to_output
@@ -58,13 +59,14 @@ def automask(
     `checkpoint=None` means random weights (tests); the jobs require one."""
     from .worker import AutoMasker  # the driver needs the class; CPU tasks importing this package do not
 
-    everything = everything or EverythingConfig()
+    if everything is None:  # the defaults, with the GPU execution settings on GPU actors
+        everything = EverythingConfig(**(GPU_EXECUTION if num_gpus_per_actor else {}))
     checkpoint_sha = preflight(model, checkpoint, output, storage_options)
     provenance = {
         "model": model,
         "checkpoint_sha256": checkpoint_sha,
         "mode": everything.mode,
-        "params": everything.to_json(),
+        "params": everything.provenance_json(),
     }
     if embeddings:
         if everything.crop_n_layers:

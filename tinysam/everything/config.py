@@ -15,6 +15,13 @@ MODES = ("hierarchical", "dense")
 DECODER_DTYPES = ("float32", "bfloat16")
 # Settings only the hierarchical generator has: refused in dense mode unless left at their default.
 HIERARCHICAL_ONLY = ("round1_points_per_side", "high_confidence_thresh", "skip_margin", "skip_similarity")
+# Settings that set speed and memory, never the masks: a job stores and compares the others only,
+# so a run resumed on other hardware (CPU or GPU values) is not refused.
+EXECUTION_ONLY = ("points_per_batch", "decoder_chunk", "upsample_chunk")
+# Their values when the model runs on a GPU: 4.5x the CPU values' speed on an H200, the same masks
+# (benchmarks/gpu_check.py, "everything_settings"). Each decoded prompt holds ~25 MiB of activations,
+# so a decoder chunk of 256 takes ~6 GiB per actor.
+GPU_EXECUTION: Dict[str, int] = {"points_per_batch": 256, "decoder_chunk": 256, "upsample_chunk": 64}
 # Named starting points over the settings below; measured speed and agreement in docs/benchmarks.md.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "quality": {"mode": "dense"},  # the official grid: the official generator's masks
@@ -160,8 +167,13 @@ class EverythingConfig:
         return {**asdict(self), "name": self.name}
 
     def to_json(self) -> str:
-        """Every setting, sorted: what the auto-masking job stores and compares on a rerun."""
+        """Every setting, sorted."""
         return json.dumps(asdict(self), sort_keys=True)
+
+    def provenance_json(self) -> str:
+        """The settings that decide the masks (all but `EXECUTION_ONLY`), sorted: what the
+        auto-masking job stores with each row and compares on a rerun."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k not in EXECUTION_ONLY}, sort_keys=True)
 
     def generator_kwargs(self) -> Dict[str, Any]:
         """The generator's keyword arguments (the official names)."""
