@@ -43,6 +43,11 @@ class SamActor:
         self.autocast = bf16 and self.device.type == "cuda"
         if compile:
             self.sam.image_encoder = torch.compile(self.sam.image_encoder)
+        # Compiled code (fused attention on CUDA, --compile) is specialised per batch size, and past
+        # dynamo's recompile limit (8 graphs: 4 batch sizes) it falls back to slow eager code.
+        # Batches are ragged (failed images, a block's last rows): pad each up to the largest seen.
+        self.pad_batches = self.device.type == "cuda" or compile
+        self.batch_rows = 0
 
     def encode(self, batch: Dict[str, np.ndarray], rows: np.ndarray) -> "torch.Tensor":
         """Image embeddings (len(rows), 256, 64, 64) of the prepared rows `rows`."""
@@ -60,8 +65,12 @@ class SamActor:
                 for i, h, w in zip(rows, batch["input_h"][rows], batch["input_w"][rows])
             ]
         )
+        n = len(x)
+        if self.pad_batches and n < self.batch_rows:  # zero images: each row is encoded on its own
+            x = torch.cat([x, x.new_zeros((self.batch_rows - n, *x.shape[1:]))])
+        self.batch_rows = max(self.batch_rows, n)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.sam.image_encoder(x).float()
+            return self.sam.image_encoder(x)[:n].float()
 
 
 def cap_memory(gb: float) -> None:

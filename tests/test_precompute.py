@@ -71,6 +71,29 @@ def test_compiled_teacher_stores_the_eager_embeddings(ray_local, photos_dir, tmp
         assert (emb - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
 
 
+def test_a_ragged_batch_is_padded_to_the_shape_already_compiled(photos_dir, mobile_sam_path):
+    """Where the encoder is compiled (CUDA's fused attention, --compile), a batch smaller than one
+    already seen (failed images, a block's last rows) is zero-padded to that size, so no new shape
+    compiles; the padding leaves the real rows' embeddings as they were."""
+    from pipelines.actors import SamActor
+    from pipelines.reading import prepare_images, read_sources
+    from pipelines.sources import list_images
+
+    refs = list_images(str(photos_dir))[:2]
+    batch = prepare_images(
+        read_sources({"image_id": np.array([r.image_id for r in refs]), "source": np.array([r.source for r in refs])})
+    )
+    actor = SamActor("vit_t", str(mobile_sam_path), device="cpu", cpu_threads=2)
+    actor.pad_batches = True  # as on CUDA
+    shapes = []
+    actor.sam.image_encoder.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    with torch.inference_mode():
+        both = actor.encode(batch, np.array([0, 1]))
+        second = actor.encode(batch, np.array([1]))
+    assert [s[0] for s in shapes] == [2, 2] and tuple(second.shape) == (1, 256, 64, 64)
+    assert (second[0] - both[1]).abs().max().item() <= 1e-4 * both[1].abs().max().item()
+
+
 def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, tmp_path, mobile_sam_path):
     from pipelines.precompute import precompute_embeddings
     from pipelines.storage.errors import read_errors
