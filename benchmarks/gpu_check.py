@@ -35,6 +35,7 @@ from pipelines.runtime import init_ray
 from pipelines.sources import decode_image, list_images, read_bytes
 from tinysam import build_sam
 from tinysam.everything import EverythingConfig
+from tinysam.everything.config import GPU_EXECUTION
 from tinysam.modeling.image_encoder import set_attention_impl
 from tinysam.sample_data import sample_images, write_sample_corpus
 from tinysam.transforms import prepare_image, to_rgb_uint8
@@ -607,7 +608,12 @@ def main() -> None:
     print(RESULTS["env"], flush=True)
     small = SMOKE  # toy sizes: the script's logic, not its figures
     work = Path(tempfile.mkdtemp(prefix="tinysam-gpu-"))
-    settings = {"points_per_batch": 256, "decoder_chunk": 256, "upsample_chunk": 64}
+    settings = dict(GPU_EXECUTION)
+
+    def teacher_job(compile: bool) -> Dict[str, Any]:
+        images, batch = (2, 1) if small else (args.teacher_images, args.teacher_batch)
+        return precompute_on_gpu(work, images, batch, compile=compile)
+
     try:
         wanted = args.sections.split(",")
         if "encoders" in wanted:
@@ -658,13 +664,7 @@ def main() -> None:
             )
         if "precompute" in wanted:
             init_ray(num_cpus=2 if small else None)
-            section(
-                "precompute_job_vit_h",
-                lambda: precompute_on_gpu(
-                    work, 2 if small else args.teacher_images, 1 if small else args.teacher_batch
-                ),
-                70,
-            )
+            section("precompute_job_vit_h", lambda: teacher_job(False), 70)
         if "distill" in wanted:
             init_ray()
             section("distill_vit_t", lambda: distill_on_gpu(work, args.vit_t_checkpoint, args.distill_steps), 120)
@@ -678,13 +678,7 @@ def main() -> None:
             )
         if "precompute_compiled" in wanted:
             init_ray(num_cpus=2 if small else None)
-            section(
-                "precompute_job_vit_h_compiled",
-                lambda: precompute_on_gpu(
-                    work, 2 if small else args.teacher_images, 1 if small else args.teacher_batch, compile=True
-                ),
-                150,
-            )
+            section("precompute_job_vit_h_compiled", lambda: teacher_job(True), 150)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         save()
