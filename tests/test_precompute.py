@@ -27,6 +27,8 @@ def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos
         str(photos_dir), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path), batch_size=2
     )
     assert (summary.written, summary.failed, summary.skipped) == (3, 0, 0)
+    # start-up apart from the rate: the first rows came back inside the run
+    assert 0 < summary.first_result_seconds <= summary.seconds and 1 <= summary.first_result_rows <= 3
     ids, stored = load_embeddings(str(out))
     assert stored.shape == (3, 256, 64, 64) and stored.dtype == torch.float16
     some_ids, some = load_embeddings(str(out), [ids[2], ids[0]])  # a filtered read: those rows only
