@@ -45,11 +45,13 @@ weights: venv
 # sample photos; a rerun skips the images already done. One single-threaded actor per core (on
 # a CPU they keep more of the loop's speed than one actor with all cores: docs/benchmarks.md),
 # and logical CPUs to spare for the read and write tasks.
+# --overwrite: masks an older version stored with other settings are redone, not refused; masks
+# of these settings are skipped, so a second run does nothing.
 demo: weights
 	$(PY) -m tinysam.sample_data $(DEMO_OUTPUT)/images > /dev/null
 	$(PY) jobs/automask.py --input $(DEMO_OUTPUT)/images --output $(DEMO_OUTPUT)/masks \
 		--model vit_t --checkpoint mobile_sam --preview 5 --coco-json $(DEMO_OUTPUT)/masks/coco.json \
-		--num-cpus $$(( $(DEMO_THREADS) + 2 )) --concurrency $(DEMO_THREADS) --num-cpus-per-actor 1
+		--num-cpus $$(( $(DEMO_THREADS) + 2 )) --concurrency $(DEMO_THREADS) --num-cpus-per-actor 1 --overwrite
 
 # Prompted segmentation (points and boxes) on the sample photos, with SamPredictor.
 predictor-demo: weights
