@@ -606,12 +606,11 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "none (smoke run)"
     RESULTS["env"] = {"gpu": gpu, "torch": torch.__version__}
     print(RESULTS["env"], flush=True)
-    small = SMOKE  # toy sizes: the script's logic, not its figures
     work = Path(tempfile.mkdtemp(prefix="tinysam-gpu-"))
     settings = dict(GPU_EXECUTION)
 
     def teacher_job(compile: bool) -> Dict[str, Any]:
-        images, batch = (2, 1) if small else (args.teacher_images, args.teacher_batch)
+        images, batch = (2, 1) if SMOKE else (args.teacher_images, args.teacher_batch)
         return precompute_on_gpu(work, images, batch, compile=compile)
 
     try:
@@ -620,7 +619,7 @@ def main() -> None:
             section(
                 "encoder_vit_h",
                 lambda: encoder_speed(
-                    "vit_h", None, [1] if small else [8, 16, 32], 1 if small else 5, [1 if small else 8]
+                    "vit_h", None, [1] if SMOKE else [8, 16, 32], 1 if SMOKE else 5, [1 if SMOKE else 8]
                 ),
                 90,
             )
@@ -629,8 +628,8 @@ def main() -> None:
                 lambda: encoder_speed(
                     "vit_t",
                     args.vit_t_checkpoint,
-                    [1] if small else [1, 8, 32],
-                    2 if small else 10,
+                    [1] if SMOKE else [1, 8, 32],
+                    2 if SMOKE else 10,
                     [8],
                 ),
                 20,
@@ -640,7 +639,7 @@ def main() -> None:
         if "settings" in wanted:
             section(
                 "everything_settings",
-                lambda: everything_settings(args.vit_t_checkpoint, (1, 2) if small else (1, 4)),
+                lambda: everything_settings(args.vit_t_checkpoint, (1, 2) if SMOKE else (1, 4)),
                 60,
             )
             best = RESULTS["everything_settings"].get("best")
@@ -648,22 +647,22 @@ def main() -> None:
                 ppb, chunk, up = (int(v) for v in re.findall(r"\d+", best)[:3])
                 settings = {"points_per_batch": ppb, "decoder_chunk": chunk, "upsample_chunk": up}
         if "automask" in wanted:
-            init_ray(num_cpus=2 if small else None)
-            pools = [(1, 1)] if small else [(1, 4), (2, 4), (4, 3)]
+            init_ray(num_cpus=2 if SMOKE else None)
+            pools = [(1, 1)] if SMOKE else [(1, 4), (2, 4), (4, 3)]
             section(
                 "automask_job_vit_t",
                 lambda: automask_on_gpu(
                     work,
                     args.vit_t_checkpoint,
-                    4 if small else args.automask_images,
-                    2 if small else 4,
+                    4 if SMOKE else args.automask_images,
+                    2 if SMOKE else 4,
                     settings,
                     pools,
                 ),
                 90,
             )
         if "precompute" in wanted:
-            init_ray(num_cpus=2 if small else None)
+            init_ray(num_cpus=2 if SMOKE else None)
             section("precompute_job_vit_h", lambda: teacher_job(False), 70)
         if "distill" in wanted:
             init_ray()
@@ -673,11 +672,11 @@ def main() -> None:
         if "compile" in wanted:  # late: compiling SAM-H takes minutes
             section(
                 "encoder_vit_h_compiled",
-                lambda: compiled_encoder_speed([1] if small else [args.teacher_batch], 1 if small else 5),
+                lambda: compiled_encoder_speed([1] if SMOKE else [args.teacher_batch], 1 if SMOKE else 5),
                 150,
             )
         if "precompute_compiled" in wanted:
-            init_ray(num_cpus=2 if small else None)
+            init_ray(num_cpus=2 if SMOKE else None)
             section("precompute_job_vit_h_compiled", lambda: teacher_job(True), 150)
     finally:
         shutil.rmtree(work, ignore_errors=True)

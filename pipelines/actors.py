@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 class SamActor:
     """Base of the Ray actors: builds the model once, on GPU when there is one, and encodes
     prepared rows. With `bf16` the encoder runs under bf16 autocast on CUDA (SAM-H: 3.4x); with
-    `compile` it is compiled by Inductor at its first batch (a new batch size compiles once more,
-    after which the batch dimension is dynamic)."""
+    `compile` it is compiled by Inductor at its first batch. Where code is compiled, smaller
+    batches are padded to the largest seen, so one batch size is compiled per actor."""
 
     def __init__(
         self,
