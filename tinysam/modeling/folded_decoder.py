@@ -22,7 +22,7 @@ gives those the plain decoder's channels-last upscaling).
 """
 
 from functools import partial
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +160,11 @@ def _image_to_token(attn: Attention, q_in: Tensor, x: Tensor, k_in: Tensor, v_in
         if x.dtype != torch.float32:  # bfloat16 baddbmm_ with this transposed batch takes a naive loop on CPU
             return x.add_(torch.bmm(probs, fold_o))
         return x.baddbmm_(probs, fold_o)
-    return add_groups(x, torch.bmm(probs, fold_o))
+    if n == 1 and x.dtype == torch.float32:  # the image's tokens broadcast into the product: no extra pass
+        return torch.baddbmm(x, probs, fold_o)
+    out = torch.bmm(probs, fold_o)
+    out.view(n, bsz // n, hw, c).add_(x.unsqueeze(1))
+    return out
 
 
 def _upscaled_masks(up: nn.Sequential, x: Tensor, hyper: Tensor, h: int, w: int) -> Tensor:
@@ -174,13 +178,48 @@ def _upscaled_masks(up: nn.Sequential, x: Tensor, hyper: Tensor, h: int, w: int)
     bsz, k, _ = hyper.shape
     c = x.shape[-1]
     c1, c2 = conv1.out_channels, conv2.out_channels
-    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
-    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+    # (sub-pixel, out channel) x in channel: the transposed convolutions as linear layers
+    w1 = conv1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)
+    w2 = conv2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
     if x.shape[0] != bsz:
         x = x.repeat_interleave(bsz // x.shape[0], dim=0)
-    y = torch.addmm(conv1.bias.repeat(4), x.reshape(-1, c), w1).view(-1, c1)
+    y = _linear(x.reshape(-1, c), w1, conv1.bias.repeat(4)).view(-1, c1)
     y = act1(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-    z = act2(torch.addmm(conv2.bias.repeat(4), y, w2)).view(bsz, -1, c2)
+    z = _linear(y, w2, conv2.bias.repeat(4), act2).view(bsz, -1, c2)
     masks = torch.bmm(z, hyper.transpose(1, 2))  # (B, hw * 16, k): rows (i, j, di, dj, ei, ej)
     masks = masks.view(bsz, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
     return masks.reshape(bsz, k, 4 * h, 4 * w)
+
+
+def _fused_linear_op():
+    """oneDNN's linear with the bias and GELU applied as it writes (PyTorch's own op for Inductor's
+    CPU fusions), or None where PyTorch was built without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_FUSED_LINEAR = _fused_linear_op()
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor, act: Optional[nn.Module] = None) -> Tensor:
+    """act(x @ weight.T + bias). On the CPU oneDNN adds the bias and applies a GELU in the
+    matmul's own pass: the upscaler's two linear layers, the widest in the decoder, otherwise spend
+    a third of their time copying the bias into the output and another pass on the GELU."""
+    gelu = type(act) is nn.GELU
+    fusable = act is None or gelu
+    if (
+        fusable
+        and _FUSED_LINEAR is not None
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return _FUSED_LINEAR(
+            x, weight.contiguous(), bias, "gelu" if gelu else "none", [], act.approximate if gelu else ""
+        )
+    y = torch.addmm(bias, x, weight.T)
+    return y if act is None else act(y)
