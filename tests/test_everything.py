@@ -275,19 +275,69 @@ def test_everything_config_from_the_cli_to_the_generator(vit_t):
     assert "decoder_chunk" not in on_gpu.provenance_json() and "skip_similarity" in on_gpu.provenance_json()
 
 
-def test_device_side_rle_gives_the_same_records(vit_t, photos, monkeypatch):
-    """Everything mode with its RLEs run-length coded on the device path (as on a GPU; forced here
-    on CPU tensors) gives the records of the pycocotools path, byte for byte: hierarchical mode on
-    a real photo, and a crop layer (masks placed in the full image)."""
+def test_full_resolution_paths_give_the_same_records(vit_t, photos, monkeypatch):
+    """The full-resolution filters three ways give the same records: per mask window (the CPU
+    default), on chunks of whole masks (an accelerator's way) with pycocotools' RLEs, and chunks
+    with the RLEs run-length coded on the device path (as on a GPU; forced here on CPU tensors).
+    Hierarchical mode on a real photo (its confident area steers round 2), and a crop layer (masks
+    placed in the full image)."""
     from functools import partial
 
     from tinysam.everything import generator as generator_module
 
     image = photos["coffee"]
     configs = [dict(points_per_side=8), dict(points_per_side=4, crop_n_layers=1)]
-    expected = [SamHierarchicalMaskGenerator(vit_t, output_mode="coco_rle", **c).generate(image) for c in configs]
+
+    def run(windowed):
+        out = []
+        for c in configs:
+            gen = SamHierarchicalMaskGenerator(vit_t, output_mode="coco_rle", **c)
+            gen.windowed_filters = windowed
+            out.append(gen.generate(image))
+        return out
+
+    windowed, chunks = run(True), run(False)
     monkeypatch.setattr(generator_module, "_encode_rles", partial(generator_module._encode_rles, on_device=True))
-    got = [SamHierarchicalMaskGenerator(vit_t, output_mode="coco_rle", **c).generate(image) for c in configs]
-    assert len(expected[0]) > 3 and len(expected[1]) > 3
-    for ours, theirs in zip(got, expected):
-        assert [r["segmentation"] for r in ours] == [r["segmentation"] for r in theirs]
+    device_rle = run(False)
+    assert len(windowed[0]) > 3 and len(windowed[1]) > 3
+    for win, chunk, device in zip(windowed, chunks, device_rle):
+        assert [r["segmentation"] for r in device] == [r["segmentation"] for r in chunk]
+        # the two upsamplings sum in another order: a logit within ~1e-5 of 0 may flip
+        assert [r["point_coords"] for r in win] == [r["point_coords"] for r in chunk]
+        assert [r["predicted_iou"] for r in win] == [r["predicted_iou"] for r in chunk]
+        assert np.allclose([r["stability_score"] for r in win], [r["stability_score"] for r in chunk], atol=1e-4)
+        assert np.abs(np.array([r["bbox"] for r in win]) - [r["bbox"] for r in chunk]).max() <= 1
+        masks = [[mask_utils.decode(_rle(r)) for r in recs] for recs in (win, chunk)]
+        assert best_match_ious(masks[1], masks[0]).min() >= 0.999
+
+
+def _rle(record):
+    seg = record["segmentation"]
+    return {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
+
+
+def test_a_mask_window_holds_every_pixel_above_its_threshold(vit_t):
+    """`upsample_window`: inside the window the logits equal the whole-image upsampling; outside
+    it every pixel is at most the threshold the window was cut at, for objects anywhere (edges and
+    corners included), on an image larger and one smaller than the model's input."""
+    import torch
+
+    from tinysam.everything.amg import low_res_spans, upsample_logits, upsample_window, upsampling_reads
+
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    centres = [(128, 100), (0, 0), (170, 191), (40, 150)]  # inside both inputs' valid low-res area
+    logits = torch.stack([20 - ((yy - y) ** 2 + (xx - x) ** 2).sqrt() for y, x in centres])
+    logits += torch.randn(logits.shape, generator=gen)
+    threshold = -1.01
+    for input_size, original_size in (((683, 1024), (1500, 2250)), ((1024, 768), (400, 300))):
+        full = upsample_logits(logits, input_size, original_size, vit_t.image_encoder.img_size)
+        rows, cols = upsampling_reads(256, vit_t.image_encoder.img_size, input_size, original_size)
+        for k, (r0, r1, c0, c1) in enumerate(low_res_spans(logits > threshold).tolist()):
+            window, top, left = upsample_window(logits[k], rows, cols, (r0, r1), (c0, c1))
+            h, w = window.shape
+            assert 0 < h * w < full[k].numel()
+            assert (window - full[k, top : top + h, left : left + w]).abs().max().item() <= 1e-4
+            outside = full[k].clone()
+            outside[top : top + h, left : left + w] = -1e9
+            assert outside.max().item() <= threshold

@@ -45,3 +45,25 @@ def test_run_lengths_on_the_device_path_equal_pycocotools_byte_for_byte(rng):
     device = _encode_rles(torch.from_numpy(masks), crop, (50, 70), on_device=True)
     assert [r["counts"] for r in device] == [r["counts"] for r in host]
     assert coco_rle_to_mask(device[0])[5:42, 10:63].tolist() == masks[0].tolist()
+
+
+def test_a_window_placed_in_an_image_gives_pycocotools_bytes(rng):
+    """`window_run_lengths`: the RLE of a mask that is 0 outside a window, from the window alone,
+    byte for byte pycocotools' encoding of the whole mask: windows anywhere (touching each edge,
+    full height, where a run goes on from one column into the next), empty, full and sparse."""
+    from tinysam.utils.rle import coco_rles_from_run_lengths, window_run_lengths
+
+    # (window, top, left, image h, image w)
+    cases = [(np.ones((9, 3), bool), 0, 2, 9, 11), (np.zeros((0, 0), bool), 0, 0, 9, 11)]
+    cases += [(np.ones((1, 1), bool), 8, 10, 9, 11), (np.ones((9, 11), bool), 0, 0, 9, 11)]
+    for _ in range(400):
+        h, w = (int(v) for v in rng.integers(1, 12, 2))
+        top, left = int(rng.integers(0, h)), int(rng.integers(0, w))
+        size = (int(rng.integers(0, h - top + 1)), int(rng.integers(0, w - left + 1)))
+        cases.append((rng.random(size) < rng.random(), top, left, h, w))
+    for window, top, left, h, w in cases:
+        mask = np.zeros((h, w), np.uint8)
+        mask[top : top + window.shape[0], left : left + window.shape[1]] = window
+        expected = mask_utils.encode(np.asfortranarray(mask))
+        got = coco_rles_from_run_lengths([window_run_lengths(window, top, left, h, w)], h, w)[0]
+        assert got["counts"] == expected["counts"], (window, top, left, h, w)

@@ -5,6 +5,7 @@ functions written for the batched, filter-early pipeline of `generator.py`.
 """
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import product
 from typing import List, Tuple
@@ -57,7 +58,7 @@ def upsampling_matrices(
     Bilinear resizing is separable and linear, so the two resizes and the crop compose into
     (H, low) and (W, low) matrices. Built from PyTorch's own 1-D interpolation weights (float32,
     as its kernels compute them), composed in float64: results equal the two interpolate calls
-    to ~1e-5, at a third of the cost for everything mode's masks.
+    to ~1e-5.
     """
 
     def axis(n_input: int, n_out: int) -> torch.Tensor:
@@ -71,11 +72,95 @@ def upsampling_matrices(
 def upsample_logits(
     low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int], img_size: int
 ) -> torch.Tensor:
-    """(k, low, low) decoder logits -> (k, H, W) logits at the original size, via `upsampling_matrices`."""
+    """(k, low, low) decoder logits -> (k, H, W) logits at the original size, via `upsampling_matrices`:
+    two dense products, few large kernels (an accelerator's way; the CPU path uses `upsample_window`)."""
     rows, cols = upsampling_matrices(
         low_res.shape[-1], img_size, tuple(input_size), tuple(original_size), str(low_res.device)
     )
     return rows @ (low_res @ cols.T)
+
+
+@dataclass(frozen=True)
+class AxisReads:
+    """One axis of `upsampling_matrices`: the (out, low) matrix and, per output pixel, the span
+    [first, stop) of low-res logits it reads (non-decreasing along the axis, as in any resize)."""
+
+    matrix: torch.Tensor
+    first: np.ndarray
+    stop: np.ndarray
+    block: int = 64  # outputs per matmul: each block reads only its own few low-res logits
+
+    @classmethod
+    def from_dense(cls, m: torch.Tensor) -> "AxisReads":
+        nonzero = (m != 0).cpu().numpy()
+        first = nonzero.argmax(1)
+        stop = m.shape[1] - nonzero[:, ::-1].argmax(1)
+        return cls(m, first, stop)
+
+    def window(self, lo: int, hi: int) -> Tuple[int, int, int, int]:
+        """(o0, o1, i0, i1): the outputs [o0, o1) that read any of the low-res logits [lo, hi),
+        and the logits [i0, i1) those outputs read."""
+        o0 = int(np.searchsorted(self.stop, lo, side="right"))
+        o1 = int(np.searchsorted(self.first, hi, side="left"))
+        if o1 <= o0:
+            return o0, o0, 0, 0
+        return o0, o1, int(self.first[o0]), int(self.stop[o1 - 1])
+
+    def apply(self, x: torch.Tensor, o0: int, o1: int, i0: int, dim: int) -> torch.Tensor:
+        """Outputs [o0, o1) of the resize along `dim` of x, which holds the logits [i0, ...) there:
+        block by block, each block's rows times only the logits they read."""
+        parts = []
+        for b0 in range(o0, o1, self.block):
+            b1 = min(b0 + self.block, o1)
+            f, s = int(self.first[b0]), int(self.stop[b1 - 1])
+            m = self.matrix[b0:b1, f:s]
+            xs = x.narrow(dim, f - i0, s - f)
+            parts.append(m @ xs if dim == 0 else xs @ m.T)
+        if not parts:
+            shape = list(x.shape)
+            shape[dim] = 0
+            return x.new_zeros(shape)
+        return torch.cat(parts, dim=dim)
+
+
+@lru_cache(maxsize=32)
+def upsampling_reads(
+    low_res: int, img_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int]
+) -> Tuple[AxisReads, AxisReads]:
+    """`upsampling_matrices` (on the CPU) with what each output row and column reads."""
+    rows, cols = upsampling_matrices(low_res, img_size, input_size, original_size)
+    return AxisReads.from_dense(rows), AxisReads.from_dense(cols)
+
+
+def upsample_window(
+    low_res: torch.Tensor, rows: AxisReads, cols: AxisReads, row_span: Tuple[int, int], col_span: Tuple[int, int]
+) -> Tuple[torch.Tensor, int, int]:
+    """The full-resolution logits of one (low, low) mask over the outputs that read its low-res
+    rows `row_span` and columns `col_span`: (logits (h, w), top, left).
+
+    Bilinear weights are non-negative and each output's sum to 1, so an output pixel is a convex
+    combination of the logits it reads: where all of them are at most some t, so is the pixel.
+    Outside the window of the logits above t, every pixel is at most t: everything mode computes
+    only this window of each mask, with t just below its lowest threshold.
+    """
+    y0, y1, r0, r1 = rows.window(*row_span)
+    x0, x1, c0, c1 = cols.window(*col_span)
+    x = cols.apply(low_res[r0:r1, c0:c1], x0, x1, c0, dim=1)
+    return rows.apply(x, y0, y1, r0, dim=0), y0, x0
+
+
+def low_res_spans(above: torch.Tensor) -> np.ndarray:
+    """(k, 4) [row start, row stop, column start, column stop) of the True cells of each of (k, h, w)
+    boolean masks; (0, 0, 0, 0) for an empty one."""
+    k, h, w = above.shape
+    spans = []
+    for axis_any, n in ((above.any(2), h), (above.any(1), w)):
+        a = axis_any.cpu().numpy()
+        has = a.any(1)
+        start = a.argmax(1)
+        stop = n - a[:, ::-1].argmax(1)
+        spans += [np.where(has, start, 0), np.where(has, stop, 0)]
+    return np.stack(spans, axis=1)
 
 
 def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
@@ -99,6 +184,16 @@ def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
     boxes = torch.stack([left, top, right, bottom], dim=-1)
     empty = (right < left) | (bottom < top)
     return boxes * (~empty)[:, None]
+
+
+def window_box(mask: torch.Tensor, top: int, left: int) -> torch.Tensor:
+    """(4,) XYXY box (inclusive max, long) of an (h, w) boolean window placed at (top, left):
+    `masks_to_boxes_xyxy` of the whole mask, [0, 0, 0, 0] when empty."""
+    rows = mask.any(1).nonzero()
+    if not len(rows):
+        return torch.zeros(4, dtype=torch.long)
+    cols = mask.any(0).nonzero()
+    return torch.stack([cols[0, 0] + left, rows[0, 0] + top, cols[-1, 0] + left, rows[-1, 0] + top])
 
 
 def is_box_near_crop_edge(

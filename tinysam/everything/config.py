@@ -65,8 +65,12 @@ class EverythingConfig:
     crop_overlap_ratio: float = _setting(512 / 1500, "overlap of neighbouring crops, as a fraction of the crop")
     crop_n_points_downscale_factor: int = _setting(1, "grid density divided by this in each crop layer")
     min_mask_region_area: int = _setting(0, "remove holes and islands smaller than this (pixels; 0: off)")
-    upsample_chunk: int = _setting(16, "masks upsampled to full resolution at once (bounds memory)")
-    decoder_chunk: int = _setting(4, "prompts through the mask decoder at once (bounds memory)")
+    upsample_chunk: int = _setting(
+        16,
+        "on an accelerator: masks upsampled to full resolution at once (bounds memory; the CPU upsamples each "
+        "mask's own window)",
+    )
+    decoder_chunk: int = _setting(4, "prompts through the mask decoder at once (~25 MiB each: bounds memory)")
     fast_decoder: bool = _setting(True, "the folded decoder (same masks, faster); false: the official rounding")
     decoder_dtype: str = _setting(
         "float32",

@@ -23,16 +23,20 @@ from torchvision.ops.boxes import batched_nms, box_area
 from ..modeling import Sam, folded_decoder
 from ..transforms import ResizeLongestSide, prepare_image, to_rgb_uint8
 from ..utils.malloc import allocation_for
-from ..utils.rle import coco_rles_from_run_lengths, mask_to_uncompressed_rle, run_lengths
+from ..utils.rle import coco_rles_from_run_lengths, mask_to_uncompressed_rle, run_lengths, window_run_lengths
 from .amg import (
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
     generate_crop_boxes,
     is_box_near_crop_edge,
+    low_res_spans,
     masks_to_boxes_xyxy,
     remove_small_regions,
     stability_score,
     upsample_logits,
+    upsample_window,
+    upsampling_reads,
+    window_box,
 )
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -106,11 +110,11 @@ class SamAutomaticMaskGenerator:
         decoder_dtype: str = "float32",
     ) -> None:
         """Arguments as the official generator's (see its docs), plus: `upsample_chunk` bounds how
-        many masks are held at full resolution at once (fewer on large images: at most
+        many masks an accelerator holds at full resolution at once (fewer on large images: at most
         UPSAMPLE_PIXELS of logits a chunk, so peak memory grows with the pixels, not pixels times
-        masks), `decoder_chunk` how many prompts go through
-        the decoder at once (its activations dominate peak memory; a few prompts at a time also keep
-        each prompt's image tokens in cache); `fast_decoder` runs the decoder folded (see
+        masks; the CPU upsamples one mask's window at a time), `decoder_chunk` how many prompts go
+        through the decoder at once (~25 MiB of activations each: they dominate peak memory);
+        `fast_decoder` runs the decoder folded (see
         `modeling/folded_decoder.py`; a quantized decoder gets the channels-last upscaling instead),
         False the plain decoder with the official rounding; `decoder_dtype` "bfloat16" runs the
         decoder on a bfloat16 copy of its weights (see `reduced_precision_decoder`)."""
@@ -143,6 +147,9 @@ class SamAutomaticMaskGenerator:
         self._decoder_dtype = next(decoder.parameters()).dtype
         self._mask_decoder = folded_decoder.fast_decoder(decoder) if fast_decoder else decoder
         self.last_stats: Dict[str, int] = {}
+        # Full-resolution filters per mask window (True) or on chunks of whole masks (False);
+        # None: windows on the CPU, chunks on an accelerator. The same masks either way.
+        self.windowed_filters: Optional[bool] = None
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -297,10 +304,66 @@ class SamAutomaticMaskGenerator:
     def _filter_batch(
         self, out: MaskSet, low_res, iou, points, input_size, crop_size, crop_box, orig_size, high_conf=None
     ) -> None:
-        """IoU filter on low-res outputs, then stability/box/edge filters on full-res chunks."""
+        """IoU filter on low-res outputs, then stability/box/edge filters at full resolution: each
+        mask's own window on the CPU, chunks of whole masks on an accelerator."""
         keep = torch.arange(len(iou), device=iou.device)
         if self.pred_iou_thresh > 0.0:
             keep = keep[iou > self.pred_iou_thresh]
+        args = (out, low_res, iou, keep, points, input_size, crop_size, crop_box, orig_size, high_conf)
+        if self.windowed_filters if self.windowed_filters is not None else low_res.device.type == "cpu":
+            self._filter_windows(*args)
+        else:
+            self._filter_chunks(*args)
+
+    def _filter_windows(
+        self, out: MaskSet, low_res, iou, keep, points, input_size, crop_size, crop_box, orig_size, high_conf
+    ) -> None:
+        """Full-resolution filters on the window of each mask where its logits can pass the lowest
+        threshold (`amg.upsample_window`): the same masks as whole-image upsampling, at the cost of
+        the object's size instead of the image's (most masks are small parts of large photos)."""
+        if not len(keep):
+            return
+        thr, offset = self.model.mask_threshold, self.stability_score_offset
+        lowest = min(thr - abs(offset), thr) - 0.01  # a margin over the float rounding of the resize
+        if high_conf is not None:
+            lowest = min(lowest, high_conf.threshold - 0.01)
+        lows = low_res[keep].float()
+        spans = low_res_spans(lows > lowest)
+        rows, cols = upsampling_reads(lows.shape[-1], self.model.image_encoder.img_size, input_size, crop_size)
+        orig_h, orig_w = orig_size
+        x0, y0 = crop_box[0], crop_box[1]
+        kept, boxes, stabs = [], [], []
+        for j, (r0, r1, c0, c1) in enumerate(spans.tolist()):
+            logits, top, left = upsample_window(lows[j], rows, cols, (r0, r1), (c0, c1))
+            stab = torch.count_nonzero(logits > thr + offset) / torch.count_nonzero(logits > thr - offset)
+            if self.stability_score_thresh > 0.0 and not (stab >= self.stability_score_thresh).item():
+                continue
+            mask = logits > thr
+            box = window_box(mask, top, left)
+            if is_box_near_crop_edge(box[None], crop_box, [0, 0, orig_w, orig_h])[0]:
+                continue
+            if high_conf is not None:
+                hh, ww = logits.shape
+                high_conf.area[top : top + hh, left : left + ww] |= (logits > high_conf.threshold).numpy()
+            out.rles += coco_rles_from_run_lengths(
+                [window_run_lengths(mask.numpy(), y0 + top, x0 + left, orig_h, orig_w)], orig_h, orig_w
+            )
+            kept.append(j)
+            boxes.append(box)
+            stabs.append(stab)
+        if not kept:
+            return
+        idx = keep[kept]
+        out.boxes.append(torch.stack(boxes) + torch.tensor([x0, y0, x0, y0]))
+        out.iou_preds.append(iou[idx].float().cpu())
+        out.stability.append(torch.stack(stabs).float())
+        out.points.append(torch.as_tensor(points[idx.numpy()], dtype=torch.float64) + torch.tensor([x0, y0]))
+        out.crop_boxes.append(torch.tensor([crop_box] * len(idx)))
+
+    def _filter_chunks(
+        self, out: MaskSet, low_res, iou, keep, points, input_size, crop_size, crop_box, orig_size, high_conf
+    ) -> None:
+        """Full-resolution filters on chunks of whole masks (few large kernels: an accelerator's way)."""
         orig_h, orig_w = orig_size
         x0, y0 = crop_box[0], crop_box[1]
         offset = torch.tensor([x0, y0, x0, y0])

@@ -34,6 +34,21 @@ def coco_rles_from_run_lengths(counts: List[np.ndarray], h: int, w: int) -> List
     return [mask_utils.frPyObjects({"size": [h, w], "counts": c.tolist()}, h, w) for c in counts]
 
 
+def window_run_lengths(window: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
+    """COCO's run lengths of an h x w mask that is 0 outside the boolean `window` placed at (top,
+    left): computed from the window alone, so a small object costs its own size, not the image's."""
+    wh, ww = window.shape
+    padded = np.zeros((ww, wh + 2), bool)  # the window's columns, a 0 above and below each
+    padded[:, 1:-1] = window.T
+    col, row = np.nonzero(padded[:, 1:] != padded[:, :-1])
+    changes = (left + col) * h + top + row  # flat column-major index of the first pixel after each change
+    # A run through a full-height column's end into the next column shows as an end and a start at
+    # the same index: no change at all.
+    changes, seen = np.unique(changes, return_counts=True)
+    changes = changes[(seen % 2 == 1) & (changes < h * w)]
+    return np.diff(np.concatenate([[0], changes, [h * w]]))
+
+
 def coco_rle_to_mask(rle: Dict[str, Any]) -> np.ndarray:
     """COCO RLE (counts as str or bytes) -> boolean HxW mask."""
     counts = rle["counts"]
