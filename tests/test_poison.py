@@ -99,7 +99,7 @@ def test_a_rerun_with_another_checkpoint_is_refused_then_redone_with_overwrite(
     code, summary, _ = run("automask", [*args, "--checkpoint", "none"], capsys)  # same settings: skips
     assert code == 0 and (summary["written"], summary["skipped"]) == (0, 2)
     # settings of speed and memory only (as a rerun on GPU nodes changes them): not refused, skips
-    code, summary, _ = run("automask", [*args, "--checkpoint", "none", "--decoder-chunk", "16"], capsys)
+    code, summary, _ = run("automask", [*args, "--checkpoint", "none", "--decoder-chunk", "3"], capsys)
     assert code == 0 and (summary["written"], summary["skipped"]) == (0, 2)
 
 

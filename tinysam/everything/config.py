@@ -70,7 +70,7 @@ class EverythingConfig:
         "on an accelerator: masks upsampled to full resolution at once (bounds memory; the CPU upsamples each "
         "mask's own window)",
     )
-    decoder_chunk: int = _setting(4, "prompts through the mask decoder at once (~25 MiB each: bounds memory)")
+    decoder_chunk: int = _setting(16, "prompts through the mask decoder at once (~25 MiB each: bounds memory)")
     fast_decoder: bool = _setting(True, "the folded decoder (same masks, faster); false: the official rounding")
     decoder_dtype: str = _setting(
         "float32",

@@ -105,7 +105,7 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         upsample_chunk: int = 16,
-        decoder_chunk: int = 4,
+        decoder_chunk: int = 16,
         fast_decoder: bool = True,
         decoder_dtype: str = "float32",
     ) -> None:
