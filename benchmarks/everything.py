@@ -1,6 +1,7 @@
 """Everything mode, side by side in one run: the official dense generator and ours in each preset
-(quality = dense, balanced = the default, fast = the paper's rule), the previous default, and the
-default with a bfloat16 decoder where the CPU multiplies bfloat16 natively.
+(quality = dense, balanced = the default, fast = the paper's rule), the previous default, the
+default's masks computed the previous way (decoder chunk 4, whole masks upsampled instead of each
+mask's window), and the default with a bfloat16 decoder where the CPU multiplies bfloat16 natively.
 
 Same real weights (mobile_sam.pt), images and allocator setting (`keep_freed_memory`, as the
 jobs' actors run); the official generator is also timed as shipped, with glibc's default
@@ -14,6 +15,8 @@ one call per size, measured in a fresh process.
     python benchmarks/everything.py [--images astronaut coffee chelsea nuclei] [--skip-official]
     python benchmarks/everything.py --skip-official --peak-sizes --images rocket camera coins immunohistochemistry
         (held-out photos, against ours dense: the official masks, tested)
+    python benchmarks/everything.py --size 2250x1500 --skip-official --peak-sizes
+        (the photos at SA-1B's size)
 """
 
 import argparse
@@ -43,14 +46,22 @@ def best_match_miou(reference, predicted) -> float:
     return float(best_match_ious(reference, predicted).mean()) if len(reference) else float("nan")
 
 
-def load_images(names):
+def load_images(names, size=None):
+    """(name, image, ground-truth masks or None); `size` "WxH" resizes images and masks to it."""
+    from PIL import Image
+
     out = []
     for name in names:
         if name == "nuclei":
             image, labels = bbbc038()
-            out.append((name, image, list(instance_masks(labels))))
+            gt = list(instance_masks(labels))
         else:
-            out.append((name, sample_images((name,))[0][1], None))
+            image, gt = sample_images((name,))[0][1], None
+        if size:
+            w, h = (int(v) for v in size.split("x"))
+            image = np.array(Image.fromarray(to_rgb_uint8(image)).resize((w, h), Image.BILINEAR))
+            gt = None if gt is None else [np.array(Image.fromarray(m).resize((w, h), Image.NEAREST)) for m in gt]
+        out.append((name, image, gt))
     return out
 
 
@@ -76,7 +87,7 @@ def peak_memory_child(checkpoint: str, mode: str, size: str) -> None:
     print(json.dumps({"mode": mode, "masks": len(masks), "rss_before": before, "peak": status("VmHWM:")}))
 
 
-def official_child(checkpoint: str, names) -> None:
+def official_child(checkpoint: str, names, size=None) -> None:
     """In a fresh process with glibc's default allocator: seconds of the official dense generator
     per image."""
     with warnings.catch_warnings():
@@ -86,7 +97,7 @@ def official_child(checkpoint: str, names) -> None:
     official.load_state_dict(build_sam("vit_t", checkpoint).state_dict())
     gen = mobile_sam.SamAutomaticMaskGenerator(official.eval())
     seconds = {}
-    for name, image, _ in load_images(names):
+    for name, image, _ in load_images(names, size):
         rgb = to_rgb_uint8(image)
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -95,9 +106,10 @@ def official_child(checkpoint: str, names) -> None:
     print(json.dumps(seconds))
 
 
-def official_as_shipped(checkpoint: str, names) -> dict:
+def official_as_shipped(checkpoint: str, names, size=None) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--official-child", "--checkpoint", checkpoint, "--images", *names],
+        [sys.executable, __file__, "--official-child", "--checkpoint", checkpoint, "--images", *names]
+        + (["--size", size] if size else []),
         capture_output=True,
         text=True,
         check=True,
@@ -120,6 +132,7 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", default=["astronaut", "coffee", "chelsea", "nuclei"])
     parser.add_argument("--checkpoint", default="mobile_sam")
     parser.add_argument("--skip-official", action="store_true")
+    parser.add_argument("--size", help="resize every image to WxH first (SA-1B's photos: 2250x1500)")
     parser.add_argument(
         "--peak-sizes",
         nargs="*",
@@ -132,19 +145,22 @@ def main() -> None:
     parser.add_argument("--official-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.official_child:
-        return official_child(args.checkpoint, args.images)
+        return official_child(args.checkpoint, args.images, args.size)
     if args.peak_memory_child:
         return peak_memory_child(args.checkpoint, args.peak_memory_child, args.peak_size)
     if args.peak_only:
         return report_peaks(args.checkpoint, args.peak_sizes)
 
-    shipped = {} if args.skip_official else official_as_shipped(args.checkpoint, args.images)
+    shipped = {} if args.skip_official else official_as_shipped(args.checkpoint, args.images, args.size)
     keep_freed_memory()  # for every method alike, as in the jobs' actors
     model = build_sam("vit_t", args.checkpoint)
     runners = {
         f"ours {name}": EverythingConfig.from_preset(name).generator(model) for name in ("quality", "balanced", "fast")
     }
     runners["ours previous default"] = EverythingConfig(**PREVIOUS_DEFAULT).generator(model)
+    # the default's masks, computed as before the mask windows: decoder chunk 4, whole-mask filters
+    runners["ours balanced, previous execution"] = EverythingConfig(decoder_chunk=4).generator(model)
+    runners["ours balanced, previous execution"].windowed_filters = False
     if bfloat16_is_native(torch.device("cpu")):
         runners["ours balanced, bfloat16 decoder"] = EverythingConfig(decoder_dtype="bfloat16").generator(model)
     for gen in runners.values():
@@ -158,7 +174,7 @@ def main() -> None:
         runners = {"official dense": mobile_sam.SamAutomaticMaskGenerator(official.eval()), **runners}
 
     rows = []
-    for name, image, gt in load_images(args.images):
+    for name, image, gt in load_images(args.images, args.size):
         rgb = to_rgb_uint8(image)
         results = {}
         for key, gen in runners.items():
