@@ -103,6 +103,11 @@ def main() -> None:
             f"{summary.encode_seconds / n:.2f} s, everything mode {summary.generate_seconds / n:.2f} s"
         )
         print(f"ratio job / loop: {summary.images_per_second / loop['images_per_second']:.3f}  (goal >= 0.9)")
+        print(
+            f"after the job's start-up ({summary.first_result_seconds:.1f} s to its first {summary.first_result_rows} "
+            f"row(s)): {summary.steady_images_per_second:.4f} images/s, ratio job / loop "
+            f"{summary.steady_images_per_second / loop['images_per_second']:.3f}"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .reading import DEFAULT_MAX_MEGAPIXELS, Plan, prepare_images, read_shards, read_sources
 from .results import IMAGE_ATTEMPTS
+from .runtime import model_actor_env
 from .storage.files import ensure_writable
 
 
@@ -132,6 +133,10 @@ def model_and_write(
 
     ds.context.max_errored_blocks = -1  # this dataset's own context: lost blocks are reported as lost images
     retries = {"max_restarts": -1, "max_task_retries": IMAGE_ATTEMPTS - 1}
+    options = {**retries, **(actor_options or {})}
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**model_actor_env(), **runtime_env.get("env_vars", {})}
+    options["runtime_env"] = runtime_env
     with warnings.catch_warnings():  # Ray 2.60 takes task retries only as ray_remote_args (deprecated)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = _actor_stage(
@@ -142,7 +147,7 @@ def model_and_write(
             concurrency,
             num_gpus_per_actor,
             num_cpus_per_actor,
-            {**retries, **(actor_options or {})},
+            options,
         )
     return ds.map_batches(
         write_fn, batch_size=rows_per_file, num_cpus=0.5, fn_kwargs={**write_kwargs, "storage_options": storage_options}

@@ -39,3 +39,56 @@ def test_keep_freed_memory_stops_refaulting_everything_modes_temporaries():
     default, keep = faults("default"), faults("keep")
     assert default[-1] > 100_000, default
     assert keep[-1] < default[-1] / 20, (keep, default)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_model_actor_reuses_everything_modes_temporaries_in_its_batch_thread(ray_local):
+    """Ray Data runs a model actor's batches on a pool thread, whose own glibc arena cannot hold
+    blocks over 64 MiB: everything mode's larger temporaries (16 prompts per decoder call) were
+    mapped and faulted in afresh at every call (~530k page faults a call here, whatever
+    keep_freed_memory sets). Model actors get one arena (`model_actor_env`): a later call reuses
+    the memory of the ones before, as in a main thread."""
+    import ray
+
+    from pipelines.stages import model_and_write
+
+    class Probe:
+        def __init__(self, cpu_threads=None):
+            import torch
+
+            from tinysam import SamAutomaticMaskGenerator, build_sam
+            from tinysam.utils.malloc import keep_freed_memory
+
+            keep_freed_memory()
+            torch.manual_seed(0)
+            model = build_sam("vit_t").eval()
+            self.generator = SamAutomaticMaskGenerator(
+                model, points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0, decoder_chunk=16
+            )
+
+        def __call__(self, batch):
+            import os
+            import resource
+            import threading
+
+            import numpy as np
+            import torch
+
+            image = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+            faults = []
+            for _ in range(3):
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                with torch.inference_mode():
+                    self.generator.generate(image)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            batch["faults"] = [faults[-1]] * len(batch["id"])
+            batch["main_thread"] = [threading.current_thread() is threading.main_thread()] * len(batch["id"])
+            batch["arenas"] = [os.environ.get("MALLOC_ARENA_MAX", "")] * len(batch["id"])
+            return batch
+
+    def write(batch, storage_options=None):
+        return batch
+
+    [row] = model_and_write(ray.data.range(1), Probe, {}, write, {}, 1, 1, 0, 1, 1, None).take_all()
+    assert not row["main_thread"] and row["arenas"] == "1"  # a pool thread: the case this is about
+    assert row["faults"] < 100_000, row
