@@ -103,6 +103,11 @@ def main() -> None:
             f"{summary.encode_seconds / n:.2f} s, everything mode {summary.generate_seconds / n:.2f} s"
         )
         print(f"ratio job / loop: {summary.images_per_second / loop['images_per_second']:.3f}  (goal >= 0.9)")
+        busy = args.actors * n / (summary.encode_seconds + summary.generate_seconds)
+        print(
+            f"the actors' own rate (actors / their seconds per image): {busy:.4f} images/s, ratio to the loop "
+            f"{busy / loop['images_per_second']:.3f} (the rest of the gap is the job's fixed cost)"
+        )
         print(
             f"after the job's start-up ({summary.first_result_seconds:.1f} s to its first {summary.first_result_rows} "
             f"row(s)): {summary.steady_images_per_second:.4f} images/s, ratio job / loop "
