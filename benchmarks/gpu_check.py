@@ -279,7 +279,7 @@ def everything_on_gpu(checkpoint: str) -> Dict[str, Any]:
     return out
 
 
-GPU_SETTINGS = (  # (points_per_batch, decoder_chunk, upsample_chunk): the CPU defaults first
+GPU_SETTINGS = (  # (points_per_batch, decoder_chunk, upsample_chunk): the CPU defaults of 2026-11-30 first
     (64, 4, 16),
     (64, 64, 16),
     (64, 64, 64),

@@ -18,7 +18,7 @@ HIERARCHICAL_ONLY = ("round1_points_per_side", "high_confidence_thresh", "skip_m
 # Settings that set speed and memory, never the masks: a job stores and compares the others only,
 # so a run resumed on other hardware (CPU or GPU values) is not refused.
 EXECUTION_ONLY = ("points_per_batch", "decoder_chunk", "upsample_chunk")
-# Their values when the model runs on a GPU: 4.5x the CPU values' speed on an H200, the same masks
+# Their values when the model runs on a GPU: 4.5x the speed of 64/4/16 on an H200, the same masks
 # (benchmarks/gpu_check.py, "everything_settings"). Each decoded prompt holds ~25 MiB of activations,
 # so a decoder chunk of 256 takes ~6 GiB per actor.
 GPU_EXECUTION: Dict[str, int] = {"points_per_batch": 256, "decoder_chunk": 256, "upsample_chunk": 64}
