@@ -162,9 +162,7 @@ def _image_to_token(attn: Attention, q_in: Tensor, x: Tensor, k_in: Tensor, v_in
         return x.baddbmm_(probs, fold_o)
     if n == 1 and x.dtype == torch.float32:  # the image's tokens broadcast into the product: no extra pass
         return torch.baddbmm(x, probs, fold_o)
-    out = torch.bmm(probs, fold_o)
-    out.view(n, bsz // n, hw, c).add_(x.unsqueeze(1))
-    return out
+    return add_groups(x, torch.bmm(probs, fold_o))
 
 
 def _upscaled_masks(up: nn.Sequential, x: Tensor, hyper: Tensor, h: int, w: int) -> Tensor:
