@@ -92,10 +92,7 @@ class AxisReads:
 
     @classmethod
     def from_dense(cls, m: torch.Tensor) -> "AxisReads":
-        nonzero = (m != 0).cpu().numpy()
-        first = nonzero.argmax(1)
-        stop = m.shape[1] - nonzero[:, ::-1].argmax(1)
-        return cls(m, first, stop)
+        return cls(m, *_true_spans((m != 0).cpu().numpy()))
 
     def window(self, lo: int, hi: int) -> Tuple[int, int, int, int]:
         """(o0, o1, i0, i1): the outputs [o0, o1) that read any of the low-res logits [lo, hi),
@@ -149,18 +146,17 @@ def upsample_window(
     return rows.apply(x, y0, y1, r0, dim=0), y0, x0
 
 
+def _true_spans(a: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """[first, stop) of the True entries of each row of a 2-D boolean array; (0, 0) for a row without."""
+    has = a.any(1)
+    return np.where(has, a.argmax(1), 0), np.where(has, a.shape[1] - a[:, ::-1].argmax(1), 0)
+
+
 def low_res_spans(above: torch.Tensor) -> np.ndarray:
     """(k, 4) [row start, row stop, column start, column stop) of the True cells of each of (k, h, w)
     boolean masks; (0, 0, 0, 0) for an empty one."""
-    k, h, w = above.shape
-    spans = []
-    for axis_any, n in ((above.any(2), h), (above.any(1), w)):
-        a = axis_any.cpu().numpy()
-        has = a.any(1)
-        start = a.argmax(1)
-        stop = n - a[:, ::-1].argmax(1)
-        spans += [np.where(has, start, 0), np.where(has, stop, 0)]
-    return np.stack(spans, axis=1)
+    rows, cols = _true_spans(above.any(2).cpu().numpy()), _true_spans(above.any(1).cpu().numpy())
+    return np.stack([*rows, *cols], axis=1)
 
 
 def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:

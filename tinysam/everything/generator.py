@@ -324,7 +324,7 @@ class SamAutomaticMaskGenerator:
         if not len(keep):
             return
         thr, offset = self.model.mask_threshold, self.stability_score_offset
-        lowest = min(thr - abs(offset), thr) - 0.01  # a margin over the float rounding of the resize
+        lowest = thr - abs(offset) - 0.01  # a margin over the float rounding of the resize
         if high_conf is not None:
             lowest = min(lowest, high_conf.threshold - 0.01)
         lows = low_res[keep].float()
