@@ -108,10 +108,14 @@ def main() -> None:
             f"the actors' own rate (actors / their seconds per image): {busy:.4f} images/s, ratio to the loop "
             f"{busy / loop['images_per_second']:.3f} (the rest of the gap is the job's fixed cost)"
         )
+        steady = summary.steady_images_per_second
         print(
             f"after the job's start-up ({summary.first_result_seconds:.1f} s to its first {summary.first_result_rows} "
-            f"row(s)): {summary.steady_images_per_second:.4f} images/s, ratio job / loop "
-            f"{summary.steady_images_per_second / loop['images_per_second']:.3f}"
+            + (
+                f"row(s)): {steady:.4f} images/s, ratio job / loop {steady / loop['images_per_second']:.3f}"
+                if steady
+                else "row(s)): every row came back at once (one output file), no rate after it"
+            )
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -96,11 +96,13 @@ def evaluate_on_ray(
     """(per-image parts, error messages) of one model over `image_ids`, on the current Ray cluster."""
     import ray
 
+    from .runtime import on_one_thread
+
     ds = ray.data.from_items(
         [{"image_id": int(i)} for i in image_ids], override_num_blocks=max(1, min(len(image_ids), 64))
     )
     ds = ds.map_batches(
-        ImageEvaluator,
+        on_one_thread(ImageEvaluator),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus_per_actor,

@@ -29,3 +29,29 @@ def model_actor_env() -> Dict[str, str]:
     thread). One arena is the main heap, where those settings hold. A value in the caller's
     environment wins."""
     return {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}
+
+
+def on_one_thread(actor_cls: type) -> type:
+    """`actor_cls` with its constructor and every call run on one thread of its own.
+
+    Ray Data builds a callable class on the actor's main thread but calls it on a pool thread.
+    GNU OpenMP keeps a team of worker threads for each thread that starts parallel work, so a
+    model built on one thread and run on another leaves the process with two teams: more OpenMP
+    threads than cores. libgomp then makes its idle workers sleep at once instead of spinning, and
+    every parallel op pays to wake them (a 16x256 matmul on 2 threads: 5-7x slower; everything
+    mode on a photo: 1.3-1.4x slower, docs/design.md "One thread per model actor"). On one thread
+    there is one team, as in a plain script."""
+
+    class OnOneThread(actor_cls):
+        def __init__(self, *args, **kwargs) -> None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._compute_thread = ThreadPoolExecutor(1, thread_name_prefix=actor_cls.__name__)
+            self._compute_thread.submit(super().__init__, *args, **kwargs).result()
+
+        def __call__(self, *args, **kwargs):
+            return self._compute_thread.submit(super().__call__, *args, **kwargs).result()
+
+    OnOneThread.__name__ = OnOneThread.__qualname__ = actor_cls.__name__  # Ray names the stage after it
+    OnOneThread.__doc__ = actor_cls.__doc__
+    return OnOneThread

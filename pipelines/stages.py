@@ -17,7 +17,7 @@ import numpy as np
 
 from .reading import DEFAULT_MAX_MEGAPIXELS, Plan, prepare_images, read_shards, read_sources
 from .results import IMAGE_ATTEMPTS
-from .runtime import model_actor_env
+from .runtime import model_actor_env, on_one_thread
 from .storage.files import ensure_writable
 
 
@@ -160,7 +160,7 @@ def _actor_stage(
     import ray
 
     return ds.map_batches(
-        actor_cls,
+        on_one_thread(actor_cls),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus_per_actor,

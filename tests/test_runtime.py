@@ -1,0 +1,47 @@
+"""How the model actors' processes run: one OpenMP team, on one thread."""
+
+import os
+
+import pytest
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a team of OpenMP threads needs two cores")
+def test_a_model_actor_runs_parallel_ops_without_waking_sleeping_threads(ray_local):
+    """Ray Data builds a callable class on the actor's main thread and calls it on a pool thread:
+    two OpenMP teams, more threads than cores, so libgomp puts its idle workers to sleep after
+    every parallel op and wakes them for the next (~4 voluntary context switches an op, 1.3x
+    slower everything mode). Model actors run on one thread of their own (`on_one_thread`): the
+    workers spin between ops as in a plain script."""
+    import ray
+
+    from pipelines.stages import model_and_write
+
+    class Probe:
+        def __init__(self, cpu_threads=None):
+            import threading
+
+            import torch
+
+            torch.set_num_threads(2)
+            self.weight = torch.randn(256, 256)
+            self.tokens = torch.randn(16, 256)
+            self.tokens @ self.weight  # the constructor's thread starts a team, as building a model does
+            self.init_thread = threading.get_ident()
+
+        def __call__(self, batch):
+            import resource
+            import threading
+
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+            for _ in range(2000):
+                self.tokens @ self.weight
+            batch["switches"] = [resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before] * len(batch["id"])
+            batch["same_thread"] = [threading.get_ident() == self.init_thread] * len(batch["id"])
+            return batch
+
+    def write(batch, storage_options=None):
+        return batch
+
+    [row] = model_and_write(ray.data.range(1), Probe, {}, write, {}, 1, 1, 0, 2, 1, None).take_all()
+    assert row["switches"] < 1000, row  # two teams: ~8000
+    assert row["same_thread"]
