@@ -43,8 +43,8 @@ weights: venv
 
 # The main job on the embedded default: a local Ray in-process, the real MobileSAM weights, the
 # sample photos; a rerun skips the images already done. One single-threaded actor per core (on
-# a CPU they keep more of the loop's speed than one actor with all cores: docs/benchmarks.md),
-# and logical CPUs to spare for the read and write tasks.
+# a CPU as fast as one actor with all cores, docs/benchmarks.md, and no OpenMP team to keep in
+# step), and logical CPUs to spare for the read and write tasks.
 # --overwrite: masks an older version stored with other settings are redone, not refused; masks
 # of these settings are skipped, so a second run does nothing.
 demo: weights

@@ -39,7 +39,7 @@ def on_one_thread(actor_cls: type) -> type:
     model built on one thread and run on another leaves the process with two teams: more OpenMP
     threads than cores. libgomp then makes its idle workers sleep at once instead of spinning, and
     every parallel op pays to wake them (a 16x256 matmul on 2 threads: 5-7x slower; everything
-    mode on a photo: 1.3-1.4x slower, docs/design.md "One thread per model actor"). On one thread
+    mode on a photo: 1.1-1.4x slower, docs/design.md "One thread per model actor"). On one thread
     there is one team, as in a plain script."""
 
     class OnOneThread(actor_cls):
