@@ -41,6 +41,9 @@ from .amg import (
 )
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+# The low-res logits of masks awaiting the final NMS one crop may hold (`WindowMask`); past this
+# they are run-length coded at once. A crowded image holds ~200 MiB (1782 masks on the nuclei).
+PENDING_MASK_BYTES = 256 << 20
 # Full-resolution logits one upsampling chunk may hold: 16 masks of 1024x1024, one of 16 Mpx (a
 # chunk also holds its masks, their uint8 copy and the RLE encoder's Fortran-ordered copy).
 UPSAMPLE_PIXELS = 16 * 1024 * 1024
@@ -86,6 +89,7 @@ class MaskSet:
     final NMS) plus their scores, before the final NMS."""
 
     rles: List[Any] = field(default_factory=list)
+    pending_bytes: int = 0  # held by the WindowMasks in `rles`
     boxes: List[torch.Tensor] = field(default_factory=list)  # (k, 4) XYXY in image coordinates
     iou_preds: List[torch.Tensor] = field(default_factory=list)
     stability: List[torch.Tensor] = field(default_factory=list)
@@ -116,6 +120,8 @@ def _merge(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 class SamAutomaticMaskGenerator:
+    pending_mask_bytes = PENDING_MASK_BYTES  # see PENDING_MASK_BYTES; tests lower it
+
     def __init__(
         self,
         model: Sam,
@@ -377,6 +383,9 @@ class SamAutomaticMaskGenerator:
                 hh, ww = logits.shape
                 high_conf.area[top : top + hh, left : left + ww] |= (logits > high_conf.threshold).numpy()
             out.rles.append(WindowMask(read, window, rows, cols, thr, (y0, x0), (orig_h, orig_w)))
+            out.pending_bytes += read.numel() * read.element_size()
+            if out.pending_bytes > self.pending_mask_bytes:  # bounded memory: code them now
+                out.rles, out.pending_bytes = _coco_rles(out.rles), 0
             kept.append(j)
             boxes.append(box)
             stabs.append(stab)
