@@ -41,8 +41,9 @@ from .amg import (
 )
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-# The low-res logits of masks awaiting the final NMS one crop may hold (`WindowMask`); past this
-# they are run-length coded at once. A crowded image holds ~200 MiB (1782 masks on the nuclei).
+# The low-res logits that masks awaiting the final NMS (`WindowMask`) may hold per mask set (a
+# crop; hierarchical mode has one per round); past this they are run-length coded at once. A
+# crowded image holds ~200 MiB (1782 masks on the nuclei).
 PENDING_MASK_BYTES = 256 << 20
 # Full-resolution logits one upsampling chunk may hold: 16 masks of 1024x1024, one of 16 Mpx (a
 # chunk also holds its masks, their uint8 copy and the RLE encoder's Fortran-ordered copy).
