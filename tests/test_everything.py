@@ -280,8 +280,7 @@ def test_full_resolution_paths_give_the_same_records(vit_t, photos, monkeypatch)
     default), on chunks of whole masks (an accelerator's way) with pycocotools' RLEs, and chunks
     with the RLEs run-length coded on the device path (as on a GPU; forced here on CPU tensors).
     Hierarchical mode on a real photo (its confident area steers round 2), and a crop layer (masks
-    placed in the full image). Windowed masks are coded after the final NMS, or at once past a
-    memory bound: the same records either way."""
+    placed in the full image)."""
     from functools import partial
 
     from tinysam.everything import generator as generator_module
@@ -289,18 +288,15 @@ def test_full_resolution_paths_give_the_same_records(vit_t, photos, monkeypatch)
     image = photos["coffee"]
     configs = [dict(points_per_side=8), dict(points_per_side=4, crop_n_layers=1)]
 
-    def run(windowed, pending_mask_bytes=None):
+    def run(windowed):
         out = []
         for c in configs:
             gen = SamHierarchicalMaskGenerator(vit_t, output_mode="coco_rle", **c)
             gen.windowed_filters = windowed
-            if pending_mask_bytes is not None:
-                gen.pending_mask_bytes = pending_mask_bytes
             out.append(gen.generate(image))
         return out
 
     windowed, chunks = run(True), run(False)
-    assert run(True, pending_mask_bytes=0) == windowed  # every mask coded as soon as it is kept
     monkeypatch.setattr(generator_module, "_encode_rles", partial(generator_module._encode_rles, on_device=True))
     device_rle = run(False)
     assert len(windowed[0]) > 3 and len(windowed[1]) > 3

@@ -129,31 +129,6 @@ def upsampling_reads(
     return AxisReads.from_dense(rows), AxisReads.from_dense(cols)
 
 
-@dataclass(frozen=True)
-class Window:
-    """The full-resolution outputs [y0, y1) x [x0, x1) that read a mask's low-res rows and columns
-    of given spans, and the low-res logits [r0, r1) x [c0, c1) those outputs read."""
-
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-    r0: int
-    r1: int
-    c0: int
-    c1: int
-
-    @classmethod
-    def of(cls, rows: AxisReads, cols: AxisReads, row_span: Tuple[int, int], col_span: Tuple[int, int]) -> "Window":
-        y0, y1, r0, r1 = rows.window(*row_span)
-        x0, x1, c0, c1 = cols.window(*col_span)
-        return cls(y0, y1, x0, x1, r0, r1, c0, c1)
-
-    def upsample(self, read: torch.Tensor, rows: AxisReads, cols: AxisReads) -> torch.Tensor:
-        """(y1 - y0, x1 - x0) full-resolution logits from `read`, the low-res logits [r0, r1) x [c0, c1)."""
-        return rows.apply(cols.apply(read, self.x0, self.x1, self.c0, dim=1), self.y0, self.y1, self.r0, dim=0)
-
-
 def upsample_window(
     low_res: torch.Tensor, rows: AxisReads, cols: AxisReads, row_span: Tuple[int, int], col_span: Tuple[int, int]
 ) -> Tuple[torch.Tensor, int, int]:
@@ -165,8 +140,10 @@ def upsample_window(
     Outside the window of the logits above t, every pixel is at most t: everything mode computes
     only this window of each mask, with t just below its lowest threshold.
     """
-    w = Window.of(rows, cols, row_span, col_span)
-    return w.upsample(low_res[w.r0 : w.r1, w.c0 : w.c1], rows, cols), w.y0, w.x0
+    y0, y1, r0, r1 = rows.window(*row_span)
+    x0, x1, c0, c1 = cols.window(*col_span)
+    x = cols.apply(low_res[r0:r1, c0:c1], x0, x1, c0, dim=1)
+    return rows.apply(x, y0, y1, r0, dim=0), y0, x0
 
 
 def _true_spans(a: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

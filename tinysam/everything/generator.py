@@ -25,8 +25,6 @@ from ..transforms import ResizeLongestSide, prepare_image, to_rgb_uint8
 from ..utils.malloc import allocation_for
 from ..utils.rle import coco_rles_from_run_lengths, mask_to_uncompressed_rle, run_lengths, window_run_lengths
 from .amg import (
-    AxisReads,
-    Window,
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
     generate_crop_boxes,
@@ -36,15 +34,12 @@ from .amg import (
     remove_small_regions,
     stability_score,
     upsample_logits,
+    upsample_window,
     upsampling_reads,
     window_box,
 )
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-# The low-res logits that masks awaiting the final NMS (`WindowMask`) may hold per mask set (a
-# crop; hierarchical mode has one per round); past this they are run-length coded at once. A
-# crowded image holds ~200 MiB (1782 masks on the nuclei).
-PENDING_MASK_BYTES = 256 << 20
 # Full-resolution logits one upsampling chunk may hold: 16 masks of 1024x1024, one of 16 Mpx (a
 # chunk also holds its masks, their uint8 copy and the RLE encoder's Fortran-ordered copy).
 UPSAMPLE_PIXELS = 16 * 1024 * 1024
@@ -59,38 +54,10 @@ class HighConfidenceArea:
 
 
 @dataclass
-class WindowMask:
-    """A kept mask not yet run-length coded: the low-res logits its window reads. Most masks that
-    pass the filters are duplicates that NMS drops, so the RLE is made only for those it keeps, by
-    upsampling the window again from the same logits (the same values bit for bit)."""
-
-    read: torch.Tensor  # low-res logits [r0, r1) x [c0, c1) of `window`
-    window: Window
-    rows: AxisReads
-    cols: AxisReads
-    threshold: float
-    origin: Tuple[int, int]  # (top, left) of the crop in the image
-    image_size: Tuple[int, int]
-
-    def coco_rle(self) -> Dict[str, Any]:
-        mask = (self.window.upsample(self.read, self.rows, self.cols) > self.threshold).numpy()
-        (h, w), (top, left) = self.image_size, self.origin
-        counts = window_run_lengths(mask, top + self.window.y0, left + self.window.x0, h, w)
-        return coco_rles_from_run_lengths([counts], h, w)[0]
-
-
-def _coco_rles(rles: List[Any]) -> List[Dict[str, Any]]:
-    """Every entry as a compressed COCO RLE (the `WindowMask`s encoded)."""
-    return [r.coco_rle() if isinstance(r, WindowMask) else r for r in rles]
-
-
-@dataclass
 class MaskSet:
-    """Kept masks of one image (or crop) as compressed RLE (or a `WindowMask`, encoded after the
-    final NMS) plus their scores, before the final NMS."""
+    """Kept masks of one image (or crop) as compressed RLE plus their scores, before the final NMS."""
 
-    rles: List[Any] = field(default_factory=list)
-    pending_bytes: int = 0  # held by the WindowMasks in `rles`
+    rles: List[Dict[str, Any]] = field(default_factory=list)
     boxes: List[torch.Tensor] = field(default_factory=list)  # (k, 4) XYXY in image coordinates
     iou_preds: List[torch.Tensor] = field(default_factory=list)
     stability: List[torch.Tensor] = field(default_factory=list)
@@ -121,8 +88,6 @@ def _merge(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 class SamAutomaticMaskGenerator:
-    pending_mask_bytes = PENDING_MASK_BYTES  # see PENDING_MASK_BYTES; tests lower it
-
     def __init__(
         self,
         model: Sam,
@@ -244,7 +209,6 @@ class SamAutomaticMaskGenerator:
                 scores = 1 / box_area(data["crop_boxes"].float())
                 keep = batched_nms(data["boxes"].float(), scores, torch.zeros(len(scores)), self.crop_nms_thresh)
                 data = _select(data, keep)
-            data["rles"] = _coco_rles(data["rles"])
             if self.min_mask_region_area > 0:
                 data = self._remove_small_regions(data)
             per_image.append(self._to_records(data))
@@ -370,9 +334,7 @@ class SamAutomaticMaskGenerator:
         x0, y0 = crop_box[0], crop_box[1]
         kept, boxes, stabs = [], [], []
         for j, (r0, r1, c0, c1) in enumerate(spans.tolist()):
-            window = Window.of(rows, cols, (r0, r1), (c0, c1))
-            read = lows[j, window.r0 : window.r1, window.c0 : window.c1].clone()  # kept for the RLE
-            logits, top, left = window.upsample(read, rows, cols), window.y0, window.x0
+            logits, top, left = upsample_window(lows[j], rows, cols, (r0, r1), (c0, c1))
             stab = torch.count_nonzero(logits > thr + offset) / torch.count_nonzero(logits > thr - offset)
             if self.stability_score_thresh > 0.0 and not (stab >= self.stability_score_thresh).item():
                 continue
@@ -383,10 +345,9 @@ class SamAutomaticMaskGenerator:
             if high_conf is not None:
                 hh, ww = logits.shape
                 high_conf.area[top : top + hh, left : left + ww] |= (logits > high_conf.threshold).numpy()
-            out.rles.append(WindowMask(read, window, rows, cols, thr, (y0, x0), (orig_h, orig_w)))
-            out.pending_bytes += read.numel() * read.element_size()
-            if out.pending_bytes > self.pending_mask_bytes:  # bounded memory: code them now
-                out.rles, out.pending_bytes = _coco_rles(out.rles), 0
+            out.rles += coco_rles_from_run_lengths(
+                [window_run_lengths(mask.numpy(), y0 + top, x0 + left, orig_h, orig_w)], orig_h, orig_w
+            )
             kept.append(j)
             boxes.append(box)
             stabs.append(stab)
