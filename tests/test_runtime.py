@@ -9,7 +9,7 @@ import pytest
 def test_a_model_actor_runs_parallel_ops_without_waking_sleeping_threads(ray_local):
     """Ray Data builds a callable class on the actor's main thread and calls it on a pool thread:
     two OpenMP teams, more threads than cores, so libgomp puts its idle workers to sleep after
-    every parallel op and wakes them for the next (~4 voluntary context switches an op, 1.3x
+    every parallel op and wakes them for the next (~4 voluntary context switches an op, 1.1-1.4x
     slower everything mode). Model actors run on one thread of their own (`on_one_thread`): the
     workers spin between ops as in a plain script."""
     import ray
