@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-def start_cluster(head_cpus: int, node_cpus: int, node_resources: dict = None):
+def start_cluster(head_cpus: int, node_cpus: int, node_resources: dict = None, system_config: dict = None):
     import socket
 
     import ray
@@ -30,7 +30,13 @@ def start_cluster(head_cpus: int, node_cpus: int, node_resources: dict = None):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": True, "dashboard_port": port}
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": head_cpus,
+            "include_dashboard": True,
+            "dashboard_port": port,
+            "_system_config": system_config or {},
+        },
     )
     node = cluster.add_node(num_cpus=node_cpus, resources=node_resources or {})
     cluster.wait_for_nodes()
@@ -108,7 +114,10 @@ def distill(args: list) -> dict:
     dies, and a third node (what an autoscaler would add) takes its place."""
     import importlib.util
 
-    cluster, node = start_cluster(head_cpus=1, node_cpus=2)
+    # No lineage to rebuild a lost block from: the run must not depend on the driver rebuilding
+    # one before the restarted workers ask for it. With lineage, that race is lost now and then
+    # (seen in CI); without it, a borrowed block of the lost node fails every restart.
+    cluster, node = start_cluster(head_cpus=1, node_cpus=2, system_config={"max_lineage_bytes": 0})
     storage = Path(args[args.index("--storage-path") + 1]) / args[args.index("--name") + 1]
     path = Path(__file__).resolve().parents[1] / "jobs" / "distill.py"
     spec = importlib.util.spec_from_file_location("distill_job", path)

@@ -80,7 +80,9 @@ def test_distillation_resumes_from_its_checkpoint_after_losing_a_worker_node(
 ):
     """Training workers on the second node (the head fits one worker at most); the node dies after the
     step-2 checkpoint and a third node joins, as an autoscaler would add one: Ray Train restarts the
-    worker group from that checkpoint, and the run ends at its last step."""
+    worker group from that checkpoint, and the run ends at its last step. The cluster has no lineage
+    reconstruction: a restarted group that read the driver's prepared rows again would fail on any
+    block of the lost node every time (it did, before they were read afresh)."""
     from pipelines.precompute import precompute_embeddings
     from tinysam.sample_data import write_pseudo_labelled_shard
 
@@ -93,4 +95,6 @@ def test_distillation_resumes_from_its_checkpoint_after_losing_a_worker_node(
     assert any("TrainWorker" in name or "RayTrainWorker" in name for name in result["actors_on_node"]), result
     assert result["outcome"] == "finished", result["log"]
     summary = json.loads(next(line for line in result["log"].splitlines() if line.startswith("SUMMARY "))[8:])
-    assert summary["steps"] == 4 and summary["restarts"] == [2], summary
+    # Ray may place a task on the dead node before it has noticed the death: a second retry, from
+    # the same checkpoint
+    assert summary["steps"] == 4 and summary["restarts"] and set(summary["restarts"]) == {2}, summary

@@ -74,6 +74,27 @@ def labelled_split(
     )
 
 
+class PreparedOnce:
+    """A dataset for Ray Train, which calls a callable each time it starts the worker group: the
+    first group gets the rows the driver prepared into the object store (read every epoch, never
+    prepared again); a restarted group gets them read and prepared afresh, streamed.
+
+    Why not the prepared rows again: the driver owns their blocks and the workers only borrow them.
+    A block on a node that died cannot be rebuilt for a borrower, so the restarted workers would
+    depend on the driver's lineage reconstruction winning a race with them (it lost in CI, and
+    every restart failed on the same block). Nor preparing again here: this runs in Ray Train's
+    controller, where an error (a read task placed on the node that just died) ends the run
+    instead of costing a retry; in the workers it costs a retry."""
+
+    def __init__(self, streamed):
+        self._prepared = streamed.materialize()  # a copy: `streamed` stays lazy
+        self._streamed = streamed
+
+    def __call__(self):
+        prepared, self._prepared = self._prepared, None
+        return self._streamed if prepared is None else prepared
+
+
 def stored_rows(ids: List[str], files: List[str], columns: List[str], filesystem=None):
     """The stored rows of `ids`, these columns only (both pushed down into the Parquet read)."""
     import ray.data

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..sources import filesystem
 from ..storage.files import parquet_files, write_bytes_atomic
-from .data import check_teacher, labelled_split, split_ids, teacher_of
+from .data import PreparedOnce, check_teacher, labelled_split, split_ids, teacher_of
 from .report import DistillSummary, summarize, write_text
 
 # PyTorch's transparent huge pages for large CPU buffers: a CPU training step frees and refaults
@@ -44,7 +44,7 @@ class DistillJob:
     max_failures: int = 2
     val_fraction: float = 0.05
     max_masks: int = 64  # labelled masks kept per image (largest first)
-    cache: Optional[bool] = None  # keep the prepared rows in Ray's object store across epochs (default: <= 256 images)
+    cache: Optional[bool] = None  # prepare the rows once, into Ray's object store (default: <= 256 images)
     eval_points: int = 16
     export: Optional[str] = None
     distill: Dict[str, Any] = field(default_factory=dict)
@@ -113,10 +113,11 @@ def distill(
     files = parquet_files(job.embeddings, job.storage_options)
     fs = _read_filesystem(job)
     args = (files, job.max_masks, fs, job.storage_options)
-    datasets = {"train": labelled_split(train_ids, *args), "val": labelled_split(val_ids, *args).materialize()}
-    # A small set is prepared once instead of once per epoch (~10 MB per image in the object store).
-    if job.cache or (job.cache is None and len(train_ids) <= 256):
-        datasets["train"] = datasets["train"].materialize()
+    train, val = labelled_split(train_ids, *args), labelled_split(val_ids, *args)
+    # A small set is prepared once instead of once per epoch (~10 MB per image in the object store),
+    # until a restart: see PreparedOnce.
+    cache = job.cache or (job.cache is None and len(train_ids) <= 256)
+    datasets = {"train": PreparedOnce(train) if cache else train, "val": PreparedOnce(val)}
     start = None  # the scale an encoder from scratch starts at: a training image's embedding, never a held-out one's
     if not job.student_checkpoint:  # read here, not through Ray Data: a dataset's start-up costs seconds
         from ..storage.embeddings import load_embeddings
