@@ -96,25 +96,25 @@ def evaluate_on_ray(
     """(per-image parts, error messages) of one model over `image_ids`, on the current Ray cluster."""
     import ray
 
-    from .runtime import on_one_thread
+    from .stages import model_actor_stage
 
     ds = ray.data.from_items(
         [{"image_id": int(i)} for i in image_ids], override_num_blocks=max(1, min(len(image_ids), 64))
     )
-    ds = ds.map_batches(
-        on_one_thread(ImageEvaluator),
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_gpus=num_gpus_per_actor,
-        num_cpus=num_cpus_per_actor,
-        fn_constructor_kwargs={
+    ds = model_actor_stage(
+        ds,
+        ImageEvaluator,
+        {
             "model_type": model_type,
             "checkpoint": checkpoint,
             "annotations": annotations,
             "images_dir": images_dir,
             "config_json": config_to_json(config),
-            "cpu_threads": None if num_gpus_per_actor else num_cpus_per_actor,
         },
+        batch_size,
+        concurrency,
+        num_gpus_per_actor,
+        num_cpus_per_actor,
     )
     parts, errors = [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

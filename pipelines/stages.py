@@ -133,13 +133,9 @@ def model_and_write(
 
     ds.context.max_errored_blocks = -1  # this dataset's own context: lost blocks are reported as lost images
     retries = {"max_restarts": -1, "max_task_retries": IMAGE_ATTEMPTS - 1}
-    options = {**retries, **(actor_options or {})}
-    runtime_env = dict(options.get("runtime_env") or {})
-    runtime_env["env_vars"] = {**model_actor_env(), **runtime_env.get("env_vars", {})}
-    options["runtime_env"] = runtime_env
     with warnings.catch_warnings():  # Ray 2.60 takes task retries only as ray_remote_args (deprecated)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        ds = _actor_stage(
+        ds = model_actor_stage(
             ds,
             actor_cls,
             actor_kwargs,
@@ -147,18 +143,33 @@ def model_and_write(
             concurrency,
             num_gpus_per_actor,
             num_cpus_per_actor,
-            options,
+            {**retries, **(actor_options or {})},
         )
     return ds.map_batches(
         write_fn, batch_size=rows_per_file, num_cpus=0.5, fn_kwargs={**write_kwargs, "storage_options": storage_options}
     )
 
 
-def _actor_stage(
-    ds, actor_cls, actor_kwargs, batch_size, concurrency, num_gpus_per_actor, num_cpus_per_actor, remote_args
+def model_actor_stage(
+    ds,
+    actor_cls: type,
+    actor_kwargs: Dict[str, Any],
+    batch_size: int,
+    concurrency: int,
+    num_gpus_per_actor: float,
+    num_cpus_per_actor: int,
+    remote_args: Optional[Dict[str, Any]] = None,
 ):
+    """`actor_cls` over `ds` on a pool of `concurrency` model actors, set up as every job's model
+    actors are: one thread for the model (`runtime.on_one_thread`), the model actors' process
+    environment (`runtime.model_actor_env`; a value in `remote_args`' runtime env wins), and on a
+    CPU actor `cpu_threads` equal to its CPUs."""
     import ray
 
+    options = dict(remote_args or {})
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**model_actor_env(), **runtime_env.get("env_vars", {})}
+    options["runtime_env"] = runtime_env
     return ds.map_batches(
         on_one_thread(actor_cls),
         batch_size=batch_size,
@@ -166,7 +177,7 @@ def _actor_stage(
         num_gpus=num_gpus_per_actor,
         num_cpus=num_cpus_per_actor,
         fn_constructor_kwargs={**actor_kwargs, "cpu_threads": None if num_gpus_per_actor else num_cpus_per_actor},
-        **remote_args,
+        **options,
     )
 
 
