@@ -28,7 +28,9 @@ def scenario(*args: str, timeout: float = 600) -> dict:
     out = done.stdout + done.stderr
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert lines, out[-4000:]
-    return {**json.loads(lines[-1][7:]), "log": out[-4000:]}
+    # the job's SUMMARY line from the whole output: Ray's messages after it can outrun any tail
+    summaries = [json.loads(line[8:]) for line in out.splitlines() if line.startswith("SUMMARY ")]
+    return {**json.loads(lines[-1][7:]), "summary": summaries[-1] if summaries else None, "log": out[-4000:]}
 
 
 def test_precompute_survives_losing_the_node_of_its_model_actor(tmp_path, photos_dir, mobile_sam_path):
@@ -94,7 +96,8 @@ def test_distillation_resumes_from_its_checkpoint_after_losing_a_worker_node(
     assert result["killed"] and result["progress_at_kill"], result["log"]
     assert any("TrainWorker" in name or "RayTrainWorker" in name for name in result["actors_on_node"]), result
     assert result["outcome"] == "finished", result["log"]
-    summary = json.loads(next(line for line in result["log"].splitlines() if line.startswith("SUMMARY "))[8:])
+    summary = result["summary"]
+    assert summary, result["log"]
     # Ray may place a task on the dead node before it has noticed the death: a second retry, from
     # the same checkpoint
     assert summary["steps"] == 4 and summary["restarts"] and set(summary["restarts"]) == {2}, summary
