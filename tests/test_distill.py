@@ -286,49 +286,47 @@ def assert_untrained_row_then_checkpoints(summary: dict, steps: list) -> None:
     assert summary["miou_end"] >= summary["miou_start"] + 0.1, summary["table"]
 
 
-def test_ray_train_job_survives_a_killed_worker_and_exports(job_on_s3, s3_endpoint, tmp_path, monkeypatch, capsys):
+def test_ray_train_job_survives_a_killed_worker_exports_and_resumes(
+    job_on_s3, s3_endpoint, tmp_path, monkeypatch, capsys
+):
     """2 CPU workers, checkpoints on S3: every step is reported, the held-out mIoU is measured
     before training and at every checkpoint and rises, a worker killed after the first checkpoint
-    resumes the run from that checkpoint's step, the export loads in our builder, and an existing
-    run is refused without --resume. Not asserted here: that the loss falls (4 steps on different
-    images are noise; the test above holds the batch fixed). A longer curve:
+    resumes the run from that checkpoint's step, the export loads in our builder, an existing run
+    is refused without --resume, and with --resume a second job continues the finished run from
+    its last checkpoint to more steps, keeping the run's history. One run for both jobs: a Ray
+    Train job costs minutes on a CI core. Not asserted here: that the loss falls (4 steps on
+    different images are noise; the test above holds the batch fixed). A longer curve:
     `benchmarks/distill.py --curve`."""
     from .helpers import s3_env
 
     args, env, fs = job_on_s3
-    args = [*args, "--name", "killed", "--steps", "4"]
+    args = [*args, "--name", "killed"]
     export = tmp_path / "student.pth"
     # Worker rank 1 SIGKILLs itself right after the step-3 report: the last checkpoint is step 2.
-    summary, out = run_distill_job([*args, "--export", str(export)], env, kill_worker_at=(3, 1, tmp_path / "killed"))
+    first, out = run_distill_job(
+        [*args, "--steps", "4", "--export", str(export)], env, kill_worker_at=(3, 1, tmp_path / "killed")
+    )
     assert (tmp_path / "killed").exists()
-    assert summary["steps"] == 4
-    assert summary["restarts"] == [2], out[-5000:]  # resumed from the step-2 checkpoint, not from zero
+    assert first["steps"] == 4
+    assert first["restarts"] == [2], out[-5000:]  # resumed from the step-2 checkpoint, not from zero
     assert "worker 0 of 2: cpu, 1 threads, THP_MEM_ALLOC_ENABLE=1" in out  # the workers' environment (worker_env)
-    assert np.isfinite([summary["loss_start"], summary["loss_end"]]).all()
+    assert np.isfinite([first["loss_start"], first["loss_end"]]).all()
     with capsys.disabled():
-        print("\n" + summary["table"])
-    assert_untrained_row_then_checkpoints(summary, ["0", "2", "4"])
+        print("\n" + first["table"])
+    assert_untrained_row_then_checkpoints(first, ["0", "2", "4"])
     build_sam("vit_t_mini", str(export))
-    assert fs.cat("runs/killed/report.md").decode() == summary["table"]
+    assert fs.cat("runs/killed/report.md").decode() == first["table"]
     # Without --resume the existing run is refused before Ray starts, nothing touched (the job's
     # own main, in this process: a Python start would cost more than the check).
     for key, value in s3_env(s3_endpoint).items():
         monkeypatch.setenv(key, value)
     before = sorted(fs.find("runs/killed"))
-    assert load_job("distill").main(args) == 2
+    assert load_job("distill").main([*args, "--steps", "6"]) == 2
     assert "--resume" in capsys.readouterr().err
     fs.invalidate_cache()
     assert sorted(fs.find("runs/killed")) == before
-
-
-def test_resume_continues_a_run_in_a_new_job(job_on_s3):
-    """--resume: a second job continues a finished run from its last checkpoint on S3, to more
-    steps than it first had, with the run's history (the first job's rows, the resume at step 2)."""
-    args, env, _ = job_on_s3
-    args = [*args, "--name", "resumed"]
-    first, _ = run_distill_job([*args, "--steps", "2"], env)
-    assert (first["steps"], first["restarts"]) == (2, [])
-    summary, out = run_distill_job([*args, "--steps", "4", "--resume"], env)
-    assert (summary["steps"], summary["restarts"]) == (4, [2]), out[-5000:]
-    assert summary["table"].splitlines()[:4] == first["table"].splitlines()
-    assert_untrained_row_then_checkpoints(summary, ["0", "2", "4"])
+    # --resume: a new job continues from the step-4 checkpoint, the first job's rows kept.
+    resumed, out = run_distill_job([*args, "--steps", "6", "--resume"], env)
+    assert (resumed["steps"], resumed["restarts"]) == (6, [2, 4]), out[-5000:]
+    assert resumed["table"].splitlines()[:5] == first["table"].splitlines()
+    assert_untrained_row_then_checkpoints(resumed, ["0", "2", "4", "6"])
