@@ -41,6 +41,28 @@ def test_keep_freed_memory_stops_refaulting_everything_modes_temporaries():
     assert keep[-1] < default[-1] / 20, (keep, default)
 
 
+RELEASE_PROBE = """
+import os
+from tinysam.utils.malloc import keep_freed_memory, release_freed_memory
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+assert keep_freed_memory()
+blocks = [bytearray(8 << 20) for _ in range(40)]  # 320 MiB from the heap, written
+del blocks
+kept = rss_mib()
+assert release_freed_memory()
+print(kept, rss_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_release_freed_memory_gives_the_kept_heap_back():
+    """What keep_freed_memory keeps stays in the process until release_freed_memory returns it."""
+    done = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, check=True)
+    kept, released = (int(v) for v in done.stdout.split()[-2:])
+    assert kept - released >= 250, (kept, released)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_a_model_actor_reuses_everything_modes_temporaries_in_its_batch_thread(ray_local):
     """Ray Data runs a model actor's batches on a pool thread, whose own glibc arena cannot hold
