@@ -13,7 +13,7 @@ import torch
 
 from tinysam import build_sam
 from tinysam.sample_data import bbbc038, sample_images
-from tinysam.utils.malloc import keep_freed_memory
+from tinysam.utils.malloc import keep_freed_memory, release_freed_memory
 from tinysam.weights import fetch_known
 
 from .helpers import free_port, import_official, job_env, wait_for_port
@@ -25,10 +25,17 @@ def pytest_configure(config):
     # 72 s with 2 threads per worker, 42 s with 1).
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    # A test process runs model after model, as the jobs' actors do: keep freed memory for reuse
-    # instead of faulting every large temporary in afresh (the official generator's 32x32 run, the
-    # suite's longest test, included).
+
+
+@pytest.fixture(scope="module")
+def freed_memory_kept():
+    """For a module of everything-mode calls: keep freed memory for reuse, as the jobs' actors do,
+    instead of faulting every large temporary in afresh (the official generator at 32x32, the
+    suite's longest test: 258 s against 340 s). Released after the module: kept for the whole
+    session, a test process's heap grew to 7.7 GB and Ray's memory monitor killed a job beside it."""
     keep_freed_memory()
+    yield
+    release_freed_memory()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from tinysam.utils.metrics import best_match_ious
 
 from .helpers import import_official
 
+pytestmark = pytest.mark.usefixtures("freed_memory_kept")
+
 
 def _assert_same_masks(ours, official):
     assert abs(len(ours) - len(official)) <= max(1, 0.02 * len(official))
