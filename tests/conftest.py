@@ -30,9 +30,10 @@ def pytest_configure(config):
 @pytest.fixture(scope="module")
 def freed_memory_kept():
     """For a module of everything-mode calls: keep freed memory for reuse, as the jobs' actors do,
-    instead of faulting every large temporary in afresh (the official generator at 32x32, the
-    suite's longest test: 258 s against 340 s). Released after the module: kept for the whole
-    session, a test process's heap grew to 7.7 GB and Ray's memory monitor killed a job beside it."""
+    instead of faulting every large temporary in afresh (the suite's longest test, the official
+    generator at 32x32, among them). Released after the module: kept over the suite's mixed
+    work, a worker's heap fragments until Ray's memory monitor kills the jobs beside it
+    (docs/benchmarks.md, "Test suite time")."""
     keep_freed_memory()
     yield
     release_freed_memory()

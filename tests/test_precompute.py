@@ -1,4 +1,5 @@
-"""The precompute job on a local Ray with the real vit_t as teacher, on real photos."""
+"""The precompute job on a local Ray with the real vit_t as teacher (a seeded vit_t_mini where
+only the compiler is under test), on real photos."""
 
 import sys
 from pathlib import Path

@@ -64,9 +64,8 @@ def keep_freed_memory() -> bool:
 
 def release_freed_memory() -> bool:
     """Undo `keep_freed_memory`: glibc's thresholds back and the heap's free pages returned to the
-    system. For a process that goes on to other work after a run of model calls; over many
-    different workloads the kept heap fragments (a test process reached 7.7 GB). False where
-    glibc is not there."""
+    system. For a process that goes on to other work after a run of model calls: over many
+    different workloads the kept heap fragments and grows. False where glibc is not there."""
     global _normal_threshold
     libc = _libc()
     if libc is None or not libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD):
