@@ -161,13 +161,8 @@ def test_skip_similarity_is_low_where_the_embedding_changes():
 
 
 def test_bfloat16_decoder_keeps_the_masks(vit_t, photos):
-    """The bfloat16 option: nearly the float32 masks, the model's own decoder untouched, and a
-    warning where the CPU has no native bfloat16."""
-    import warnings
-
+    """The bfloat16 option: nearly the float32 masks, and the model's own decoder untouched."""
     import torch
-
-    from tinysam.everything.generator import bfloat16_is_native
 
     emb, input_size, size = _embed(vit_t, photos["astronaut"])
 
@@ -175,15 +170,58 @@ def test_bfloat16_decoder_keeps_the_masks(vit_t, photos):
         gen = SamHierarchicalMaskGenerator(vit_t, points_per_side=16, **kwargs)
         return [r["segmentation"] for r in gen.generate_from_embeddings(emb, [input_size], [size])[0]]
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        bf16 = masks(decoder_dtype="bfloat16")
-    assert any("bfloat16" in str(w.message) for w in caught) == (not bfloat16_is_native(torch.device("cpu")))
-    fp32 = masks()
+    bf16, fp32 = masks(decoder_dtype="bfloat16"), masks()
     assert next(vit_t.mask_decoder.parameters()).dtype == torch.float32
     agreement = best_match_ious(fp32, bf16).mean()
     print(f"bfloat16 decoder vs float32: agreement {agreement:.4f}, {len(bf16)} vs {len(fp32)} masks")
     assert len(fp32) >= 10 and agreement >= 0.95
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_decoder_warns_only_where_the_cpu_has_no_native_bfloat16(vit_t, monkeypatch, native):
+    import warnings
+
+    import torch
+
+    from tinysam.everything import generator as generator_module
+
+    monkeypatch.setattr(generator_module, "bfloat16_is_native", lambda device: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decoder = generator_module.reduced_precision_decoder(vit_t.mask_decoder, torch.bfloat16)
+    assert next(decoder.parameters()).dtype == torch.bfloat16
+    assert any("slower than float32" in str(w.message) for w in caught) == (not native)
+
+
+def test_bfloat16_decoder_runs_where_onednn_has_no_bfloat16_kernel(monkeypatch):
+    """Without AVX-512 (an AVX2-only EPYC) oneDNN refuses a bfloat16 inner product outright; the
+    decoder's linear layers then take the plain matmul instead of failing the job."""
+    import torch
+    from torch import nn
+
+    from tinysam.modeling import folded_decoder
+
+    real = folded_decoder._FUSED_LINEAR
+
+    def refuses_bfloat16(x, *args):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("could not create a primitive descriptor for the inner product forward propagation")
+        return real(x, *args)
+
+    monkeypatch.setattr(folded_decoder, "_FUSED_LINEAR", refuses_bfloat16)
+    folded_decoder.fused_linear_runs.cache_clear()
+    try:
+        assert not folded_decoder.fused_linear_runs(torch.bfloat16)
+        assert folded_decoder.fused_linear_runs(torch.float32) == (real is not None)
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(64, 32, generator=g), torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+        expected = nn.functional.gelu(x @ w.T + b)
+        with torch.inference_mode():
+            got = folded_decoder._linear(x.bfloat16(), w.bfloat16(), b.bfloat16(), nn.GELU())
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - expected).abs().max() <= 0.05 * expected.abs().max()
+    finally:
+        folded_decoder.fused_linear_runs.cache_clear()
 
 
 def test_hierarchical_mode_with_nothing_skipped_is_dense_mode(vit_t, photos):

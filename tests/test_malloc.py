@@ -38,7 +38,9 @@ def test_keep_freed_memory_stops_refaulting_everything_modes_temporaries():
 
     default, keep = faults("default"), faults("keep")
     assert default[-1] > 100_000, default
-    assert keep[-1] < default[-1] / 20, (keep, default)
+    # The cut is 16-50x on the CPUs seen so far (least on an AVX2-only EPYC, whose kernels' own
+    # scratch buffers refault either way): a quarter of that still tells kept from not kept.
+    assert keep[-1] < default[-1] / 4, (keep, default)
 
 
 RELEASE_PROBE = """

@@ -21,6 +21,7 @@ input) dense embedding, and float `nn.Linear` layers (not the quantized ones: `f
 gives those the plain decoder's channels-last upscaling).
 """
 
+import functools
 from functools import partial
 from typing import Callable, Optional, Tuple
 
@@ -203,6 +204,22 @@ def _fused_linear_op():
 _FUSED_LINEAR = _fused_linear_op()
 
 
+@functools.lru_cache(maxsize=None)
+def fused_linear_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused linear runs in `dtype` on this CPU. Without AVX-512 oneDNN has no
+    bfloat16 inner product at all (it refuses with "could not create a primitive descriptor"),
+    while PyTorch's own capability check may still say yes: so it is tried once, on a tiny input,
+    and those CPUs take the plain matmul in that dtype."""
+    if _FUSED_LINEAR is None:
+        return False
+    x = torch.zeros(2, 16, dtype=dtype)
+    try:
+        _FUSED_LINEAR(x, torch.zeros(16, 16, dtype=dtype), torch.zeros(16, dtype=dtype), "none", [], "")
+    except RuntimeError:
+        return False
+    return True
+
+
 def _linear(x: Tensor, weight: Tensor, bias: Tensor, act: Optional[nn.Module] = None) -> Tensor:
     """act(x @ weight.T + bias). On the CPU oneDNN adds the bias and applies a GELU in the
     matmul's own pass: the upscaler's two linear layers, the widest in the decoder, otherwise spend
@@ -214,6 +231,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor, act: Optional[nn.Module] = 
         and _FUSED_LINEAR is not None
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
+        and fused_linear_runs(x.dtype)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
         return _FUSED_LINEAR(
