@@ -105,9 +105,10 @@ def build_sam(model_type: str, checkpoint: Optional[str] = None) -> Sam:
 
 
 def check_checkpoint(model_type: str, checkpoint: str) -> None:
-    """Read `checkpoint` and check that it loads strictly into `model_type`, without allocating or
-    initialising the model's weights (it is built on the meta device): a cheap pre-flight for jobs."""
-    state_dict = load_checkpoint(checkpoint)
+    """Check that `checkpoint` loads strictly into `model_type`, without reading its weights (they
+    are memory-mapped) or allocating the model's (it is built on the meta device): a cheap
+    pre-flight for jobs, whose driver also hashes the file for provenance."""
+    state_dict = load_checkpoint(checkpoint, mmap=True)
     with torch.device("meta"):
         model = build_sam(model_type)
     load_into(model, state_dict, label=f"{checkpoint} ({model_type})", assign=True)

@@ -107,10 +107,11 @@ def sha256_file(path: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
-def read_state_dict(path: Union[str, Path], name: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: Union[str, Path], name: Optional[str] = None, mmap: bool = False) -> Dict[str, torch.Tensor]:
     """`torch.load(weights_only=True)` a file into a flat {name: tensor} dict, or raise CheckpointError.
 
-    A `{"model": ...}` or `{"state_dict": ...}` wrapper (training checkpoints) is unwrapped.
+    A `{"model": ...}` or `{"state_dict": ...}` wrapper (training checkpoints) is unwrapped. With
+    `mmap`, a zip-format file's tensors are mapped, not read: names and shapes cost a few reads.
     """
     label = name or str(path)
     with open(path, "rb") as f:
@@ -120,7 +121,7 @@ def read_state_dict(path: Union[str, Path], name: Optional[str] = None) -> Dict[
     if not head.startswith(b"PK") and not head.startswith(b"\x80"):
         raise CheckpointError(f"{label}: not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
     except Exception as e:  # torch raises several types for the same kinds of damage
         raise CheckpointError(f"{label}: {_describe_load_error(e)}") from e
     if isinstance(obj, Mapping) and len(obj) == 1 and next(iter(obj)) in ("model", "state_dict"):
@@ -270,10 +271,11 @@ def resolve_checkpoint(spec: Union[str, os.PathLike]) -> Path:
     raise CheckpointError(f"{text}: no such file, and not a known checkpoint name ({known_names}) or URL")
 
 
-def load_checkpoint(spec: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """Resolve `spec` and read it as a state dict (always `weights_only=True`)."""
+def load_checkpoint(spec: Union[str, os.PathLike], mmap: bool = False) -> Dict[str, torch.Tensor]:
+    """Resolve `spec` and read it as a state dict (always `weights_only=True`; `mmap`: see
+    `read_state_dict`)."""
     path = resolve_checkpoint(spec)
-    return read_state_dict(path, str(spec) if os.fspath(spec) != str(path) else None)
+    return read_state_dict(path, str(spec) if os.fspath(spec) != str(path) else None, mmap=mmap)
 
 
 def save_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike]) -> Path:

@@ -8,7 +8,7 @@ is the input-frame point (4x + 2, 4y + 2).
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict
 
 import torch
 
@@ -89,15 +89,13 @@ class HardPromptSampler:
         predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         iterations: int,
         generator: torch.Generator,
-        trace: Optional[List[Dict[str, torch.Tensor]]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Point prompts for the labelled masks `gt` (N, H, W) bool.
 
         `predict(coords (N, k, 2), labels (N, k))` returns the student's mask logits (N, K, H, W);
         of K > 1 outputs the one closest to the label counts (as SAM trains). Each iteration adds
         one point per prompt: positive where the label is missed, negative on a false positive,
-        and a padding point (label -1) once a prediction is exact. `trace`, if given, receives each
-        iteration's prediction, error region and new point (tests check where points land).
+        and a padding point (label -1) once a prediction is exact.
         """
         width = gt.shape[-1]
         first = sample_cells(gt, generator)
@@ -116,10 +114,6 @@ class HardPromptSampler:
                 pick["found"], positive.to(torch.int), torch.full_like(positive, -1, dtype=torch.int)
             )
             new_point = cells_to_points(pick["index"], width)
-            if trace is not None:
-                trace.append(
-                    {"pred": pred, "missed": missed, "extra": extra, "index": pick["index"], "label": new_label}
-                )
             coords = torch.cat([coords, new_point[:, None]], 1)
             labels = torch.cat([labels, new_label[:, None]], 1)
         return {"coords": coords, "labels": labels}

@@ -1,10 +1,11 @@
 """One typed description of an everything-mode run: the mode and every setting its generators take.
 
-The generators keep the official keyword arguments (drop-in); this dataclass is what the rest of
-the project passes around: the auto-masking job declares its flags from its fields (with the help
-text written here), the evaluation job parses its `--everything` specs into it, the actor builds
-its generator from it, and the Parquet `params` column stores it (`to_json`). It imports no torch,
-so a driver can validate settings before any model is loaded.
+The generators keep the official keyword arguments (drop-in), with their defaults read from this
+dataclass (`DEFAULTS`); it is what the rest of the project passes around: the auto-masking job
+declares one flag per field (pipelines/cli.py, with the help text written here), the evaluation
+job parses its `--everything` specs into it, the actor builds its generator from it, and the
+Parquet `params` column stores it (`to_json`). It imports no torch, so a driver can validate
+settings before any model is loaded.
 """
 
 import json
@@ -18,9 +19,9 @@ HIERARCHICAL_ONLY = ("round1_points_per_side", "high_confidence_thresh", "skip_m
 # Settings that set speed and memory, never the masks: a job stores and compares the others only,
 # so a run resumed on other hardware (CPU or GPU values) is not refused.
 EXECUTION_ONLY = ("points_per_batch", "decoder_chunk", "upsample_chunk")
-# Their values when the model runs on a GPU: 4.5x the speed of 64/4/16 on an H200, the same masks
-# (benchmarks/gpu_check.py, "everything_settings"). Each decoded prompt holds ~25 MiB of activations,
-# so a decoder chunk of 256 takes ~6 GiB per actor.
+# Their values when the model runs on a GPU, where larger calls keep the card busy and give the same
+# masks (measured: docs/benchmarks.md, "On a GPU"). Each decoded prompt holds ~25 MiB of
+# activations, so a decoder chunk of 256 takes ~6 GiB per actor.
 GPU_EXECUTION: Dict[str, int] = {"points_per_batch": 256, "decoder_chunk": 256, "upsample_chunk": 64}
 # Named starting points over the settings below; measured speed and agreement in docs/benchmarks.md.
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -194,6 +195,10 @@ class EverythingConfig:
 
         cls = SamHierarchicalMaskGenerator if self.mode == "hierarchical" else SamAutomaticMaskGenerator
         return cls(model, output_mode=output_mode, **self.generator_kwargs())
+
+
+# The settings' defaults, read by the generators' signatures: written once, in the fields above.
+DEFAULTS = EverythingConfig()
 
 
 def _default(name: str) -> Any:

@@ -38,6 +38,7 @@ from .amg import (
     upsampling_reads,
     window_box,
 )
+from .config import DEFAULTS
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # Full-resolution logits one upsampling chunk may hold: 16 masks of 1024x1024, one of 16 Mpx (a
@@ -91,23 +92,23 @@ class SamAutomaticMaskGenerator:
     def __init__(
         self,
         model: Sam,
-        points_per_side: Optional[int] = 32,
-        points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        stability_score_offset: float = 1.0,
-        box_nms_thresh: float = 0.7,
-        crop_n_layers: int = 0,
-        crop_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500,
-        crop_n_points_downscale_factor: int = 1,
+        points_per_side: Optional[int] = DEFAULTS.points_per_side,
+        points_per_batch: int = DEFAULTS.points_per_batch,
+        pred_iou_thresh: float = DEFAULTS.pred_iou_thresh,
+        stability_score_thresh: float = DEFAULTS.stability_score_thresh,
+        stability_score_offset: float = DEFAULTS.stability_score_offset,
+        box_nms_thresh: float = DEFAULTS.box_nms_thresh,
+        crop_n_layers: int = DEFAULTS.crop_n_layers,
+        crop_nms_thresh: float = DEFAULTS.crop_nms_thresh,
+        crop_overlap_ratio: float = DEFAULTS.crop_overlap_ratio,
+        crop_n_points_downscale_factor: int = DEFAULTS.crop_n_points_downscale_factor,
         point_grids: Optional[List[np.ndarray]] = None,
-        min_mask_region_area: int = 0,
+        min_mask_region_area: int = DEFAULTS.min_mask_region_area,
         output_mode: str = "binary_mask",
-        upsample_chunk: int = 16,
-        decoder_chunk: int = 16,
-        fast_decoder: bool = True,
-        decoder_dtype: str = "float32",
+        upsample_chunk: int = DEFAULTS.upsample_chunk,
+        decoder_chunk: int = DEFAULTS.decoder_chunk,
+        fast_decoder: bool = DEFAULTS.fast_decoder,
+        decoder_dtype: str = DEFAULTS.decoder_dtype,
     ) -> None:
         """Arguments as the official generator's (see its docs), plus: `upsample_chunk` bounds how
         many masks an accelerator holds at full resolution at once (fewer on large images: at most
@@ -147,9 +148,6 @@ class SamAutomaticMaskGenerator:
         self._decoder_dtype = next(decoder.parameters()).dtype
         self._mask_decoder = folded_decoder.fast_decoder(decoder) if fast_decoder else decoder
         self.last_stats: Dict[str, int] = {}
-        # Full-resolution filters per mask window (True) or on chunks of whole masks (False);
-        # None: windows on the CPU, chunks on an accelerator. The same masks either way.
-        self.windowed_filters: Optional[bool] = None
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -310,7 +308,7 @@ class SamAutomaticMaskGenerator:
         if self.pred_iou_thresh > 0.0:
             keep = keep[iou > self.pred_iou_thresh]
         args = (out, low_res, iou, keep, points, input_size, crop_size, crop_box, orig_size, high_conf)
-        if self.windowed_filters if self.windowed_filters is not None else low_res.device.type == "cpu":
+        if filters_per_window(low_res.device):
             self._filter_windows(*args)
         else:
             self._filter_chunks(*args)
@@ -474,20 +472,37 @@ def _encode_rle(mask: np.ndarray) -> Dict[str, Any]:
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
 
 
-def _encode_rles(
-    masks: torch.Tensor, crop_box: List[int], orig_size: Tuple[int, int], on_device: Optional[bool] = None
-) -> List[Dict[str, Any]]:
+def filters_per_window(device: torch.device) -> bool:
+    """Where the full-resolution filters run per mask window (the CPU: each mask costs its object's
+    size) rather than on chunks of whole masks (an accelerator: few large kernels). The same masks
+    either way."""
+    return device.type == "cpu"
+
+
+def _encode_rles(masks: torch.Tensor, crop_box: List[int], orig_size: Tuple[int, int]) -> List[Dict[str, Any]]:
     """Compressed COCO RLEs of (k, h, w) crop masks placed in the full image. Masks on an
-    accelerator (or `on_device=True`) are run-length coded where they are and only the run
-    lengths cross to the host; on the CPU pycocotools encodes them directly. Same bytes either way."""
+    accelerator are run-length coded where they are and only the run lengths cross to the host;
+    on the CPU pycocotools encodes them directly. Same bytes either way."""
+    if masks.device.type != "cpu":
+        return _encode_rles_where_they_are(masks, crop_box, orig_size)
+    return _encode_rles_with_pycocotools(masks, crop_box, orig_size)
+
+
+def _encode_rles_where_they_are(
+    masks: torch.Tensor, crop_box: List[int], orig_size: Tuple[int, int]
+) -> List[Dict[str, Any]]:
     x0, y0, x1, y1 = crop_box
     h, w = orig_size
-    if on_device is None:
-        on_device = masks.device.type != "cpu"
-    if on_device:
-        if (x0, y0, x1, y1) != (0, 0, w, h):
-            masks = torch.nn.functional.pad(masks, (x0, w - x1, y0, h - y1))
-        return coco_rles_from_run_lengths(run_lengths(masks.bool()), h, w)
+    if (x0, y0, x1, y1) != (0, 0, w, h):
+        masks = torch.nn.functional.pad(masks, (x0, w - x1, y0, h - y1))
+    return coco_rles_from_run_lengths(run_lengths(masks.bool()), h, w)
+
+
+def _encode_rles_with_pycocotools(
+    masks: torch.Tensor, crop_box: List[int], orig_size: Tuple[int, int]
+) -> List[Dict[str, Any]]:
+    x0, y0, x1, y1 = crop_box
+    h, w = orig_size
     arr = masks.cpu().numpy().astype(np.uint8)
     if (x0, y0, x1, y1) != (0, 0, w, h):
         arr = np.pad(arr, ((0, 0), (y0, h - y1), (x0, w - x1)))

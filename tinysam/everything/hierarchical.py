@@ -5,24 +5,21 @@ logits exceed `high_confidence_thresh` (tau, 8.5) form the high-confidence area.
 the dense grid, skipping every point inside that area: those objects are segmented already.
 Both rounds' masks are merged, NMS-ed and post-processed as in dense mode.
 
-Three refinements over the paper's description, each measured in `benchmarks/everything.py`:
+Three refinements over the paper's description (measured in docs/benchmarks.md, "Everything
+mode vs the official generator"; why, in docs/design.md, "Everything mode"):
 - when the coarse grid divides the dense one, round 1 takes its points from the dense grid (the
   one nearest each coarse cell's centre), so no point is decoded twice and, with nothing skipped,
   the result is exactly the dense generator's;
 - `skip_margin`: a point is skipped only when the high-confidence area covers the box of
-  +-margin grid spacings around it, not just the point. A point near the edge of a confident
+  +-margin grid spacings around it, not just the point: a point near the edge of a confident
   mask is where a neighbouring object starts, or where a coarse point's mask is cut at the wrong
-  place; crowded small objects (BBBC038 nuclei) lost 0.016 mIoU against dense without the margin,
-  0.0003 with a quarter spacing. 0 is the paper's rule.
+  place (crowded small objects lose masks without it). 0 is the paper's rule.
 - `skip_similarity`: a covered point is skipped only where the image embedding is homogeneous:
   its cosine similarity to each of its 8 neighbouring embedding cells at least this. Small objects
-  and parts inside a confident mask (149 pixels inside the cup on coffee, 530 on the cat's face on
-  chelsea) change the embedding, and the masks of the points on them are often the only ones to
-  find them; without this the photos lost one dense mask in 12 (agreement 0.93), with 0.6 none
-  (>= 0.99) for 5-17% more points. The check costs one gather of the embedding. 0 is the paper's
-  rule.
-A lower tau skips more, but loses masks that neither check keeps (tau 4 on a held-out photo:
-agreement 0.81), so the paper's 8.5 stays.
+  and parts inside a confident mask change the embedding, and the masks of the points on them
+  are often the only ones to find them. The check costs one gather of the embedding. 0 is the
+  paper's rule.
+A lower tau skips more, but loses masks that neither check keeps, so the paper's 8.5 stays.
 """
 
 from typing import Any, Dict, List, Optional
@@ -34,6 +31,7 @@ import torch.nn.functional as F
 
 from ..modeling import Sam
 from .amg import build_point_grid
+from .config import DEFAULTS
 from .generator import HighConfidenceArea, SamAutomaticMaskGenerator, _merge
 
 
@@ -41,12 +39,12 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
     def __init__(
         self,
         model: Sam,
-        points_per_side: Optional[int] = 32,
-        round1_points_per_side: Optional[int] = None,
-        high_confidence_thresh: float = 8.5,
-        skip_margin: float = 0.25,
-        skip_similarity: float = 0.6,
-        crop_n_points_downscale_factor: int = 1,
+        points_per_side: Optional[int] = DEFAULTS.points_per_side,
+        round1_points_per_side: Optional[int] = DEFAULTS.round1_points_per_side,
+        high_confidence_thresh: float = DEFAULTS.high_confidence_thresh,
+        skip_margin: float = DEFAULTS.skip_margin,
+        skip_similarity: float = DEFAULTS.skip_similarity,
+        crop_n_points_downscale_factor: int = DEFAULTS.crop_n_points_downscale_factor,
         **kwargs: Any,
     ) -> None:
         """`points_per_side` is the round-2 (dense) density; round 1 defaults to a quarter of it.

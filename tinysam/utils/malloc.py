@@ -2,16 +2,16 @@
 
 glibc serves allocations below its mmap threshold from its heap and raises that threshold (up to
 32 MiB) each time a larger block is freed. On a large image, everything mode's full-resolution
-temporaries then pile up in the heap, which glibc does not give back: one 12 Mpx photo held
-6.7 GB at its peak for 0.6 GB of live data. With a fixed 1 MiB threshold every large temporary is
-mapped and unmapped: 1.4 GB peak, but ~1.7x slower on ordinary photos, whose page faults it
-multiplies (docs/benchmarks.md, "Everything mode: peak memory"). So the small threshold applies
-only while a large image is processed. Elsewhere than glibc these are no-ops.
+temporaries then pile up in the heap, which glibc does not give back: the peak grows to many
+times the live data. With a fixed small threshold every large temporary is mapped and unmapped:
+a low peak, but ordinary photos slow down, since their page faults multiply. So the small
+threshold applies only while a large image is processed (figures: docs/benchmarks.md, "Everything
+mode: peak memory"). Elsewhere than glibc these are no-ops.
 
 The other way round, a process that runs everything mode image after image (a job's model actor)
 gains from keeping what it frees: with glibc's defaults each photo's temporaries are mapped,
-faulted in page by page and handed back, 1-1.6 M page faults per photo and ~30% of its time.
-`keep_freed_memory` serves them from the heap and keeps it (docs/design.md, "Page faults").
+faulted in page by page and handed back, a large share of its time. `keep_freed_memory` serves
+them from the heap and keeps it (docs/design.md, "Page faults in everything mode").
 """
 
 import ctypes
@@ -50,7 +50,7 @@ def set_mmap_threshold(nbytes: int) -> bool:
 def keep_freed_memory() -> bool:
     """For the rest of the process: serve large temporaries from glibc's heap and keep up to 1 GiB
     of freed memory there, so that image after image reuses memory instead of faulting it in
-    afresh (everything mode on a photo: 1.29x faster, `benchmarks/allocator.py`). For dedicated
+    afresh (measured: `benchmarks/allocator.py`, docs/benchmarks.md). For dedicated
     model processes (the jobs' actors); False where glibc is not there."""
     global _normal_threshold
     libc = _libc()

@@ -11,11 +11,12 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from .build_sam import build_sam
-from .predictor import SamPredictor
-from .sample_data import sample_images
-from .utils.rle import mask_bbox_xywh, mask_to_coco_rle
-from .visualize import overlay_masks, save_png
+from tinysam.build_sam import build_sam
+from tinysam.predictor import SamPredictor
+from tinysam.utils.rle import mask_bbox_xywh, mask_to_coco_rle
+from tinysam.visualize import overlay_masks, save_png
+
+from .data import sample_images
 
 # Prompts as fractions of (width, height): hand-picked for the sample photos, generic otherwise.
 _PROMPTS: Dict[str, List[dict]] = {

@@ -15,7 +15,7 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
-from .weights import cache_dir
+from tinysam.weights import cache_dir
 
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 # The scikit-image photos inside its wheel (no download; colour and grey; its binary, logo and
@@ -89,9 +89,9 @@ def write_pseudo_labelled_shard(
 
     from PIL import Image
 
-    from .everything import SamAutomaticMaskGenerator
-    from .transforms import to_rgb_uint8
-    from .utils.sa1b import sa1b_document, write_sa1b_shard
+    from tinysam.everything import SamAutomaticMaskGenerator
+    from tinysam.transforms import to_rgb_uint8
+    from tinysam.utils.sa1b import sa1b_document, write_sa1b_shard
 
     shard = Path(folder) / "sa_000000.tar"
     if shard.exists():
@@ -125,9 +125,9 @@ def write_synthetic_sa1b_shard(
 
     from PIL import Image
 
-    from .transforms import to_rgb_uint8
-    from .utils.rle import mask_to_coco_rle
-    from .utils.sa1b import write_sa1b_shard
+    from tinysam.transforms import to_rgb_uint8
+    from tinysam.utils.rle import mask_to_coco_rle
+    from tinysam.utils.sa1b import write_sa1b_shard
 
     h, w = size
     rng = np.random.default_rng(0)
@@ -207,8 +207,8 @@ def bbbc038_coco(folder: Path) -> Tuple[Path, Path]:
 
     from PIL import Image
 
-    from .transforms import to_rgb_uint8
-    from .utils.rle import mask_bbox_xywh, mask_to_coco_rle
+    from tinysam.transforms import to_rgb_uint8
+    from tinysam.utils.rle import mask_bbox_xywh, mask_to_coco_rle
 
     folder = Path(folder)
     images, gt_path = folder / "images", folder / "bbbc038_coco.json"
@@ -241,13 +241,3 @@ def bbbc038_coco(folder: Path) -> Tuple[Path, Path]:
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, gt_path)
     return gt_path, images
-
-
-if __name__ == "__main__":  # python -m tinysam.sample_data FOLDER: the sample photos as a tiny corpus
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write the real sample photos into a folder.")
-    parser.add_argument("folder", type=Path)
-    args = parser.parse_args()
-    for path in write_sample_photos(args.folder):
-        print(path)
