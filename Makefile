@@ -48,14 +48,14 @@ weights: venv
 # --overwrite: masks an older version stored with other settings are redone, not refused; masks
 # of these settings are skipped, so a second run does nothing.
 demo: weights
-	$(PY) -m tinysam.sample_data $(DEMO_OUTPUT)/images > /dev/null
+	$(PY) -m tinysam_samples $(DEMO_OUTPUT)/images > /dev/null
 	$(PY) jobs/automask.py --input $(DEMO_OUTPUT)/images --output $(DEMO_OUTPUT)/masks \
 		--model vit_t --checkpoint mobile_sam --preview 5 --coco-json $(DEMO_OUTPUT)/masks/coco.json \
 		--num-cpus $$(( $(DEMO_THREADS) + 2 )) --concurrency $(DEMO_THREADS) --num-cpus-per-actor 1 --overwrite
 
 # Prompted segmentation (points and boxes) on the sample photos, with SamPredictor.
 predictor-demo: weights
-	$(PY) jobs/predict_demo.py --output $(DEMO_OUTPUT)/predictor
+	$(PY) jobs/predict_demo.py --checkpoint mobile_sam --output $(DEMO_OUTPUT)/predictor
 
 # ruff: lint (pycodestyle, pyflakes, import order, bugbear) and the formatter's check, line length 120
 lint: venv

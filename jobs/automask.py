@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
-from pipelines.automask import automask  # noqa: E402
+from pipelines.automask import AutomaskOptions, automask  # noqa: E402
 from pipelines.cli import (  # noqa: E402
     add_corpus_arguments,
     add_everything_arguments,
-    corpus_kwargs,
+    corpus_options,
     everything_config,
     job_parser,
     run_job,
@@ -44,7 +44,16 @@ def main(argv=None) -> int:
         p.error("give --input or --embeddings")
     try:
         # a bad setting fails here, not in every actor; GPU actors get the GPU execution settings
-        everything = everything_config(args, gpu=args.num_gpus_per_actor > 0)
+        options = AutomaskOptions(
+            corpus_options(args),
+            model=args.model,
+            checkpoint=args.checkpoint,
+            everything=everything_config(args, gpu=args.num_gpus_per_actor > 0),
+            embeddings=args.embeddings,
+            sa1b_json=args.sa1b_json,
+            coco_json=args.coco_json,
+            preview=args.preview,
+        )
     except ValueError as e:
         p.error(str(e))
 
@@ -60,19 +69,7 @@ def main(argv=None) -> int:
         if args.preview:
             print(f"previews: {args.output.rstrip('/')}/previews/")
 
-    return run_job(
-        lambda: automask(
-            args.input,
-            model=args.model,
-            everything=everything,
-            embeddings=args.embeddings,
-            sa1b_json=args.sa1b_json,
-            coco_json=args.coco_json,
-            preview=args.preview,
-            **corpus_kwargs(args),
-        ),
-        report,
-    )
+    return run_job(lambda: automask(options), report)
 
 
 if __name__ == "__main__":

@@ -6,33 +6,30 @@
         --num-gpus-per-actor 1 --annotations lvis_val.json --images val2017/ --detections vitdet_h.json ...
 
 --checkpoint none means random weights. Writes <output>/results.md and results.json (one row per
-model), and prints the tables. Exit status: 0 done, 1 some images failed, 2 bad arguments.
+model), each model's box-prompt masks as a COCO results file (<output>/<label>_box.json, to score
+with any COCO tool), and prints the tables. Exit status: 0 done, 1 some images failed, 2 bad arguments.
 """
 
-import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
-from tinysam.eval.evaluate import PROTOCOLS, EvalConfig
-from tinysam.eval.report import report_markdown
-from tinysam.everything.config import EverythingConfig
+from pipelines.cli import add_checkpoint_argument, job_parser  # noqa: E402
+from pipelines.evaluate import EvaluateOptions, evaluate_models  # noqa: E402
+from pipelines.options import CorpusOptions  # noqa: E402
+from tinysam.eval.evaluate import PROTOCOLS, EvalConfig  # noqa: E402
+from tinysam.everything.config import EverythingConfig  # noqa: E402
+from tinysam.weights import CheckpointError  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+def parse_args(argv=None):
+    p = job_parser(__doc__.splitlines()[0], exit_codes=__doc__)
     p.add_argument("--annotations", required=True, help="COCO-format ground truth (COCO, LVIS, ...)")
     p.add_argument("--images", required=True, help="folder the ground truth's file_name entries are relative to")
     p.add_argument("--model", action="append", required=True, help="model type; repeat, one per --checkpoint")
-    p.add_argument("--checkpoint", action="append", help="known name, path or URL; 'none' for random weights")
+    add_checkpoint_argument(p, "; repeat, one per --model", action="append", required=False)
     p.add_argument("--label", action="append", help="row label per model (default: model:checkpoint)")
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated: box,point,everything")
     p.add_argument("--detections", help="COCO results file whose boxes are the prompts (default: ground-truth boxes)")
@@ -84,66 +81,32 @@ def build_config(args) -> EvalConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tinysam.eval import CocoImages, aggregate, evaluate_dataset
-
     try:
-        config = build_config(args)
-        data = CocoImages(args.annotations, args.images)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        options = EvaluateOptions(
+            annotations=args.annotations,
+            images=args.images,
+            models=tuple(
+                (model, checkpoint, args.label[k] if args.label else f"{model}:{checkpoint or 'random'}")
+                for k, (model, checkpoint) in enumerate(zip(args.model, args.checkpoint))
+            ),
+            config=build_config(args),
+            output=args.output,
+            limit=args.limit,
+            ray=args.ray,
+            actors=CorpusOptions(
+                output=args.output,
+                concurrency=args.concurrency,
+                num_gpus_per_actor=args.num_gpus_per_actor,
+                num_cpus_per_actor=args.num_cpus_per_actor,
+            ),
+            num_cpus=args.num_cpus,
+        )
+        table, failed = evaluate_models(options)
+    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    image_ids = data.image_ids(args.limit)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    summaries, failed = {}, 0
-    for k, (model_type, checkpoint) in enumerate(zip(args.model, args.checkpoint)):
-        checkpoint = None if checkpoint.lower() == "none" else checkpoint
-        label = args.label[k] if args.label else f"{model_type}:{checkpoint or 'random'}"
-        start = time.perf_counter()
-        if args.ray:
-            from pipelines.evaluate import evaluate_on_ray
-            from pipelines.runtime import init_ray
-
-            init_ray(args.num_cpus)
-            parts, errors = evaluate_on_ray(
-                model_type,
-                checkpoint,
-                str(Path(args.annotations).resolve()),
-                str(Path(args.images).resolve()),
-                config,
-                image_ids,
-                args.concurrency,
-                args.num_gpus_per_actor,
-                args.num_cpus_per_actor,
-            )
-        else:
-            from tinysam import SamPredictor, build_sam
-
-            try:
-                predictor = SamPredictor(build_sam(model_type, checkpoint))
-            except Exception as e:
-                print(f"error: {label}: {e}", file=sys.stderr)
-                return 2
-            parts, errors = evaluate_dataset(predictor, data, config, image_ids)
-        for e in errors:
-            print(f"  failed: {e}")
-        failed += len(errors)
-        summaries[label] = {**aggregate(parts, config, data.coco), "seconds": time.perf_counter() - start}
-        print(f"{label}: {len(parts)} images evaluated in {summaries[label]['seconds']:.1f} s")
-    table = report_markdown(summaries)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(
-        json.dumps(
-            {
-                "annotations": args.annotations,
-                "models": summaries,
-                "everything_configs": [c.as_dict() for c in config.everything],
-            },
-            indent=2,
-        )
-    )
     print(table)
-    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    print(f"wrote {Path(args.output) / 'results.md'} and {Path(args.output) / 'results.json'}")
     return 1 if failed else 0
 
 

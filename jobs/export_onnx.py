@@ -17,23 +17,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.cli import checkpoint_arg  # noqa: E402
+from pipelines.cli import add_checkpoint_argument, job_parser  # noqa: E402
+from pipelines.storage.files import ensure_writable  # noqa: E402
 from tinysam.build_sam import MODEL_CONFIGS, build_sam  # noqa: E402
 from tinysam.weights import CheckpointError  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    p = job_parser(__doc__, exit_codes=None)
     p.add_argument("--model", default="vit_t", help=f"model type ({', '.join(sorted(MODEL_CONFIGS))})")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument(  # no default: 'none' (None) must still count as given for the group
-        "--checkpoint",
-        type=checkpoint_arg,
-        default=argparse.SUPPRESS,
-        help="known name, path or URL; 'none' for random weights",
-    )
+    # no default: 'none' (None) must still count as given for the group
+    add_checkpoint_argument(source, required=False, default=argparse.SUPPRESS)
     source.add_argument(
         "--quantized", help="a jobs/quantize.py file: W8A8 as QuantizeLinear/DequantizeLinear pairs, its own scales"
     )
@@ -61,10 +56,7 @@ def main(argv=None) -> int:
         if not parts <= {"encoder", "decoder"}:
             raise ValueError(f"--parts: encoder and/or decoder, got {args.parts!r}")
         out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        ensure_writable(str(out))
         if args.quantized:
             from tinysam.quant import load_quantized
 

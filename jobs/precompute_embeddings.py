@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
-from pipelines.cli import add_corpus_arguments, corpus_kwargs, job_parser, run_job
-from pipelines.precompute import precompute_embeddings
+from pipelines.cli import add_corpus_arguments, corpus_options, job_parser, run_job
+from pipelines.precompute import PrecomputeOptions, precompute_embeddings
 from pipelines.runtime import init_ray
 
 
@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     )
     add_corpus_arguments(p, batch_size=4)
     args = p.parse_args(argv)
+    options = PrecomputeOptions(
+        corpus_options(args), teacher=args.teacher, checkpoint=args.checkpoint, dtype=args.dtype, compile=args.compile
+    )
 
     init_ray(args.num_cpus)
 
@@ -40,12 +43,7 @@ def main(argv=None) -> int:
             f"{s.mib_per_image:.2f} MiB/image"
         )
 
-    return run_job(
-        lambda: precompute_embeddings(
-            args.input, teacher=args.teacher, dtype=args.dtype, compile=args.compile, **corpus_kwargs(args)
-        ),
-        report,
-    )
+    return run_job(lambda: precompute_embeddings(options), report)
 
 
 if __name__ == "__main__":

@@ -8,31 +8,22 @@ torch.load(weights_only=True)); load it with tinysam.quant.load_quantized(path, 
 Exit status: 0 written, 2 refused (bad arguments, checkpoint, or no readable calibration image).
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
+from pipelines.cli import add_checkpoint_argument, job_parser
 from tinysam.quant import QuantConfig
 from tinysam.weights import CheckpointError
 
 
 def main(argv=None) -> int:
     d = QuantConfig()
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    p = job_parser(__doc__, exit_codes=None)
     p.add_argument("--model", default="vit_t", help="model type (a TinyViT model: vit_t)")
-    p.add_argument(
-        "--checkpoint",
-        default="mobile_sam",
-        help="known name, path, http(s):// or s3://; 'none' for random weights (tests)",
-    )
+    add_checkpoint_argument(p)
     p.add_argument("--calibration", required=True, help="folder, s3:// prefix, list or SA-1B shard of images")
     p.add_argument("--output", required=True, help="file to write (local path)")
     p.add_argument("--bits", type=int, default=d.bits, help="weights and activations (8; 6 supported)")
@@ -65,9 +56,8 @@ def main(argv=None) -> int:
             search=not args.max_scaling,
             seed=args.seed,
         )
-        checkpoint = None if args.checkpoint == "none" else args.checkpoint
         summary = quantize_checkpoint(
-            args.model, checkpoint, args.calibration, args.output, config, progress=lambda m: print(m, flush=True)
+            args.model, args.checkpoint, args.calibration, args.output, config, progress=lambda m: print(m, flush=True)
         )
     except (CheckpointError, FileNotFoundError, PermissionError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,20 +1,25 @@
-"""Command-line pieces shared by the batch jobs: the corpus/cluster arguments, exit codes, summaries.
+"""The jobs' command lines: every job's parser comes from `job_parser`, and the flags several jobs
+share are declared here by name (`--checkpoint`, the corpus flags, the everything-mode flags).
 
-Exit status of every job: 0 all written, 1 some images failed, 2 stopped early (--max-failures)
-or refused before any work (bad arguments, checkpoint, input or output).
+Exit status of every corpus job: 0 all written, 1 some images failed, 2 stopped early
+(--max-failures) or refused before any work (bad arguments, checkpoint, input or output).
 """
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
-from typing import Any, Callable, Dict
+from typing import Callable, Optional
 
 from tinysam.everything.config import DECODER_DTYPES, GPU_EXECUTION, MODES, PRESETS, EverythingConfig
 from tinysam.weights import CheckpointError
 
+from .options import CorpusOptions
 from .reading import DEFAULT_MAX_MEGAPIXELS
 from .results import JobSummary, TooManyFailures
+
+EVERYTHING_FIELDS = {f.name: f for f in dataclasses.fields(EverythingConfig)}
 
 EXIT_CODES = """exit status:
   0  every image written (or already present)
@@ -23,27 +28,36 @@ EXIT_CODES = """exit status:
      other settings), or stopped early (--max-failures)"""
 
 
-def job_parser(doc: str) -> argparse.ArgumentParser:
-    """A job's parser: its docstring as description, the exit codes in --help, no abbreviated flags."""
+def job_parser(doc: str, exit_codes: Optional[str] = EXIT_CODES) -> argparse.ArgumentParser:
+    """A job's parser: its docstring as description, its exit codes in --help (a job that is not a
+    corpus job says its own in its docstring), no abbreviated flags."""
     return argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES, allow_abbrev=False
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=exit_codes, allow_abbrev=False
     )
 
 
-def checkpoint_arg(text: str):
-    """--checkpoint: a name, path or URL; "none" asks for random weights explicitly (tests)."""
+def checkpoint_arg(text: str) -> Optional[str]:
+    """A checkpoint flag's value: a name, path or URL; "none" (any case) asks for random weights
+    explicitly (tests)."""
     return None if text.lower() == "none" else text
+
+
+def add_checkpoint_argument(p, help_extra: str = "", **kwargs) -> None:
+    """--checkpoint, required in every job that loads a model (README): a known name, path or URL,
+    or 'none' for random weights. `kwargs` go to argparse (e.g. action="append")."""
+    kwargs.setdefault("required", True)
+    p.add_argument(
+        "--checkpoint",
+        type=checkpoint_arg,
+        help="known name (e.g. mobile_sam), path, http(s):// or s3:// URL; 'none' for random weights" + help_extra,
+        **kwargs,
+    )
 
 
 def add_corpus_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     """--output, --checkpoint, batching, actors, limits: the same in every job."""
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet files")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        type=checkpoint_arg,
-        help="known name (e.g. mobile_sam), path, http(s):// or s3:// URL; 'none' for random weights",
-    )
+    add_checkpoint_argument(p)
     p.add_argument("--batch-size", type=int, default=batch_size, help="images per actor call")
     p.add_argument("--concurrency", type=int, default=1, help="model actors")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
@@ -71,25 +85,23 @@ def add_corpus_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored when joining a cluster)")
 
 
-def corpus_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """The keyword arguments of `add_corpus_arguments` for a pipeline function."""
-    return {
-        k: getattr(args, k)
-        for k in (
-            "output",
-            "checkpoint",
-            "batch_size",
-            "concurrency",
-            "num_gpus_per_actor",
-            "num_cpus_per_actor",
-            "limit",
-            "max_failures",
-            "rows_per_file",
-            "max_megapixels",
-            "overwrite",
-            "actor_memory_gb",
-        )
-    }
+def corpus_options(args: argparse.Namespace, storage_options: Optional[dict] = None) -> CorpusOptions:
+    """The `CorpusOptions` of the flags `add_corpus_arguments` declared (and the job's --input)."""
+    return CorpusOptions(
+        output=args.output,
+        input=getattr(args, "input", None),
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        num_gpus_per_actor=args.num_gpus_per_actor,
+        num_cpus_per_actor=args.num_cpus_per_actor,
+        limit=args.limit,
+        max_failures=args.max_failures,
+        rows_per_file=args.rows_per_file,
+        max_megapixels=args.max_megapixels,
+        overwrite=args.overwrite,
+        actor_memory_gb=args.actor_memory_gb,
+        storage_options=storage_options,
+    )
 
 
 def _bool(text: str) -> bool:
@@ -101,9 +113,9 @@ def _bool(text: str) -> bool:
 
 
 def add_everything_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per `EverythingConfig` field (`points_per_side` -> --points-per-side), with the help
-    text written there. Unset flags stay None: the config's defaults apply, and dense mode can tell
-    a hierarchical-only flag that was given from one that was not."""
+    """One flag per `EverythingConfig` field, each named below; its help text and default are the
+    field's own (tinysam/everything/config.py). Unset flags stay None: the config's defaults apply,
+    and dense mode can tell a hierarchical-only flag that was given from one that was not."""
     g = p.add_argument_group("everything mode (tinysam/everything/config.py)")
     g.add_argument(
         "--preset",
@@ -112,20 +124,40 @@ def add_everything_arguments(p: argparse.ArgumentParser) -> None:
         help="named settings that the flags below override: quality (dense, the official masks), balanced "
         "(the defaults), fast (the paper's hierarchical rule); speed and agreement in docs/benchmarks.md",
     )
-    choices = {"mode": MODES, "decoder_dtype": DECODER_DTYPES}
-    for f in dataclasses.fields(EverythingConfig):
-        kind = {"bool": _bool, "float": float, "str": str}.get(type(f.default).__name__, int)
-        extra = {"choices": choices[f.name]} if f.name in choices else {"metavar": kind.__name__.strip("_").upper()}
-        shown = f"{f.default:g}" if isinstance(f.default, float) else f.default
-        default = "" if f.default is None else f" (default {shown})"
-        g.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f"everything_{f.name}",
-            type=kind,
-            default=None,
-            help=f.metadata["help"] + default,
-            **extra,
-        )
+    setting = functools.partial(_everything_flag, g)
+    setting("--mode", str, choices=MODES)
+    setting("--points-per-side", int)
+    setting("--round1-points-per-side", int)
+    setting("--high-confidence-thresh", float)
+    setting("--skip-margin", float)
+    setting("--skip-similarity", float)
+    setting("--points-per-batch", int)
+    setting("--pred-iou-thresh", float)
+    setting("--stability-score-thresh", float)
+    setting("--stability-score-offset", float)
+    setting("--box-nms-thresh", float)
+    setting("--crop-n-layers", int)
+    setting("--crop-nms-thresh", float)
+    setting("--crop-overlap-ratio", float)
+    setting("--crop-n-points-downscale-factor", int)
+    setting("--min-mask-region-area", int)
+    setting("--upsample-chunk", int)
+    setting("--decoder-chunk", int)
+    setting("--fast-decoder", _bool, metavar="BOOL")
+    setting("--decoder-dtype", str, choices=DECODER_DTYPES)
+
+
+def _everything_flag(group, flag: str, kind: Callable, **extra) -> None:
+    """Declare `flag` for the `EverythingConfig` field of the same name, with that field's help."""
+    name = flag[2:].replace("-", "_")
+    field = EVERYTHING_FIELDS[name]  # KeyError: a flag for a setting the config does not have
+    shown = f"{field.default:g}" if isinstance(field.default, float) else field.default
+    default = "" if field.default is None else f" (default {shown})"
+    if "choices" not in extra:
+        extra.setdefault("metavar", kind.__name__.upper())
+    group.add_argument(
+        flag, dest=f"everything_{name}", type=kind, default=None, help=field.metadata["help"] + default, **extra
+    )
 
 
 def everything_config(args: argparse.Namespace, gpu: bool = False) -> EverythingConfig:

@@ -7,9 +7,15 @@ image is reported and left out, not fatal.
 
 import dataclasses
 import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .options import CorpusOptions
 
 
 class ImageEvaluator:
@@ -84,16 +90,16 @@ def config_from_json(text: str):
 def evaluate_on_ray(
     model_type: str,
     checkpoint: Optional[str],
-    annotations: str,
-    images_dir: str,
+    data,
     config,
     image_ids: Sequence[int],
-    concurrency: int = 1,
-    num_gpus_per_actor: float = 0.0,
-    num_cpus_per_actor: int = 1,
-    batch_size: int = 1,
+    actors: "CorpusOptions",
 ) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """(per-image parts, error messages) of one model over `image_ids`, on the current Ray cluster."""
+    """(per-image parts, error messages) of one model over `image_ids` of `data` (a
+    `tinysam.eval.CocoImages`), on the current Ray cluster; `actors` gives the actors' count,
+    resources and batch size."""
+    import os
+
     import ray
 
     from .stages import model_actor_stage
@@ -107,14 +113,11 @@ def evaluate_on_ray(
         {
             "model_type": model_type,
             "checkpoint": checkpoint,
-            "annotations": annotations,
-            "images_dir": images_dir,
+            "annotations": os.path.abspath(data.path),
+            "images_dir": os.path.abspath(data.images_dir),
             "config_json": config_to_json(config),
         },
-        batch_size,
-        concurrency,
-        num_gpus_per_actor,
-        num_cpus_per_actor,
+        actors,
     )
     parts, errors = [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -124,3 +127,65 @@ def evaluate_on_ray(
             else:
                 parts.append(json.loads(part))
     return sorted(parts, key=lambda p: p["image_id"]), errors
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """An evaluation run: one ground truth, one or more models, the protocols' settings."""
+
+    annotations: str  # COCO-format ground truth
+    images: str  # the folder its file_name entries are relative to
+    models: Tuple[Tuple[str, Optional[str], str], ...]  # (model type, checkpoint or None, row label)
+    config: Any  # tinysam.eval.EvalConfig
+    output: str  # folder for results.md, results.json and each model's <label>_box.json
+    limit: Optional[int] = None  # only the first N images
+    ray: bool = False  # spread images over Ray actors (joins a cluster if any)
+    actors: CorpusOptions = CorpusOptions(output="")  # with `ray`: actors per model, their resources
+    num_cpus: Optional[int] = None  # CPUs of a local Ray
+
+
+def evaluate_models(options: EvaluateOptions) -> Tuple[str, int]:
+    """Every model over the dataset, in this process or on Ray actors; writes results.md,
+    results.json and each model's box-prompt masks as a COCO results file (to score with any COCO
+    tool). Returns the Markdown tables and the number of images that failed."""
+    from tinysam.eval import CocoImages, aggregate, evaluate_dataset
+    from tinysam.eval.report import report_markdown
+
+    data = CocoImages(options.annotations, options.images)
+    image_ids = data.image_ids(options.limit)
+    out = Path(options.output)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries, failed = {}, 0
+    for model_type, checkpoint, label in options.models:
+        start = time.perf_counter()
+        if options.ray:
+            from .runtime import init_ray
+
+            init_ray(options.num_cpus)
+            parts, errors = evaluate_on_ray(model_type, checkpoint, data, options.config, image_ids, options.actors)
+        else:
+            from tinysam import SamPredictor, build_sam
+
+            try:
+                predictor = SamPredictor(build_sam(model_type, checkpoint))
+            except Exception as e:
+                raise ValueError(f"{label}: {e}") from e
+            parts, errors = evaluate_dataset(predictor, data, options.config, image_ids)
+        for e in errors:
+            print(f"  failed: {e}")
+        failed += len(errors)
+        summaries[label] = {**aggregate(parts, options.config, data.coco), "seconds": time.perf_counter() - start}
+        if "box" in options.config.protocols:
+            results_file = out / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}_box.json"
+            results_file.write_text(json.dumps([r for p in parts for r in p["box"]["results"]]))
+            summaries[label]["box_results"] = results_file.name
+        print(f"{label}: {len(parts)} images evaluated in {summaries[label]['seconds']:.1f} s")
+    table = report_markdown(summaries)
+    (out / "results.md").write_text(table)
+    results = {
+        "annotations": options.annotations,
+        "models": summaries,
+        "everything_configs": [c.as_dict() for c in options.config.everything],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return table, failed

@@ -14,9 +14,10 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from .actors import SamActor
-from .reading import DEFAULT_MAX_MEGAPIXELS, plan_inputs
+from .options import CorpusOptions
+from .reading import plan_inputs
 from .results import JobSummary, finish_summary, run_to_output
-from .stages import image_pipeline, ok_rows, preflight
+from .stages import ModelStage, image_pipeline, ok_rows, preflight
 from .storage.embeddings import EMBEDDING_SHAPE, default_rows_per_file, write_embeddings
 from .storage.errors import write_errors
 from .storage.files import batch_file_name
@@ -79,58 +80,46 @@ class PrecomputeSummary(JobSummary):
         return {**super().as_dict(), "mib_per_image": self.mib_per_image}
 
 
-def precompute_embeddings(
-    input: str,
-    output: str,
-    teacher: str = "vit_h",
-    checkpoint: Optional[str] = None,
-    batch_size: int = 4,
-    concurrency: int = 1,
-    num_gpus_per_actor: float = 0.0,
-    num_cpus_per_actor: int = 1,
-    dtype: str = "float16",
-    limit: Optional[int] = None,
-    max_failures: Optional[int] = None,
-    rows_per_file: Optional[int] = None,
-    max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS,
-    overwrite: bool = False,
-    actor_memory_gb: Optional[float] = None,
-    storage_options: Optional[dict] = None,
-    actor_options: Optional[Dict[str, Any]] = None,
-    compile: bool = False,
-) -> PrecomputeSummary:
-    """Embed every image of `input` not yet in `output`. Ray must be initialised by the caller.
-    `checkpoint=None` means random weights (tests); the jobs require one. `compile` compiles the
-    teacher with Inductor in each actor (minutes at the start; for GPU runs)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
-    checkpoint_sha = preflight(teacher, checkpoint, output, storage_options)
-    provenance = {"model": teacher, "checkpoint_sha256": checkpoint_sha, "dtype": dtype}
-    plan = plan_inputs(input, output, provenance, limit, overwrite, storage_options)
+@dataclass(frozen=True)
+class PrecomputeOptions:
+    """A precompute run: the corpus and actors, the teacher, and how its embeddings are stored."""
+
+    corpus: CorpusOptions
+    teacher: str = "vit_h"  # model type of the teacher encoder
+    checkpoint: Optional[str] = None  # None: random weights (tests); the job requires one
+    dtype: str = "float16"  # stored embedding type
+    compile: bool = False  # Inductor in each actor: minutes at the start, for GPU runs
+
+    def __post_init__(self) -> None:
+        if not self.corpus.input:
+            raise ValueError("give an input: a folder, s3:// prefix, .txt list or SA-1B .tar shard(s)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+
+
+def precompute_embeddings(options: PrecomputeOptions) -> PrecomputeSummary:
+    """Embed every image of the corpus's input not yet in its output. Ray must be initialised by
+    the caller."""
+    corpus = options.corpus
+    output, storage_options = corpus.output, corpus.storage_options
+    checkpoint_sha = preflight(options.teacher, options.checkpoint, output, storage_options)
+    provenance = {"model": options.teacher, "checkpoint_sha256": checkpoint_sha, "dtype": options.dtype}
+    plan = plan_inputs(corpus.input, output, provenance, corpus.limit, corpus.overwrite, storage_options)
     summary = PrecomputeSummary()
     if plan.files or plan.shards:
-        ds = image_pipeline(
-            plan,
+        stage = ModelStage(
             TeacherEncoder,
             {
-                "model_type": teacher,
-                "checkpoint": checkpoint,
-                "dtype": dtype,
-                "memory_gb": actor_memory_gb,
-                "compile": compile,
+                "model_type": options.teacher,
+                "checkpoint": options.checkpoint,
+                "dtype": options.dtype,
+                "memory_gb": corpus.actor_memory_gb,
+                "compile": options.compile,
             },
             write_batch,
             {"output": output, "provenance": provenance},
-            batch_size,
-            concurrency,
-            num_gpus_per_actor,
-            num_cpus_per_actor,
-            rows_per_file or default_rows_per_file(dtype),
-            storage_options,
-            max_megapixels=max_megapixels,
-            output=output,
-            actor_options=actor_options,
+            corpus.rows_per_file or default_rows_per_file(options.dtype),
         )
-        run_to_output(ds, summary, output, max_failures)
+        run_to_output(image_pipeline(plan, stage, corpus), summary, output, corpus.max_failures)
     finish_summary(summary, plan, output, storage_options)
     return summary

@@ -20,7 +20,8 @@ import numpy as np
 from tinysam.transforms import IMAGE_SIZE, resize_longest_side, to_rgb_uint8
 
 from .sources import ImageRef, decode_image, iter_shard, list_inputs, read_bytes
-from .storage.files import DoneIds, resume_ids
+from .storage.files import DoneIds
+from .storage.provenance import resume_ids
 from .storage.shards import shard_progress, write_manifest
 
 MIN_SIDE = 16  # px: smaller images are reported, not masked (SAM's grid needs some pixels)

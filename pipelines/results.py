@@ -41,13 +41,6 @@ class JobSummary:
     def images_per_second(self) -> float:
         return (self.written + self.failed) / self.seconds if self.seconds else 0.0
 
-    @property
-    def steady_images_per_second(self) -> float:
-        """The rate after the first results came back: what a long run approaches, start-up aside."""
-        rows = self.written + self.failed - self.first_result_rows
-        seconds = self.seconds - self.first_result_seconds
-        return rows / seconds if rows > 0 and seconds > 0 else 0.0
-
 
 def run_to_output(
     ds,

@@ -19,6 +19,17 @@ def init_ray(num_cpus: Optional[int] = None, dashboard: bool = False) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
 
 
+# PyTorch's transparent huge pages for large CPU buffers: a CPU training step frees and refaults
+# its large activations page by page without them (docs/design.md, "Huge pages for training").
+# Inference gained nothing from it, so only the training workers get it.
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
+def training_worker_env() -> Dict[str, str]:
+    """Environment of the training workers: huge pages on unless the caller's environment sets the variable."""
+    return {HUGE_PAGES_ENV: os.environ.get(HUGE_PAGES_ENV, "1")}
+
+
 def model_actor_env() -> Dict[str, str]:
     """Environment of the model actors' processes (set before Python starts, where glibc reads it).
 

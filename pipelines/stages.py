@@ -3,6 +3,8 @@
   preflight        -> refuse a bad checkpoint or an unwritable output before any work
   image_pipeline   -> the read side (pipelines/reading.py), the model actors, the write tasks
   model_and_write  -> the actor pool (pipelines/actors.py) and the write tasks, retries bounded
+Every stage takes the job's `CorpusOptions` (pipelines/options.py) whole, and `ModelStage` says
+what differs between the jobs: their actor and their write task.
 What a run adds up to (summary, lost images) is pipelines/results.py.
 
 Module level imports stay light (numpy, PIL, pyarrow): Ray's decoding and writing workers import
@@ -11,11 +13,13 @@ Torch and the models are imported where they are used.
 """
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
-from .reading import DEFAULT_MAX_MEGAPIXELS, Plan, prepare_images, read_shards, read_sources
+from .options import CorpusOptions
+from .reading import Plan, prepare_images, read_shards, read_sources
 from .results import IMAGE_ATTEMPTS
 from .runtime import model_actor_env, on_one_thread
 from .storage.files import ensure_writable
@@ -34,55 +38,30 @@ def preflight(model_type: str, checkpoint: Optional[str], output: str, storage_o
     return checkpoint_sha
 
 
-def image_pipeline(
-    plan: Plan,
-    actor_cls: type,
-    actor_kwargs: Dict[str, Any],
-    write_fn: Callable,
-    write_kwargs: Dict[str, Any],
-    batch_size: int,
-    concurrency: int = 1,
-    num_gpus_per_actor: float = 0.0,
-    num_cpus_per_actor: int = 1,
-    rows_per_file: int = 1,
-    storage_options: Optional[dict] = None,
-    keep_original: bool = False,
-    max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS,
-    output: str = "",
-    actor_options: Optional[Dict[str, Any]] = None,
-):
-    """plan -> `read_dataset` -> an actor pool of `actor_cls` -> `write_fn` tasks, `rows_per_file`
-    rows a file (a lazy Dataset). `actor_options` are extra Ray options of the model actors (e.g.
-    a scheduling strategy)."""
-    ds = read_dataset(plan, output, batch_size, storage_options, max_megapixels, keep_original)
-    return model_and_write(
-        ds,
-        actor_cls,
-        actor_kwargs,
-        write_fn,
-        write_kwargs,
-        batch_size,
-        concurrency,
-        num_gpus_per_actor,
-        num_cpus_per_actor,
-        rows_per_file,
-        storage_options,
-        actor_options,
-    )
+@dataclass(frozen=True)
+class ModelStage:
+    """What differs between the corpus jobs after the read side: the model actor (`actor_cls` built
+    with `actor_kwargs` once per actor) and the write task after it (`write_fn` with
+    `write_kwargs`, `rows_per_file` rows a file)."""
+
+    actor_cls: type
+    actor_kwargs: Dict[str, Any]
+    write_fn: Callable
+    write_kwargs: Dict[str, Any]
+    rows_per_file: int = 1
 
 
-def read_dataset(
-    plan: Plan,
-    output: str,
-    batch_size: int,
-    storage_options: Optional[dict] = None,
-    max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS,
-    keep_original: bool = False,
-):
+def image_pipeline(plan: Plan, stage: ModelStage, corpus: CorpusOptions, keep_original: bool = False):
+    """plan -> `read_dataset` -> `model_and_write` (a lazy Dataset)."""
+    return model_and_write(read_dataset(plan, corpus, keep_original), stage, corpus)
+
+
+def read_dataset(plan: Plan, corpus: CorpusOptions, keep_original: bool = False):
     """The jobs' read side (a lazy Dataset of prepared rows): read tasks for the files, one task per
     shard streaming it once, then decode tasks."""
     import ray
 
+    batch_size, storage_options = corpus.batch_size, corpus.storage_options
     parts = []
     if plan.files:
         items = [{"image_id": r.image_id, "source": r.source} for r in plan.files]
@@ -99,7 +78,7 @@ def read_dataset(
             read_shards,
             batch_size=1,
             num_cpus=0.5,
-            fn_kwargs={"output": output, "done": plan.done, "storage_options": storage_options},
+            fn_kwargs={"output": corpus.output, "done": plan.done, "storage_options": storage_options},
         )
         parts.append(read.limit(plan.limit) if plan.limit is not None else read)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -107,25 +86,12 @@ def read_dataset(
         prepare_images,
         batch_size=batch_size,
         num_cpus=0.5,
-        fn_kwargs={"max_megapixels": max_megapixels, "keep_original": keep_original},
+        fn_kwargs={"max_megapixels": corpus.max_megapixels, "keep_original": keep_original},
     )
 
 
-def model_and_write(
-    ds,
-    actor_cls: type,
-    actor_kwargs: Dict[str, Any],
-    write_fn: Callable,
-    write_kwargs: Dict[str, Any],
-    batch_size: int,
-    concurrency: int,
-    num_gpus_per_actor: float,
-    num_cpus_per_actor: int,
-    rows_per_file: int,
-    storage_options: Optional[dict],
-    actor_options: Optional[Dict[str, Any]] = None,
-):
-    """Prepared rows -> an actor pool of `actor_cls` -> `write_fn` tasks of `rows_per_file` rows.
+def model_and_write(ds, stage: ModelStage, corpus: CorpusOptions):
+    """Prepared rows -> an actor pool of `stage.actor_cls` -> `stage.write_fn` tasks.
 
     A batch whose actor dies (out of memory, a crash) is retried on a restarted actor, at most
     IMAGE_ATTEMPTS times in all; then its block is dropped instead of the job stalling or failing,
@@ -135,18 +101,12 @@ def model_and_write(
     retries = {"max_restarts": -1, "max_task_retries": IMAGE_ATTEMPTS - 1}
     with warnings.catch_warnings():  # Ray 2.60 takes task retries only as ray_remote_args (deprecated)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        ds = model_actor_stage(
-            ds,
-            actor_cls,
-            actor_kwargs,
-            batch_size,
-            concurrency,
-            num_gpus_per_actor,
-            num_cpus_per_actor,
-            {**retries, **(actor_options or {})},
-        )
+        ds = model_actor_stage(ds, stage.actor_cls, stage.actor_kwargs, corpus, retries)
     return ds.map_batches(
-        write_fn, batch_size=rows_per_file, num_cpus=0.5, fn_kwargs={**write_kwargs, "storage_options": storage_options}
+        stage.write_fn,
+        batch_size=stage.rows_per_file,
+        num_cpus=0.5,
+        fn_kwargs={**stage.write_kwargs, "storage_options": corpus.storage_options},
     )
 
 
@@ -154,29 +114,27 @@ def model_actor_stage(
     ds,
     actor_cls: type,
     actor_kwargs: Dict[str, Any],
-    batch_size: int,
-    concurrency: int,
-    num_gpus_per_actor: float,
-    num_cpus_per_actor: int,
+    corpus: CorpusOptions,
     remote_args: Optional[Dict[str, Any]] = None,
 ):
-    """`actor_cls` over `ds` on a pool of `concurrency` model actors, set up as every job's model
-    actors are: one thread for the model (`runtime.on_one_thread`), the model actors' process
+    """`actor_cls` over `ds` on a pool of `corpus.concurrency` model actors, set up as every job's
+    model actors are: one thread for the model (`runtime.on_one_thread`), the model actors' process
     environment (`runtime.model_actor_env`; a value in `remote_args`' runtime env wins), and on a
-    CPU actor `cpu_threads` equal to its CPUs."""
+    CPU actor `cpu_threads` equal to its CPUs. `corpus` gives the batch size and the resources."""
     import ray
 
     options = dict(remote_args or {})
     runtime_env = dict(options.get("runtime_env") or {})
     runtime_env["env_vars"] = {**model_actor_env(), **runtime_env.get("env_vars", {})}
     options["runtime_env"] = runtime_env
+    gpus, cpus = corpus.num_gpus_per_actor, corpus.num_cpus_per_actor
     return ds.map_batches(
         on_one_thread(actor_cls),
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_gpus=num_gpus_per_actor,
-        num_cpus=num_cpus_per_actor,
-        fn_constructor_kwargs={**actor_kwargs, "cpu_threads": None if num_gpus_per_actor else num_cpus_per_actor},
+        batch_size=corpus.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=corpus.concurrency),
+        num_gpus=gpus,
+        num_cpus=cpus,
+        fn_constructor_kwargs={**actor_kwargs, "cpu_threads": None if gpus else cpus},
         **options,
     )
 

@@ -15,6 +15,6 @@ model actors (torch at the top), `exports.py` and `stored.py` in CPU tasks, whic
 """
 
 from .exports import write_batch, write_coco_results, write_previews
-from .job import AutomaskSummary, automask
+from .job import AutomaskOptions, AutomaskSummary, automask
 
-__all__ = ["AutomaskSummary", "automask", "write_batch", "write_coco_results", "write_previews"]
+__all__ = ["AutomaskOptions", "AutomaskSummary", "automask", "write_batch", "write_coco_results", "write_previews"]

@@ -4,19 +4,17 @@ task per batch, and after the run a COCO results file and overlay PNGs read back
 import json
 import os
 import posixpath
-import shutil
 import tempfile
-import uuid
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from tinysam.utils.sa1b import sa1b_document
 
-from ..sources import decode_image, filesystem, read_bytes
+from ..sources import decode_image, read_bytes
 from ..stages import ok_rows
 from ..storage.errors import write_errors
-from ..storage.files import batch_file_name, read_table, write_bytes_atomic
+from ..storage.files import batch_file_name, read_table, write_bytes_atomic, write_file_atomic
 from ..storage.masks import iter_results, write_masks
 
 SA1B_DIR = "sa1b"  # per-image SA-1B JSON files under the output
@@ -102,27 +100,12 @@ def write_coco_results(output: str, path: str, storage_options: Optional[dict] =
     try:
         images.sort(key=lambda im: im["id"])
         dataset = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "object"}]}
-        _put(json.dumps(dataset).encode(), images_path, storage_options)
-        _put(tmp.name, path, storage_options)
+        folder, name = posixpath.split(images_path.rstrip("/"))
+        write_bytes_atomic(json.dumps(dataset).encode(), folder or ".", name, storage_options)
+        write_file_atomic(tmp.name, path, storage_options)
     finally:
         os.unlink(tmp.name)
     return {"results": path, "images": images_path}
-
-
-def _put(data_or_file, url: str, storage_options: Optional[dict]) -> None:
-    """Bytes or a local file to `url`, visible only once complete."""
-    folder, name = posixpath.split(url.rstrip("/"))
-    if isinstance(data_or_file, bytes):
-        write_bytes_atomic(data_or_file, folder or ".", name, storage_options)
-        return
-    fs, target = filesystem(url, storage_options)
-    fs.makedirs(posixpath.dirname(target) or ".", exist_ok=True)
-    if "file" in fs.protocol or "local" in fs.protocol:
-        tmp = f"{target}.{uuid.uuid4().hex}.tmp"  # unique: two jobs finishing together do not race
-        shutil.copyfile(data_or_file, tmp)
-        os.replace(tmp, target)
-    else:  # one upload: visible when it completes
-        fs.put_file(data_or_file, target)
 
 
 def write_previews(output: str, n: int, storage_options: Optional[dict] = None) -> List[str]:

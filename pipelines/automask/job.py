@@ -8,12 +8,13 @@ import numpy as np
 from tinysam.everything import EverythingConfig
 from tinysam.everything.config import GPU_EXECUTION
 
-from ..reading import DEFAULT_MAX_MEGAPIXELS, plan_inputs
+from ..options import CorpusOptions
+from ..reading import plan_inputs
 from ..results import JobSummary, finish_summary, run_to_output
-from ..stages import image_pipeline, model_and_write, preflight
+from ..stages import ModelStage, image_pipeline, model_and_write, preflight
 from ..storage.masks import default_rows_per_file
 from .exports import write_batch, write_coco_results, write_previews
-from .stored import pending_stored, stored_rows
+from .stored import pending_stored, stored_embedding_rows
 
 
 @dataclass
@@ -30,96 +31,78 @@ class AutomaskSummary(JobSummary):
         return {**super().as_dict(), "masks_per_image": self.masks_per_image}
 
 
-def automask(
-    input: Optional[str],
-    output: str,
-    model: str = "vit_t",
-    checkpoint: Optional[str] = None,
-    everything: Optional[EverythingConfig] = None,
-    embeddings: Optional[str] = None,
-    batch_size: int = 1,
-    concurrency: int = 1,
-    num_gpus_per_actor: float = 0.0,
-    num_cpus_per_actor: int = 1,
-    limit: Optional[int] = None,
-    max_failures: Optional[int] = None,
-    rows_per_file: Optional[int] = None,
-    max_megapixels: Optional[float] = DEFAULT_MAX_MEGAPIXELS,
-    overwrite: bool = False,
-    actor_memory_gb: Optional[float] = None,
-    sa1b_json: bool = False,
-    coco_json: Optional[str] = None,
-    preview: int = 0,
-    storage_options: Optional[dict] = None,
-    actor_options: Optional[Dict[str, Any]] = None,
-) -> AutomaskSummary:
-    """Masks for every image of `input` not yet in `output` (or, with `embeddings`, for every image
-    of a precompute job's output), with the everything mode `everything` describes (default:
-    hierarchical, the official settings). Ray must be initialised by the caller.
-    `checkpoint=None` means random weights (tests); the jobs require one."""
+@dataclass(frozen=True)
+class AutomaskOptions:
+    """An auto-masking run: the corpus and actors, the model, the everything mode, the exports."""
+
+    corpus: CorpusOptions
+    model: str = "vit_t"
+    checkpoint: Optional[str] = None  # None: random weights (tests); the job requires one
+    everything: Optional[EverythingConfig] = None  # None: the defaults (GPU execution settings on GPU actors)
+    embeddings: Optional[str] = None  # a precompute job's output: its embeddings instead of the encoder
+    sa1b_json: bool = False  # also <output>/sa1b/<id>.json per image
+    coco_json: Optional[str] = None  # also one COCO results file (and <name>_images.json) here
+    preview: int = 0  # overlay PNGs of the first N images
+
+    def __post_init__(self) -> None:
+        if not self.corpus.input and not self.embeddings:
+            raise ValueError("give an input (images) or embeddings (a precompute job's output)")
+        if self.embeddings and self.everything is not None and self.everything.crop_n_layers:
+            raise ValueError("crop layers need the images: run without --embeddings")
+
+    def everything_config(self) -> EverythingConfig:
+        if self.everything is not None:
+            return self.everything
+        return EverythingConfig(**(GPU_EXECUTION if self.corpus.num_gpus_per_actor else {}))
+
+
+def automask(options: AutomaskOptions) -> AutomaskSummary:
+    """Masks for every image of the corpus's input not yet in its output (or, with `embeddings`,
+    for every image of a precompute job's output), in the everything mode the options describe.
+    Ray must be initialised by the caller."""
     from .worker import AutoMasker  # the driver needs the class; CPU tasks importing this package do not
 
-    if everything is None:  # the defaults, with the GPU execution settings on GPU actors
-        everything = EverythingConfig(**(GPU_EXECUTION if num_gpus_per_actor else {}))
-    checkpoint_sha = preflight(model, checkpoint, output, storage_options)
+    corpus, everything = options.corpus, options.everything_config()
+    output, storage_options = corpus.output, corpus.storage_options
+    checkpoint_sha = preflight(options.model, options.checkpoint, output, storage_options)
     provenance = {
-        "model": model,
+        "model": options.model,
         "checkpoint_sha256": checkpoint_sha,
         "mode": everything.mode,
         "params": everything.provenance_json(),
     }
-    if embeddings:
-        if everything.crop_n_layers:
-            raise ValueError("crop layers need the images: run without --embeddings")
-        plan, files = pending_stored(embeddings, output, provenance, limit, overwrite, storage_options)
-    elif input:
-        plan = plan_inputs(input, output, provenance, limit, overwrite, storage_options)
+    if options.embeddings:
+        plan, files = pending_stored(
+            options.embeddings, output, provenance, corpus.limit, corpus.overwrite, storage_options
+        )
     else:
-        raise ValueError("give an input (images) or embeddings (a precompute job's output)")
+        plan = plan_inputs(corpus.input, output, provenance, corpus.limit, corpus.overwrite, storage_options)
     summary = AutomaskSummary()
     if plan.files or plan.shards:
         actor_kwargs = {
-            "model_type": model,
-            "checkpoint": checkpoint,
+            "model_type": options.model,
+            "checkpoint": options.checkpoint,
             "everything": everything,
-            "memory_gb": actor_memory_gb,
+            "memory_gb": corpus.actor_memory_gb,
         }
-        write_kwargs = {"output": output, "provenance": provenance, "sa1b_json": sa1b_json}
-        args = (
-            AutoMasker,
-            actor_kwargs,
-            write_batch,
-            write_kwargs,
-            batch_size,
-            concurrency,
-            num_gpus_per_actor,
-            num_cpus_per_actor,
-            rows_per_file or default_rows_per_file(),
-            storage_options,
+        write_kwargs = {"output": output, "provenance": provenance, "sa1b_json": options.sa1b_json}
+        stage = ModelStage(
+            AutoMasker, actor_kwargs, write_batch, write_kwargs, corpus.rows_per_file or default_rows_per_file()
         )
-        if embeddings:
-            ds = model_and_write(
-                stored_rows(plan, files, batch_size, storage_options), *args, actor_options=actor_options
-            )
+        if options.embeddings:
+            ds = model_and_write(stored_embedding_rows(plan, files, corpus.batch_size, storage_options), stage, corpus)
         else:
-            ds = image_pipeline(
-                plan,
-                *args,
-                keep_original=bool(everything.crop_n_layers),
-                max_megapixels=max_megapixels,
-                output=output,
-                actor_options=actor_options,
-            )
+            ds = image_pipeline(plan, stage, corpus, keep_original=bool(everything.crop_n_layers))
 
         def count(result: Dict[str, np.ndarray], i: int) -> None:
             summary.masks += int(result["num_masks"][i])
             summary.encode_seconds += float(result["encode_seconds"][i])
             summary.generate_seconds += float(result["generate_seconds"][i])
 
-        run_to_output(ds, summary, output, max_failures, on_row=count)
+        run_to_output(ds, summary, output, corpus.max_failures, on_row=count)
     finish_summary(summary, plan, output, storage_options)
-    if coco_json:
-        write_coco_results(output, coco_json, storage_options)
-    if preview:
-        write_previews(output, preview, storage_options)
+    if options.coco_json:
+        write_coco_results(output, options.coco_json, storage_options)
+    if options.preview:
+        write_previews(output, options.preview, storage_options)
     return summary

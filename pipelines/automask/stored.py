@@ -1,6 +1,6 @@
 """The auto-masking job's second input: a precompute job's stored embeddings instead of the encoder.
 
-`pending_stored` (driver) plans the images not yet masked; `stored_rows` reads them as a lazy
+`pending_stored` (driver) plans the images not yet masked; `stored_embedding_rows` reads them as a lazy
 dataset whose CPU tasks (`load_stored_embeddings`) fetch each batch's rows from the files that
 hold them."""
 
@@ -12,7 +12,7 @@ import pyarrow as pa
 from ..reading import Plan
 from ..sources import ImageRef
 from ..storage import embeddings as stored
-from ..storage.files import resume_ids
+from ..storage.provenance import resume_ids
 
 
 def load_stored_embeddings(batch: Dict[str, np.ndarray], storage_options: Optional[dict] = None) -> Dict[str, Any]:
@@ -73,7 +73,7 @@ def pending_stored(
     return plan, stored.files_by_id(embeddings, storage_options)
 
 
-def stored_rows(plan: Plan, files: Dict[str, str], batch_size: int, storage_options: Optional[dict]):
+def stored_embedding_rows(plan: Plan, files: Dict[str, str], batch_size: int, storage_options: Optional[dict]):
     """The plan's images as rows of stored embeddings (a lazy Dataset)."""
     import ray
 

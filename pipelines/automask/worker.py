@@ -16,11 +16,6 @@ from ..stages import ok_rows
 PASSED_THROUGH = ("image_id", "source", "source_offset", "source_length", "orig_h", "orig_w")
 
 
-def make_generator(sam, config: EverythingConfig):
-    """The generator `config` describes, producing the COCO RLE records the job stores."""
-    return config.generator(sam, output_mode="coco_rle")
-
-
 class AutoMasker(SamActor):
     """Ray actor: encoder in batches (or stored embeddings), then everything mode per image."""
 
@@ -35,7 +30,7 @@ class AutoMasker(SamActor):
     ) -> None:
         # fp32 encoder: bf16 embeddings changed the masks (docs/benchmarks.md, "On a GPU")
         super().__init__(model_type, checkpoint, device, cpu_threads, bf16=False, memory_gb=memory_gb)
-        self.generator = make_generator(self.sam, everything)
+        self.generator = everything.generator(self.sam, output_mode="coco_rle")  # the records the job stores
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
         with torch.inference_mode():

@@ -13,8 +13,9 @@ Stages, top to bottom:
 `worker.py` (torch and Ray Train at the top) is imported only where the training runs.
 """
 
+from ..runtime import HUGE_PAGES_ENV, training_worker_env
 from .data import label_rows, labelled_split, split_ids
-from .job import HUGE_PAGES_ENV, DistillJob, check_job, distill, export_student, worker_env
+from .job import DistillJob, check_job, distill, export_student
 from .report import DistillSummary, summarize
 
 __all__ = [
@@ -28,5 +29,5 @@ __all__ = [
     "labelled_split",
     "split_ids",
     "summarize",
-    "worker_env",
+    "training_worker_env",
 ]

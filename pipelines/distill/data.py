@@ -66,7 +66,7 @@ def labelled_split(
     """The rows of `ids` from the embeddings Parquet `files`, through `label_rows` (a lazy Ray
     dataset). Ray Data pushes the columns and the id filter down into the Parquet read (one read
     operator in the optimised plan): each split decodes only its own rows' embeddings."""
-    rows = stored_rows(
+    rows = read_rows_of(
         ids, files, ["image_id", "source", "source_offset", "source_length", "embedding", "annotations"], filesystem
     )
     return rows.map_batches(
@@ -95,7 +95,7 @@ class PreparedOnce:
         return self._streamed if prepared is None else prepared
 
 
-def stored_rows(ids: List[str], files: List[str], columns: List[str], filesystem=None):
+def read_rows_of(ids: List[str], files: List[str], columns: List[str], filesystem=None):
     """The stored rows of `ids`, these columns only (both pushed down into the Parquet read)."""
     import ray.data
     from ray.data.expressions import col

@@ -5,25 +5,16 @@ import json
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+from ..runtime import training_worker_env
 from ..sources import filesystem
 from ..storage.files import parquet_files, write_bytes_atomic
 from .data import PreparedOnce, check_teacher, labelled_split, split_ids, teacher_of
 from .report import DistillSummary, summarize, write_text
 
-# PyTorch's transparent huge pages for large CPU buffers: a CPU training step frees and refaults
-# its large activations page by page without them (docs/design.md, "Huge pages for training").
-# Inference gained nothing from it, so only the training workers get it.
-HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 
-
-def worker_env() -> Dict[str, str]:
-    """Environment of the training workers: huge pages on unless the caller's environment sets the variable."""
-    return {HUGE_PAGES_ENV: os.environ.get(HUGE_PAGES_ENV, "1")}
-
-
-@dataclass
+@dataclass(frozen=True)
 class DistillJob:
     """Everything a distillation run needs; `distill` is the `tinysam.distill.DistillConfig` as a dict."""
 
@@ -95,11 +86,9 @@ def check_job(job: DistillJob) -> Tuple[Dict[str, Any], List[str], List[str], in
 def distill(
     job: DistillJob,
     checked: Optional[Tuple[Dict[str, Any], List[str], List[str], int]] = None,
-    on_step: Optional[Callable[[int, int], None]] = None,
 ) -> DistillSummary:
     """Run (or, with `job.resume`, continue) a distillation run. Ray must be initialised by the caller.
-    `checked`: what `check_job(job)` returned, when the caller ran it already (it hashes the checkpoint).
-    `on_step(step, rank)` runs on every worker after each step's report (failure drills in tests)."""
+    `checked`: what `check_job(job)` returned, when the caller ran it already (it hashes the checkpoint)."""
     import torch
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -137,7 +126,6 @@ def distill(
         "eval_points": job.eval_points,
         "seed": job.distill.get("seed", 0),
         "distill": job.distill,
-        "on_step": on_step,
     }
     storage_path, storage_fs = _storage(job)
     trainer = TorchTrainer(
@@ -152,7 +140,7 @@ def distill(
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env={"env_vars": training_worker_env()},
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import ray.train
 import ray.train.torch
@@ -19,14 +19,11 @@ from tinysam import build_sam
 from tinysam.distill import DistillConfig, Distiller, init_student_decoder
 from tinysam.distill.distiller import match_embedding_statistics
 
-from .job import HUGE_PAGES_ENV
+from ..runtime import HUGE_PAGES_ENV
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
 LOSS_TERMS = ("embedding", "token", "output", "focal", "dice", "iou")
-
-# Called on every worker after each step's report with (step, rank); tests use it for failure drills.
-StepCallback = Callable[[int, int], None]
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
@@ -37,7 +34,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
     device = ray.train.torch.get_device()
-    if rank == 0 and config.get("log", True):
+    if rank == 0:
         print(
             f"worker 0 of {world}: {device}, {config['threads']} threads, "
             f"{HUGE_PAGES_ENV}={os.environ.get(HUGE_PAGES_ENV)}",
@@ -47,7 +44,6 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     distiller = build(config, device, fresh=checkpoint is None)
     history = restore(distiller, checkpoint, device)
     val_shard = ray.train.get_dataset_shard("val")
-    on_step: Optional[StepCallback] = config.get("on_step")
 
     def evaluate() -> float:
         batches = val_shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy")
@@ -68,9 +64,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         if rank == 0:
             history.append(metrics)
         ray.train.report(metrics, checkpoint=save_checkpoint(distiller, history) if save and rank == 0 else None)
-        if on_step is not None:
-            on_step(distiller.step, rank)
-        if rank == 0 and config.get("log", True):
+        if rank == 0:
             log(metrics, config["total_steps"])
 
 

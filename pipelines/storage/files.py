@@ -1,5 +1,5 @@
-"""Parquet files shared by every table: atomic writes, complete-file listing, the resume skip set
-and the provenance that keeps one model per dataset.
+"""Parquet files shared by every table: atomic writes, complete-file listing and the resume skip
+set (the provenance that keeps one model per dataset: provenance.py).
 
 A file appears under the output path only once it is complete (local: write a hidden temporary
 file, then rename; object stores: one upload that becomes visible when it finishes). Files and
@@ -11,6 +11,7 @@ Parquet footer, so a rerun can check it without reading any rows.
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -25,10 +26,6 @@ from ..sources import filesystem, url_for
 PROVENANCE_KEY = b"tinysam.provenance"
 # Rows per output file aim at ~128 MiB: millions of small objects are slow to list and costly on S3.
 TARGET_FILE_BYTES = 128 * 2**20
-
-
-class ProvenanceMismatch(ValueError):
-    """The output holds rows made by another model or other settings."""
 
 
 def ensure_writable(output: str, storage_options: Optional[Dict[str, Any]] = None) -> None:
@@ -77,6 +74,19 @@ def write_bytes_atomic(data: bytes, output: str, name: str, storage_options: Opt
     else:  # a single object upload is atomic: readers see all of it or nothing
         fs.pipe_file(final, data)
     return len(data)
+
+
+def write_file_atomic(local_file: str, url: str, storage_options: Optional[Dict[str, Any]] = None) -> None:
+    """Copy a local file to `url`, visible only once complete: for files too large to hold in
+    memory whole (a corpus's COCO results)."""
+    fs, target = filesystem(url, storage_options)
+    fs.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    if is_local(fs):
+        tmp = f"{os.path.dirname(target)}/.{os.path.basename(target)}.{uuid.uuid4().hex}.tmp"
+        shutil.copyfile(local_file, tmp)  # unique name: two jobs finishing together do not race
+        os.replace(tmp, target)
+    else:  # one upload: visible when it completes
+        fs.put_file(local_file, target)
 
 
 def is_local(fs) -> bool:
@@ -175,78 +185,6 @@ def read_done(output: str, storage_options: Optional[Dict[str, Any]] = None) -> 
             provenances.setdefault(meta.get(PROVENANCE_KEY, b"unknown").decode(), []).append(url_for(fs, file))
             parts.append(np.unique(id_hashes(pf.read(columns=["image_id"])["image_id"].to_pylist())))
     return DoneIds(np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)), provenances
-
-
-def check_provenance(
-    output: str,
-    provenances: Dict[str, List[str]],
-    wanted: Dict[str, Any],
-    overwrite: bool,
-    storage_options: Optional[Dict[str, Any]] = None,
-) -> List[str]:
-    """Refuse an output holding rows of another provenance (naming the difference), or with
-    `overwrite` delete those files so their rows are redone; returns the files deleted."""
-    wanted_json = json.dumps(wanted, sort_keys=True)
-    other = {p: files for p, files in provenances.items() if p != wanted_json}
-    if not other:
-        return []
-    if not overwrite:
-        found = next(iter(other))
-        raise ProvenanceMismatch(
-            f"{output} holds rows made with other settings ({sum(map(len, other.values()))} "
-            f"files): {describe_difference(found, wanted)}; use another --output, or "
-            f"--overwrite to redo those rows"
-        )
-    deleted = [f for files in other.values() for f in files]
-    for url in deleted:
-        fs, path = filesystem(url, storage_options)
-        fs.rm(path)
-    return deleted
-
-
-def resume_ids(
-    output: str, provenance: Dict[str, Any], overwrite: bool, storage_options: Optional[Dict[str, Any]] = None
-) -> DoneIds:
-    """The ids a rerun skips: refuses an output of other provenance (or, with `overwrite`, deletes
-    those files first), then reads what is left (`read_done`)."""
-    done, provenances = read_done(output, storage_options)
-    if check_provenance(output, provenances, provenance, overwrite, storage_options):
-        done, _ = read_done(output, storage_options)
-    return done
-
-
-def describe_difference(stored_json: str, wanted: Dict[str, Any]) -> str:
-    """ "key: stored -> this run" for each setting that differs; a setting that is itself a JSON
-    object (the everything-mode params) is compared key by key, as "params.key"."""
-    try:
-        stored = json.loads(stored_json)
-    except ValueError:
-        return "the stored files carry no provenance (written by an older version)"
-    return ", ".join(_differences(stored, wanted))
-
-
-def _differences(stored: Dict[str, Any], wanted: Dict[str, Any], prefix: str = "") -> List[str]:
-    out = []
-    for k in sorted(set(stored) | set(wanted)):
-        a, b = stored.get(k), wanted.get(k)
-        if a == b:
-            continue
-        inner = [_json_object(a), _json_object(b)]
-        if not prefix and all(x is not None for x in inner):
-            out += _differences(inner[0], inner[1], f"{k}.")
-        else:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
-def _json_object(value: Any) -> Optional[Dict[str, Any]]:
-    if isinstance(value, str) and value.startswith("{"):
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            return None
-        return parsed if isinstance(parsed, dict) else None
-    return None
 
 
 def rows_per_file(bytes_per_row: float, requested: Optional[int] = None) -> int:
