@@ -6,17 +6,18 @@ run), side by side: fresh child processes, alternating, the same photos after a 
 Prints seconds per photo, minor page faults, kernel seconds and peak RSS, and the speed ratio.
 """
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 
+from _harness import benchmark_parser  # benchmarks/ is on sys.path
+
 CHILD = """
 import json, resource, sys, time
 import torch
 from tinysam import SamHierarchicalMaskGenerator, build_sam
-from tinysam.sample_data import sample_images
+from tinysam_samples import sample_images
 from tinysam.utils.malloc import keep_freed_memory
 setting, points, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
@@ -38,11 +39,13 @@ print(json.dumps({"photos": out[1:], "peak_rss_mb": resource.getrusage(resource.
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = benchmark_parser(__doc__)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--points-per-side", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.smoke:
+        args.rounds, args.points_per_side = 1, 4
     runs = {"default": [], "keep": []}
     for _ in range(args.rounds):
         for setting in runs:

@@ -8,30 +8,30 @@ images/s with one actor on CPU. Also prints masks per image and where the loop's
     python benchmarks/automask.py [--images 12] [--points-per-side 32] [--mode hierarchical]
 """
 
-import argparse
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _harness import benchmark_parser, coco_rle_generator, steady_images_per_second  # benchmarks/ is on sys.path
 
-from pipelines.automask import automask
-from pipelines.automask.worker import make_generator
+from pipelines.automask import AutomaskOptions, automask
+from pipelines.options import CorpusOptions
 from pipelines.runtime import init_ray
 from pipelines.sources import decode_image, list_images, read_bytes
 from tinysam import build_sam
 from tinysam.everything import EverythingConfig
-from tinysam.sample_data import write_sample_corpus
 from tinysam.transforms import prepare_image, to_rgb_uint8
 from tinysam.utils.malloc import keep_freed_memory
+from tinysam_samples import write_sample_corpus
 
 
 def in_process_loop(folder: Path, model_type: str, checkpoint: str, everything: EverythingConfig) -> dict:
     """The generator called image by image, with the time split into read/decode, encoder and
     everything mode (decoder + post-processing). The allocator set as in the job's actors."""
     keep_freed_memory()
-    generator = make_generator(build_sam(model_type, checkpoint), everything)
+    generator = coco_rle_generator(build_sam(model_type, checkpoint), everything)
     times = {"read_decode": 0.0, "encoder": 0.0, "everything": 0.0}
     masks = 0
     refs = list_images(str(folder))
@@ -55,7 +55,7 @@ def in_process_loop(folder: Path, model_type: str, checkpoint: str, everything: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--model", default="vit_t")
     parser.add_argument("--checkpoint", default="mobile_sam")
@@ -68,6 +68,8 @@ def main() -> None:
         "--actors", type=int, default=1, help="job actors sharing --threads (each gets threads / actors); loop: 1"
     )
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.points_per_side, args.threads = 2, 4, 1
     torch.set_num_threads(args.threads)
     everything = EverythingConfig(args.mode, points_per_side=args.points_per_side)
 
@@ -77,15 +79,19 @@ def main() -> None:
         loop = in_process_loop(folder, args.model, args.checkpoint, everything)
         init_ray(num_cpus=args.threads + 2)  # room for the read and write tasks beside the actor
         summary = automask(
-            str(folder),
-            str(work / "out"),
-            model=args.model,
-            checkpoint=args.checkpoint,
-            everything=everything,
-            batch_size=args.batch_size,
-            concurrency=args.actors,
-            num_cpus_per_actor=max(1, args.threads // args.actors),
-            num_gpus_per_actor=args.num_gpus_per_actor,
+            AutomaskOptions(
+                CorpusOptions(
+                    input=str(folder),
+                    output=str(work / "out"),
+                    batch_size=args.batch_size,
+                    concurrency=args.actors,
+                    num_cpus_per_actor=max(1, args.threads // args.actors),
+                    num_gpus_per_actor=args.num_gpus_per_actor,
+                ),
+                model=args.model,
+                checkpoint=args.checkpoint,
+                everything=everything,
+            )
         )
         n = args.images
         print(
@@ -108,7 +114,7 @@ def main() -> None:
             f"the actors' own rate (actors / their seconds per image): {busy:.4f} images/s, ratio to the loop "
             f"{busy / loop['images_per_second']:.3f} (the rest of the gap is the job's fixed cost)"
         )
-        steady = summary.steady_images_per_second
+        steady = steady_images_per_second(summary)
         print(
             f"after the job's start-up ({summary.first_result_seconds:.1f} s to its first {summary.first_result_rows} "
             + (

@@ -20,10 +20,9 @@ import os
 
 os.environ.setdefault(
     "THP_MEM_ALLOC_ENABLE", "1"
-)  # before torch: the loop allocates as the job's workers do (worker_env)
+)  # before torch: the loop allocates as the job's workers do (training_worker_env)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # bars redraw from the driver during the steps
 
-import argparse
 import resource
 import shutil
 import statistics
@@ -34,25 +33,28 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+from _harness import benchmark_parser  # benchmarks/ is on sys.path
 
 from pipelines.distill import HUGE_PAGES_ENV, DistillJob, distill, label_rows, split_ids
-from pipelines.precompute import precompute_embeddings
+from pipelines.options import CorpusOptions
+from pipelines.precompute import PrecomputeOptions, precompute_embeddings
 from pipelines.runtime import init_ray
 from pipelines.storage.embeddings import load_embeddings
 from pipelines.storage.files import read_table
 from tinysam import build_sam
 from tinysam.distill import DistillConfig, Distiller, init_student_decoder
 from tinysam.distill.distiller import match_embedding_statistics
-from tinysam.sample_data import ALL_PHOTOS, SAMPLE_PHOTOS, write_pseudo_labelled_shard
+from tinysam_samples import ALL_PHOTOS, SAMPLE_PHOTOS, write_pseudo_labelled_shard
 
 METHOD = {"lr": 5e-3, "warmup_steps": 2, "prompts": {"prompts_per_image": 16, "max_iterations": 3}}
 
 
 def load_rows(embeddings: str) -> Dict[str, np.ndarray]:
     """Every image's training row (as the Ray Data stage makes it), in memory."""
-    table = read_table(embeddings, columns=["image_id", "source", "annotations"])
+    columns = ["image_id", "source", "source_offset", "source_length", "annotations"]
+    table = read_table(embeddings, columns=columns)
     ids = table["image_id"].to_pylist()
-    batch = {k: np.asarray(table[k].to_pylist(), dtype=object) for k in ("image_id", "source", "annotations")}
+    batch = {k: np.asarray(table[k].to_pylist(), dtype=object) for k in columns}
     stored_ids, stored = load_embeddings(embeddings)
     batch["embedding"] = stored[[stored_ids.index(i) for i in ids]].numpy()
     return label_rows(batch, max_masks=64)
@@ -89,17 +91,18 @@ def in_process(embeddings: str, student_type: str, steps: int) -> dict:
     return {"step_seconds": seconds, "minor_faults": faults, "kernel_seconds": kernel}
 
 
-def prepare(work: Path, photos: Tuple[str, ...], threads: int) -> str:
-    """The photos with pseudo labels from the real vit_t, through the precompute job: its output folder."""
-    shard = write_pseudo_labelled_shard(work / "sa1b", build_sam("vit_t", "mobile_sam"), photos, points_per_side=8)
+def prepare(work: Path, photos: Tuple[str, ...], threads: int, points_per_side: int = 8) -> str:
+    """The photos with pseudo labels from the real vit_t's everything mode at `points_per_side`,
+    through the precompute job: its output folder."""
+    teacher = build_sam("vit_t", "mobile_sam")
+    shard = write_pseudo_labelled_shard(work / "sa1b", teacher, photos, points_per_side=points_per_side)
     init_ray(num_cpus=threads + 2, dashboard=True)
     precompute_embeddings(
-        str(shard),
-        str(work / "emb"),
-        teacher="vit_t",
-        checkpoint="mobile_sam",
-        batch_size=4,
-        num_cpus_per_actor=threads,
+        PrecomputeOptions(
+            CorpusOptions(input=str(shard), output=str(work / "emb"), batch_size=4, num_cpus_per_actor=threads),
+            teacher="vit_t",
+            checkpoint="mobile_sam",
+        )
     )
     return str(work / "emb")
 
@@ -138,18 +141,23 @@ def learning_curve(embeddings: str, student_type: str, steps: int, every: int, v
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--student", default="vit_t_mini")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--curve", type=int, metavar="STEPS", help="held-out mIoU over a run of STEPS steps instead")
     parser.add_argument("--every", type=int, default=10, help="--curve: steps between evaluations")
     args = parser.parse_args()
+    if args.smoke:  # both parts, on three photos: the curve for 2 steps, then 2 steps against Ray Train
+        args.steps, args.every, args.threads = 2, 1, 1
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
-        embeddings = prepare(work, ALL_PHOTOS if args.curve else SAMPLE_PHOTOS[:4], args.threads)
-        if args.curve:
+        photos = SAMPLE_PHOTOS[:3] if args.smoke else ALL_PHOTOS if args.curve else SAMPLE_PHOTOS[:4]
+        embeddings = prepare(work, photos, args.threads, 4 if args.smoke else 8)
+        if args.smoke:
+            learning_curve(embeddings, args.student, 2, 1, val_fraction=0.34)
+        elif args.curve:
             learning_curve(embeddings, args.student, args.curve, args.every)
             return
         # the loop runs before and after the Ray run (the machine drifts): its mean is the baseline

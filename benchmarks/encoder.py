@@ -6,24 +6,26 @@ hits both alike. Prints per-image times and the ratio ours / official (goal: <= 
     python benchmarks/encoder.py [--repeats 3] [--threads N]
 """
 
-import argparse
 import statistics
 import time
 import warnings
 
 import torch
+from _harness import benchmark_parser  # benchmarks/ is on sys.path
 
 from tinysam import build_sam
-from tinysam.sample_data import sample_images
 from tinysam.transforms import prepare_image
+from tinysam_samples import sample_images
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the images")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--checkpoint", default="mobile_sam")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats = 1
     torch.set_num_threads(args.threads)
 
     with warnings.catch_warnings():
@@ -35,7 +37,7 @@ def main() -> None:
     official.load_state_dict(ours.state_dict())
     official.eval()
 
-    images = [(name, prepare_image(img).tensor[None]) for name, img in sample_images()]
+    images = [(name, prepare_image(img).tensor[None]) for name, img in sample_images()][: 1 if args.smoke else None]
     encoders = {"ours": ours.image_encoder, "official": official.image_encoder}
     times = {k: [] for k in encoders}
     with torch.inference_mode():

@@ -26,17 +26,20 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
+from _harness import benchmark_parser  # benchmarks/ is on sys.path
 
 from tinysam import build_sam
 from tinysam.everything import EverythingConfig
+from tinysam.everything import generator as generator_module
 from tinysam.everything.generator import bfloat16_is_native
-from tinysam.sample_data import bbbc038, instance_masks, sample_images
 from tinysam.transforms import to_rgb_uint8
 from tinysam.utils.malloc import keep_freed_memory
 from tinysam.utils.metrics import best_match_ious
+from tinysam_samples import bbbc038, instance_masks, sample_images
 
 # The default before the embedding-similarity check (tau 8.5, margin 0.25), for the side-by-side.
 PREVIOUS_DEFAULT = dict(high_confidence_thresh=8.5, skip_margin=0.25, skip_similarity=0.0)
@@ -87,7 +90,7 @@ def peak_memory_child(checkpoint: str, mode: str, size: str) -> None:
     print(json.dumps({"mode": mode, "masks": len(masks), "rss_before": before, "peak": status("VmHWM:")}))
 
 
-def official_child(checkpoint: str, names, size=None) -> None:
+def official_child(checkpoint: str, names, size=None, points_per_side: int = 32) -> None:
     """In a fresh process with glibc's default allocator: seconds of the official dense generator
     per image."""
     with warnings.catch_warnings():
@@ -95,7 +98,7 @@ def official_child(checkpoint: str, names, size=None) -> None:
         import mobile_sam
     official = mobile_sam.sam_model_registry["vit_t"]()
     official.load_state_dict(build_sam("vit_t", checkpoint).state_dict())
-    gen = mobile_sam.SamAutomaticMaskGenerator(official.eval())
+    gen = mobile_sam.SamAutomaticMaskGenerator(official.eval(), points_per_side=points_per_side)
     seconds = {}
     for name, image, _ in load_images(names, size):
         rgb = to_rgb_uint8(image)
@@ -106,9 +109,10 @@ def official_child(checkpoint: str, names, size=None) -> None:
     print(json.dumps(seconds))
 
 
-def official_as_shipped(checkpoint: str, names, size=None) -> dict:
+def official_as_shipped(checkpoint: str, names, size=None, points_per_side: int = 32) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--official-child", "--checkpoint", checkpoint, "--images", *names]
+        + ["--points-per-side", str(points_per_side)]
         + (["--size", size] if size else []),
         capture_output=True,
         text=True,
@@ -128,7 +132,7 @@ def measure_peak(checkpoint: str, mode: str, size: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--images", nargs="+", default=["astronaut", "coffee", "chelsea", "nuclei"])
     parser.add_argument("--checkpoint", default="mobile_sam")
     parser.add_argument("--skip-official", action="store_true")
@@ -143,26 +147,33 @@ def main() -> None:
     parser.add_argument("--peak-memory-child", choices=["dense", "hierarchical"], help=argparse.SUPPRESS)
     parser.add_argument("--peak-size", default="1024x1024", help=argparse.SUPPRESS)
     parser.add_argument("--official-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--points-per-side", type=int, default=32, help="every method's grid (hierarchical: round 2's)")
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.size, args.peak_sizes, args.points_per_side = ["astronaut"], "320x240", ["320x240"], 8
     if args.official_child:
-        return official_child(args.checkpoint, args.images, args.size)
+        return official_child(args.checkpoint, args.images, args.size, args.points_per_side)
     if args.peak_memory_child:
         return peak_memory_child(args.checkpoint, args.peak_memory_child, args.peak_size)
     if args.peak_only:
         return report_peaks(args.checkpoint, args.peak_sizes)
 
-    shipped = {} if args.skip_official else official_as_shipped(args.checkpoint, args.images, args.size)
+    points = args.points_per_side
+    shipped = {} if args.skip_official else official_as_shipped(args.checkpoint, args.images, args.size, points)
     keep_freed_memory()  # for every method alike, as in the jobs' actors
     model = build_sam("vit_t", args.checkpoint)
+
+    def generator(config: EverythingConfig, **settings):
+        return replace(config, points_per_side=points, **settings).generator(model)
+
     runners = {
-        f"ours {name}": EverythingConfig.from_preset(name).generator(model) for name in ("quality", "balanced", "fast")
+        f"ours {name}": generator(EverythingConfig.from_preset(name)) for name in ("quality", "balanced", "fast")
     }
-    runners["ours previous default"] = EverythingConfig(**PREVIOUS_DEFAULT).generator(model)
+    runners["ours previous default"] = generator(EverythingConfig(**PREVIOUS_DEFAULT))
     # the default's masks, computed as before the mask windows: decoder chunk 4, whole-mask filters
-    runners["ours balanced, previous execution"] = EverythingConfig(decoder_chunk=4).generator(model)
-    runners["ours balanced, previous execution"].windowed_filters = False
+    runners["ours balanced, previous execution"] = generator(EverythingConfig(), decoder_chunk=4)
     if bfloat16_is_native(torch.device("cpu")):
-        runners["ours balanced, bfloat16 decoder"] = EverythingConfig(decoder_dtype="bfloat16").generator(model)
+        runners["ours balanced, bfloat16 decoder"] = generator(EverythingConfig(), decoder_dtype="bfloat16")
     for gen in runners.values():
         time_decoder(gen)
     if not args.skip_official:
@@ -171,8 +182,10 @@ def main() -> None:
             import mobile_sam
         official = mobile_sam.sam_model_registry["vit_t"]()
         official.load_state_dict(model.state_dict())
-        runners = {"official dense": mobile_sam.SamAutomaticMaskGenerator(official.eval()), **runners}
+        official_dense = mobile_sam.SamAutomaticMaskGenerator(official.eval(), points_per_side=points)
+        runners = {"official dense": official_dense, **runners}
 
+    per_window, whole_masks = generator_module.filters_per_window, lambda device: False
     rows = []
     for name, image, gt in load_images(args.images, args.size):
         rgb = to_rgb_uint8(image)
@@ -180,12 +193,20 @@ def main() -> None:
         for key, gen in runners.items():
             if hasattr(gen, "decoder_seconds"):
                 gen.decoder_seconds = 0.0
+            # the previous execution filtered whole masks, as an accelerator still does
+            generator_module.filters_per_window = whole_masks if "previous execution" in key else per_window
             t0 = time.perf_counter()
             with torch.inference_mode():
                 masks = [r["segmentation"] for r in gen.generate(rgb)]
             secs = time.perf_counter() - t0
+            generator_module.filters_per_window = per_window
             stats = getattr(gen, "last_stats", {})
-            results[key] = (secs, masks, stats.get("decoded_points", 1024), getattr(gen, "decoder_seconds", None))
+            results[key] = (
+                secs,
+                masks,
+                stats.get("decoded_points", points * points),
+                getattr(gen, "decoder_seconds", None),
+            )
         ref_key = "official dense" if "official dense" in results else "ours quality"
         for key, (secs, masks, points, decoder_secs) in results.items():
             row = {

@@ -19,9 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _harness import benchmark_parser  # benchmarks/ is on sys.path
 from distill import HUGE_PAGES_ENV, in_process, prepare  # benchmarks/distill.py (this folder is on sys.path)
 
-from tinysam.sample_data import SAMPLE_PHOTOS
+from tinysam_samples import SAMPLE_PHOTOS
 
 
 def child(embeddings: str, student: str, steps: int, threads: int) -> None:
@@ -32,18 +33,20 @@ def child(embeddings: str, student: str, steps: int, threads: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--steps", type=int, default=5, help="per child; the first is left out")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--student", default="vit_t_mini")
     parser.add_argument("--child", metavar="EMBEDDINGS", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds, args.threads = 2, 1, 1
     if args.child:
         return child(args.child, args.student, args.steps, args.threads)
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
-        embeddings = prepare(work, SAMPLE_PHOTOS[:4], args.threads)
+        embeddings = prepare(work, SAMPLE_PHOTOS[: 3 if args.smoke else 4], args.threads, 4 if args.smoke else 8)
         runs = {"0": [], "1": []}
         for r in range(args.rounds):
             for value in ("0", "1"):

@@ -7,7 +7,6 @@ call (the paper's latency) and a 64-box decoder call (everything mode's batch).
 Prints a Markdown table; every variant's median over --repeats, runs interleaved.
 """
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -19,9 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _harness import benchmark_parser  # benchmarks/ is on sys.path
+
 from tinysam import SamPredictor, build_sam  # noqa: E402
 from tinysam.export import OnnxSamPredictor, export_decoder, export_encoder  # noqa: E402
-from tinysam.sample_data import sample_images  # noqa: E402
+from tinysam_samples import sample_images  # noqa: E402
 
 
 def boxes(n: int, h: int, w: int) -> np.ndarray:
@@ -31,7 +32,7 @@ def boxes(n: int, h: int, w: int) -> np.ndarray:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = benchmark_parser(__doc__)
     p.add_argument("--model", default="vit_t")
     p.add_argument("--checkpoint", default="mobile_sam")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -39,6 +40,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--quantized", help="a jobs/quantize.py file: also time its W8A8 QDQ export")
     args = p.parse_args()
+    if args.smoke:
+        args.repeats, args.prompts = 1, 4
     torch.set_num_threads(args.threads)
     sam = build_sam(args.model, args.checkpoint).eval()
     image = dict(sample_images())["astronaut"]

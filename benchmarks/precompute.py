@@ -7,20 +7,21 @@ part of what it must not pay much for). Goal: job / loop >= 0.9 images/s on CPU 
     python benchmarks/precompute.py [--images 24] [--teacher vit_t] [--checkpoint mobile_sam]
 """
 
-import argparse
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _harness import benchmark_parser  # benchmarks/ is on sys.path
 
-from pipelines.precompute import precompute_embeddings
+from pipelines.options import CorpusOptions
+from pipelines.precompute import PrecomputeOptions, precompute_embeddings
 from pipelines.runtime import init_ray
 from pipelines.sources import decode_image, list_images, read_bytes
 from tinysam import build_sam
-from tinysam.sample_data import write_sample_corpus
 from tinysam.transforms import prepare_image
+from tinysam_samples import write_sample_corpus
 
 
 def bare_loop(folder: Path, teacher: str, checkpoint: str, batch_size: int) -> float:
@@ -38,7 +39,7 @@ def bare_loop(folder: Path, teacher: str, checkpoint: str, batch_size: int) -> f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--teacher", default="vit_t")
     parser.add_argument("--checkpoint", default="mobile_sam")
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.batch_size, args.threads = 2, 1, 1
     torch.set_num_threads(args.threads)
 
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
@@ -55,13 +58,17 @@ def main() -> None:
         init_ray(num_cpus=args.threads + 2)
         # Model loading is paid once per actor; warm the pool's cache of weights first.
         summary = precompute_embeddings(
-            str(folder),
-            str(work / "out"),
-            teacher=args.teacher,
-            checkpoint=args.checkpoint,
-            batch_size=args.batch_size,
-            num_cpus_per_actor=args.threads,
-            num_gpus_per_actor=args.num_gpus_per_actor,
+            PrecomputeOptions(
+                CorpusOptions(
+                    input=str(folder),
+                    output=str(work / "out"),
+                    batch_size=args.batch_size,
+                    num_cpus_per_actor=args.threads,
+                    num_gpus_per_actor=args.num_gpus_per_actor,
+                ),
+                teacher=args.teacher,
+                checkpoint=args.checkpoint,
+            )
         )
         job_ips = summary.images_per_second
         print(f"{args.images} images, {args.teacher}, batch {args.batch_size}, {args.threads} threads")

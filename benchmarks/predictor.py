@@ -10,30 +10,32 @@ over the official predictor, and the largest logit difference from it (relative 
     python benchmarks/predictor.py [--threads 1] [--repeats 3]
 """
 
-import argparse
 import statistics
 import time
 
 import numpy as np
 import torch
+from _harness import benchmark_parser  # benchmarks/ is on sys.path
 
 from tinysam import SamPredictor, build_sam
-from tinysam.sample_data import bbbc038, instance_masks
 from tinysam.weights import resolve_checkpoint
+from tinysam_samples import bbbc038, instance_masks
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = benchmark_parser(__doc__)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
+    if a.smoke:
+        a.repeats = 1
     torch.set_num_threads(a.threads)
     from mobile_sam import SamPredictor as OfficialPredictor
     from mobile_sam import sam_model_registry
 
     image, labels = bbbc038()
     rgb = np.dstack([np.rint((image - image.min()) * 255.0 / np.ptp(image)).astype(np.uint8)] * 3)
-    masks = list(instance_masks(labels))
+    masks = list(instance_masks(labels))[: 8 if a.smoke else None]
     boxes = np.array([[xs.min(), ys.min(), xs.max(), ys.max()] for ys, xs in (np.nonzero(m) for m in masks)], float)
     centers = np.array([[[xs.mean(), ys.mean()]] for ys, xs in (np.nonzero(m) for m in masks)])
     ours = build_sam("vit_t", "mobile_sam").eval()

@@ -15,7 +15,6 @@ It first times the int8 kernels alone against fp32 on vit_t's layer shapes (inpu
 included, as the int8 path runs them), which separates the kernels' speed from the model's.
 """
 
-import argparse
 import copy
 import statistics
 import time
@@ -23,13 +22,14 @@ from dataclasses import replace
 from functools import partial
 
 import torch
+from _harness import benchmark_parser  # benchmarks/ is on sys.path
 
 from tinysam import SamPredictor, build_sam
 from tinysam.eval import box_prompt_miou
 from tinysam.quant import QuantConfig, compile_frozen, int8_available, int8_unavailable_reason, quantize_sam, set_mode
 from tinysam.quant.calibrate import calibration_prompts, search_scales
-from tinysam.sample_data import bbbc038, instance_masks, sample_images
 from tinysam.transforms import prepare_image
+from tinysam_samples import bbbc038, instance_masks, sample_images
 
 CALIBRATION = (
     "astronaut",
@@ -82,7 +82,7 @@ def kernel_ratios(repeats: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = benchmark_parser(__doc__)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--checkpoint", default="mobile_sam")
@@ -94,9 +94,12 @@ def main() -> None:
     p.add_argument("--kernels-only", action="store_true", help="only the int8 vs fp32 kernel table")
     p.add_argument("--no-compile", action="store_true", help="eager models only (compiling takes minutes)")
     args = p.parse_args()
+    calibration = CALIBRATION[:1] if args.smoke else CALIBRATION
+    if args.smoke:
+        args.repeats, args.candidates, args.rounds, args.prompts, args.no_compile = 1, 2, 1, 4, True
     torch.set_num_threads(args.threads)
     if int8_available():
-        kernel_ratios(max(args.repeats, 5))
+        kernel_ratios(1 if args.smoke else max(args.repeats, 5))
     else:
         print(f"no int8 rows: {int8_unavailable_reason()}")
     if args.kernels_only:
@@ -104,18 +107,23 @@ def main() -> None:
 
     fp32 = build_sam("vit_t", args.checkpoint)
     sam = build_sam("vit_t", args.checkpoint)
-    config = QuantConfig(candidates=args.candidates, rounds=args.rounds, calibration_images=len(CALIBRATION))
+    config = QuantConfig(
+        candidates=args.candidates,
+        rounds=args.rounds,
+        calibration_images=len(calibration),
+        points_per_side=2 if args.smoke else QuantConfig.points_per_side,
+    )
     t0 = time.time()
     report = quantize_sam(
-        sam, [img for _, img in sample_images(CALIBRATION)], config, progress=lambda m: print(f"  {m}", flush=True)
+        sam, [img for _, img in sample_images(calibration)], config, progress=lambda m: print(f"  {m}", flush=True)
     )
     print(
         f"quantized {report.quantized} layers in {time.time() - t0:.0f} s "
-        f"(n={config.candidates}, rounds={config.rounds}, {len(CALIBRATION)} images)"
+        f"(n={config.candidates}, rounds={config.rounds}, {len(calibration)} images)"
     )
 
     image, labels = bbbc038()
-    gts = list(instance_masks(labels))
+    gts = list(instance_masks(labels))[: 8 if args.smoke else None]
     miou = {"fp32": box_prompt_miou(SamPredictor(fp32), image, gts)}
     modes = ["sim"] + (["int8"] if int8_available() else [])
     for mode in modes:

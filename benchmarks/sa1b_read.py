@@ -4,7 +4,7 @@
     python benchmarks/sa1b_read.py --members 200 1000   # quicker
 
 For each size it writes a synthetic SA-1B-like shard (JPEGs of 1500x2250, a few hundred KB each,
-and SA-1B JSONs of 100 masks; `tinysam.sample_data.write_synthetic_sa1b_shard`), then times, side
+and SA-1B JSONs of 100 masks; `tinysam_samples.write_synthetic_sa1b_shard`), then times, side
 by side:
 - `cat shard > /dev/null`, the plain sequential read (before and after the others: the first also
   brings the file into the page cache, so that every reader reads from memory alike);
@@ -18,7 +18,6 @@ image largest over smallest shard (flat: the cost of an image does not grow with
 Files are removed at the end.
 """
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -31,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+from _harness import benchmark_parser  # benchmarks/ is on sys.path
+
 from pipelines.reading import read_shards  # noqa: E402
 from pipelines.storage.files import DoneIds  # noqa: E402
-from tinysam.sample_data import write_synthetic_sa1b_shard  # noqa: E402
+from tinysam_samples import write_synthetic_sa1b_shard  # noqa: E402
 
 
 def timed(fn):
@@ -76,10 +77,12 @@ def ray_stage(path: Path, out: Path) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = benchmark_parser(__doc__)
     p.add_argument("--members", type=int, nargs="+", default=[1000, 4000, 11186])
     p.add_argument("--folder", help="where to write the shards (default: a temporary folder)")
     args = p.parse_args()
+    if args.smoke:
+        args.members = [8, 16]
 
     import ray
 
