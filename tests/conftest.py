@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from tinysam import build_sam
-from tinysam.sample_data import bbbc038, sample_images
 from tinysam.utils.malloc import keep_freed_memory, release_freed_memory
 from tinysam.weights import fetch_known
+from tinysam_samples import bbbc038, sample_images
 
 from .helpers import free_port, import_official, job_env, wait_for_port
 
@@ -65,7 +65,7 @@ def photos():
 @pytest.fixture(scope="session")
 def photos_dir(tmp_path_factory):
     """A folder of three real photos as JPEG files: a tiny corpus for the jobs."""
-    from tinysam.sample_data import write_sample_photos
+    from tinysam_samples import write_sample_photos
 
     folder = tmp_path_factory.mktemp("photos")
     write_sample_photos(folder, ("astronaut", "coffee", "chelsea"))

@@ -101,21 +101,6 @@ class DyingEncoder:
         return out
 
 
-class KillWorkerAt:
-    """A distillation `on_step` callback for failure drills: the training worker of `rank` SIGKILLs
-    itself once, right after the report of step `step` (the marker file keeps the restart alive)."""
-
-    def __init__(self, step: int, rank: int, marker: str) -> None:
-        self.step, self.rank, self.marker = step, rank, marker
-
-    def __call__(self, step: int, rank: int) -> None:
-        if step == self.step and rank == self.rank and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def import_official(package: str):
     """Import an oracle package, silencing the deprecation noise of its timm imports."""
     with warnings.catch_warnings():

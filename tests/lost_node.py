@@ -71,10 +71,30 @@ def kill_when(cluster, node, ready, state: dict) -> threading.Thread:
     return thread
 
 
+class StubEncoder:
+    """The precompute job's model actor without a model: zero embeddings, a fraction of a second
+    per image (the property under test is Ray's: the actor's node dies mid-run). Defined in the
+    scenario's __main__, so Ray ships it by value."""
+
+    def __init__(self, cpu_threads=None, **_) -> None:
+        pass
+
+    def __call__(self, batch):
+        import numpy as np
+
+        time.sleep(0.3)
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["embedding"] = np.zeros((len(batch["image_id"]), 256, 64, 64), np.float16)
+        return out
+
+
 def precompute(input: str, output: str, checkpoint: str) -> dict:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipelines.precompute import precompute_embeddings
+    import pipelines.precompute
+    import pipelines.stages
+    from pipelines.options import CorpusOptions
+    from pipelines.precompute import PrecomputeOptions, precompute_embeddings
 
     cluster, node = start_cluster(head_cpus=3, node_cpus=2)
     state = {"killed": False}
@@ -82,18 +102,24 @@ def precompute(input: str, output: str, checkpoint: str) -> dict:
     kill_when(cluster, node, lambda: len(files()) >= 1, state)
     # soft: the actor starts on the second node, and may be restarted elsewhere once it is gone
     on_node = NodeAffinitySchedulingStrategy(node.node_id, soft=True)
+    actor_stage = pipelines.stages.model_actor_stage
+
+    def on_the_second_node(*args):
+        *head, remote_args = args
+        return actor_stage(*head, {**(remote_args or {}), "scheduling_strategy": on_node})
+
+    pipelines.stages.model_actor_stage = on_the_second_node
+    pipelines.precompute.TeacherEncoder = StubEncoder
     try:
         summary = precompute_embeddings(
-            input,
-            output,
-            teacher="vit_t",
-            checkpoint=checkpoint,
-            batch_size=1,
-            rows_per_file=1,
-            actor_options={"scheduling_strategy": on_node},
+            PrecomputeOptions(
+                CorpusOptions(input=input, output=output, batch_size=1, rows_per_file=1),
+                teacher="vit_t",
+                checkpoint=checkpoint,
+            )
         )
         state.update(outcome="finished", written=summary.written, failed=summary.failed)
-    except Exception as e:  # the job may fail: the test then reruns it
+    except Exception as e:  # reported: the test fails with it
         state.update(outcome="failed", failed=None, error=f"{type(e).__name__}: {e}"[:2000])
     state["files_at_end"] = len(files())
     return state

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.options import CorpusOptions
 from tinysam import SamHierarchicalMaskGenerator
 from tinysam.everything import EverythingConfig
 from tinysam.utils.metrics import best_match_ious
@@ -30,20 +31,19 @@ def _rows(output, storage_options=None):
 def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_path, vit_t, mobile_sam_path, capsys):
     from pycocotools.coco import COCO
 
-    from pipelines.automask import automask
+    from pipelines.automask import AutomaskOptions, automask
 
     out = tmp_path / "masks"
     summary = automask(
-        str(photos_dir),
-        str(out),
-        model="vit_t",
-        checkpoint=str(mobile_sam_path),
-        everything=EVERYTHING,
-        batch_size=2,
-        num_cpus_per_actor=2,
-        sa1b_json=True,
-        coco_json=str(out / "coco.json"),
-        preview=2,
+        AutomaskOptions(
+            CorpusOptions(input=str(photos_dir), output=str(out), batch_size=2, num_cpus_per_actor=2),
+            model="vit_t",
+            checkpoint=str(mobile_sam_path),
+            everything=EVERYTHING,
+            sa1b_json=True,
+            coco_json=str(out / "coco.json"),
+            preview=2,
+        )
     )
     assert (summary.written, summary.failed, summary.skipped) == (3, 0, 0)
     rows = _rows(out)
@@ -83,6 +83,16 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
     coco = COCO(str(out / "coco_images.json"))
     results = coco.loadRes(str(out / "coco.json"))
     assert len(results.anns) == summary.masks and len(coco.imgs) == 3
+    # each annotation belongs to its image: the mask's size is the image's, and the image entry's
+    # size is the photo's own
+    by_file = {row["source"]: row for row in rows.values()}
+    for image in coco.imgs.values():
+        row = by_file[image["file_name"]]
+        assert (image["height"], image["width"]) == (row["height"], row["width"])
+        anns = results.imgToAnns[image["id"]]
+        assert len(anns) == len(row["masks"]) > 0
+        assert all(a["segmentation"]["size"] == [row["height"], row["width"]] for a in anns)
+    coco_before = (out / "coco.json").read_text()
     previews = sorted((out / "previews").glob("*.png"))
     assert [p.stem for p in previews] == sorted(rows)[:2]
     assert Image.open(previews[0]).size == (rows[previews[0].stem]["width"], rows[previews[0].stem]["height"])
@@ -98,18 +108,30 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
         "--points-per-side",
         "8",
     ]
-    assert load_job("automask").main(rerun) == 0
+    assert load_job("automask").main([*rerun, "--coco-json", str(out / "coco.json")]) == 0
     again = json.loads(capsys.readouterr().out.split("SUMMARY ", 1)[1])
     assert (again["written"], again["skipped"]) == (0, 3)
+    assert json.loads((out / "coco.json").read_text()) == json.loads(coco_before)  # every mask still there
 
     # Stored embeddings (the precompute job's) replace the encoder: the same masks as the job from
     # the images, up to a few border pixels (fp16 storage of the embedding).
-    from pipelines.precompute import precompute_embeddings
+    from pipelines.precompute import PrecomputeOptions, precompute_embeddings
 
     emb = tmp_path / "emb"
-    precompute_embeddings(str(photos_dir), str(emb), teacher="vit_t", checkpoint=str(mobile_sam_path), limit=2)
+    precompute_embeddings(
+        PrecomputeOptions(
+            CorpusOptions(input=str(photos_dir), output=str(emb), limit=2),
+            teacher="vit_t",
+            checkpoint=str(mobile_sam_path),
+        )
+    )
     stored = automask(
-        None, str(tmp_path / "from-stored"), checkpoint=str(mobile_sam_path), everything=EVERYTHING, embeddings=str(emb)
+        AutomaskOptions(
+            CorpusOptions(input=None, output=str(tmp_path / "from-stored")),
+            checkpoint=str(mobile_sam_path),
+            everything=EVERYTHING,
+            embeddings=str(emb),
+        )
     )
     assert (stored.written, stored.failed) == (2, 0)
     assert stored.encode_seconds < 0.2  # the encoder did not run (it takes over a second per image here)
@@ -122,11 +144,18 @@ def test_job_output_equals_the_in_process_generator(ray_local, photos_dir, tmp_p
         )
         assert len(row["masks"]) > 0 and ious.min() >= 0.98, image_id
     with pytest.raises(ValueError, match="decoder must match the encoder"):
-        automask(None, str(tmp_path / "other"), checkpoint=None, everything=EVERYTHING, embeddings=str(emb))
+        automask(
+            AutomaskOptions(
+                CorpusOptions(input=None, output=str(tmp_path / "other")),
+                checkpoint=None,
+                everything=EVERYTHING,
+                embeddings=str(emb),
+            )
+        )
 
 
 def test_bad_inputs_are_reported_and_skipped(ray_local, photos_dir, tmp_path, mobile_sam_path):
-    from pipelines.automask import automask
+    from pipelines.automask import AutomaskOptions, automask
     from pipelines.storage.errors import read_errors
 
     corpus = tmp_path / "corpus"
@@ -137,12 +166,12 @@ def test_bad_inputs_are_reported_and_skipped(ray_local, photos_dir, tmp_path, mo
     (corpus / "readme.png").write_text("not an image\n")
     out = tmp_path / "masks"
     summary = automask(
-        str(corpus),
-        str(out),
-        model="vit_t",
-        checkpoint=str(mobile_sam_path),
-        everything=EverythingConfig(points_per_side=4),
-        batch_size=3,
+        AutomaskOptions(
+            CorpusOptions(input=str(corpus), output=str(out), batch_size=3),
+            model="vit_t",
+            checkpoint=str(mobile_sam_path),
+            everything=EverythingConfig(points_per_side=4),
+        )
     )  # one batch: the good image's row survives
     assert (summary.written, summary.failed) == (1, 2)
     [image_id] = _rows(out)
@@ -167,7 +196,7 @@ def test_s3_in_and_out(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     import s3fs
     from pycocotools.coco import COCO
 
-    from pipelines.automask import automask
+    from pipelines.automask import AutomaskOptions, automask
 
     options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint}}
     fs = s3fs.S3FileSystem(**options)
@@ -175,13 +204,13 @@ def test_s3_in_and_out(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     for name in ("astronaut.jpg", "chelsea.jpg"):
         fs.put(str(photos_dir / name), f"automask/images/{name}")
     summary = automask(
-        "s3://automask/images",
-        "s3://automask/masks",
-        checkpoint=str(mobile_sam_path),
-        everything=EverythingConfig(points_per_side=4),
-        coco_json="s3://automask/masks/coco.json",
-        preview=1,
-        storage_options=options,
+        AutomaskOptions(
+            CorpusOptions(input="s3://automask/images", output="s3://automask/masks", storage_options=options),
+            checkpoint=str(mobile_sam_path),
+            everything=EverythingConfig(points_per_side=4),
+            coco_json="s3://automask/masks/coco.json",
+            preview=1,
+        )
     )
     assert (summary.written, summary.failed) == (2, 0)
     rows = _rows("s3://automask/masks", options)
@@ -198,3 +227,21 @@ def test_s3_in_and_out(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     coco.dataset = images
     coco.createIndex()
     assert len(coco.loadRes(results).anns) == summary.masks
+
+
+def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir, mobile_sam_path):
+    """SIGKILLed (driver and its local Ray) after its first file, the rerun writes only the rest."""
+    import sys
+
+    from pipelines.storage.files import read_table
+
+    from .helpers import flags, kill_midway_and_rerun
+
+    out = tmp_path / "masks"
+    job = Path(__file__).resolve().parents[1] / "jobs" / "automask.py"
+    args = flags(input=photos_dir, output=out, checkpoint=mobile_sam_path, points_per_side=4, batch_size=1)
+    kill_midway_and_rerun([sys.executable, str(job), *args, *flags(rows_per_file=1, num_cpus=2)], out, total=3)
+    table = read_table(str(out), columns=["image_id", "num_masks"])
+    ids = table["image_id"].to_pylist()
+    assert len(ids) == 3 and len(set(ids)) == 3
+    assert all(n > 0 for n in table["num_masks"].to_pylist())

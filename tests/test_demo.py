@@ -5,8 +5,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from tinysam.demo import run_predictor_demo
 from tinysam.utils.rle import coco_rle_to_mask
+from tinysam_samples.predictor_demo import run_predictor_demo
 
 
 def test_demo_writes_overlays_and_decodable_masks(tmp_path, mobile_sam_path, photos):

@@ -18,7 +18,7 @@ from tinysam.eval import (
     first_point,
     next_point,
 )
-from tinysam.sample_data import bbbc038_coco
+from tinysam_samples import bbbc038_coco
 
 from .helpers import load_job
 
@@ -137,6 +137,20 @@ def test_evaluate_job_compares_models_locally_and_on_ray(bbbc038_gt, mobile_sam_
     # the Ray actors compute what the local loop computes
     assert a["mobile_sam"]["box"]["AP"] == pytest.approx(b["mobile_sam"]["box"]["AP"], abs=1e-3)
     assert a["mobile_sam"]["point"]["3"] == pytest.approx(b["mobile_sam"]["point"]["3"], abs=1e-3)
+    # The AP the job reports is what pycocotools, run on its own, makes of the files the job wrote
+    # (30 nuclei and 30 box results per image: below pycocotools' default 100 detections).
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    for folder, models in (("local", a), ("ray", b)):
+        results_file = tmp_path / folder / models["mobile_sam"]["box_results"]
+        coco = COCO(str(gt))
+        evaluator = COCOeval(coco, coco.loadRes(str(results_file)), "segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        assert models["mobile_sam"]["box"]["AP"] == pytest.approx(evaluator.stats[0], abs=1e-6)
+        assert models["mobile_sam"]["box"]["AP50"] == pytest.approx(evaluator.stats[1], abs=1e-6)
     table = (tmp_path / "local" / "results.md").read_text()
     assert "| mobile_sam |" in table and "| random |" in table and "3 pt" in table
 

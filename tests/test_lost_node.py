@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipelines.options import CorpusOptions
+
 from .helpers import distill_args, job_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +36,12 @@ def scenario(*args: str, timeout: float = 600) -> dict:
 
 
 def test_precompute_survives_losing_the_node_of_its_model_actor(tmp_path, photos_dir, mobile_sam_path):
+    """The job goes on without the node and finishes on its own; what it cannot carry on is
+    accounted for: every image is written or reported, none twice, and a rerun writes exactly the
+    reported ones. What Ray (2.6x) does not do is retry the batches that were in flight on the lost
+    node: Ray Data's actor tasks fail there with ActorUnavailableError (7 of 9 images when
+    written), so a lost node costs a rerun of those images, not a silent loss."""
+    from pipelines.storage.errors import read_errors
     from pipelines.storage.files import read_table
 
     corpus = tmp_path / "corpus"
@@ -45,28 +53,22 @@ def test_precompute_survives_losing_the_node_of_its_model_actor(tmp_path, photos
     result = scenario("precompute", str(corpus), str(out), str(mobile_sam_path))
     assert result["killed"] and result["progress_at_kill"], result["log"]
     assert any("MapWorker" in name for name in result["actors_on_node"]), result  # the model actor was there
-    if result["outcome"] != "finished" or result["failed"]:  # Ray could not carry on: a plain rerun finishes it
-        rerun = subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "jobs" / "precompute_embeddings.py"),
-                "--input",
-                str(corpus),
-                "--output",
-                str(out),
-                "--teacher",
-                "vit_t",
-                "--checkpoint",
-                str(mobile_sam_path),
-                "--num-cpus",
-                "2",
-            ],
-            env=job_env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert result["outcome"] == "finished", result["log"]  # the job went on without the node
+    assert result["written"] + result["failed"] == 9, result
+    written = set(read_table(str(out), columns=["image_id"])["image_id"].to_pylist())
+    reported = {Path(s).name for s in read_errors(str(out))["source"].to_pylist()} if result["failed"] else set()
+    assert len(written) == result["written"] and len(reported) == result["failed"], (written, reported)
+    assert {f"{i.rsplit('-', 1)[0]}.jpg" for i in written} | reported == {p.name for p in corpus.iterdir()}
+    rerun = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "precompute_embeddings.py"), "--input", str(corpus), "--output", str(out)]
+        + ["--teacher", "vit_t", "--checkpoint", str(mobile_sam_path), "--num-cpus", "2"],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"written {result['failed']}, already present {result['written']}" in rerun.stdout, rerun.stdout[-2000:]
     ids = read_table(str(out), columns=["image_id"])["image_id"].to_pylist()
     assert len(ids) == 9 and len(set(ids)) == 9, result
     for file in out.glob("*.parquet"):  # every visible file is whole
@@ -85,12 +87,16 @@ def test_distillation_resumes_from_its_checkpoint_after_losing_a_worker_node(
     worker group from that checkpoint, and the run ends at its last step. The cluster has no lineage
     reconstruction: a restarted group that read the driver's prepared rows again would fail on any
     block of the lost node every time (it did, before they were read afresh)."""
-    from pipelines.precompute import precompute_embeddings
-    from tinysam.sample_data import write_pseudo_labelled_shard
+    from pipelines.precompute import PrecomputeOptions, precompute_embeddings
+    from tinysam_samples import write_pseudo_labelled_shard
 
     shard = write_pseudo_labelled_shard(tmp_path / "sa1b", vit_t, points_per_side=4)
     emb = tmp_path / "emb"
-    precompute_embeddings(str(shard), str(emb), teacher="vit_t", checkpoint=str(mobile_sam_path))
+    precompute_embeddings(
+        PrecomputeOptions(
+            CorpusOptions(input=str(shard), output=str(emb)), teacher="vit_t", checkpoint=str(mobile_sam_path)
+        )
+    )
     args = distill_args(emb, mobile_sam_path, storage_path=tmp_path / "runs", name="lost", steps=4)
     result = scenario("distill", json.dumps(args))
     assert result["killed"] and result["progress_at_kill"], result["log"]

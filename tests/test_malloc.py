@@ -74,7 +74,8 @@ def test_a_model_actor_reuses_everything_modes_temporaries_in_its_batch_thread(r
     the memory of the ones before, as in a main thread."""
     import ray
 
-    from pipelines.stages import model_and_write
+    from pipelines.options import CorpusOptions
+    from pipelines.stages import ModelStage, model_and_write
 
     class Probe:
         def __init__(self, cpu_threads=None):
@@ -113,6 +114,6 @@ def test_a_model_actor_reuses_everything_modes_temporaries_in_its_batch_thread(r
     def write(batch, storage_options=None):
         return batch
 
-    [row] = model_and_write(ray.data.range(1), Probe, {}, write, {}, 1, 1, 0, 1, 1, None).take_all()
+    [row] = model_and_write(ray.data.range(1), ModelStage(Probe, {}, write, {}), CorpusOptions(output="")).take_all()
     assert not row["main_thread"] and row["arenas"] == "1"  # a pool thread: the case this is about
     assert row["faults"] < 100_000, row

@@ -33,14 +33,17 @@ def _shapes(sd):
 
 @pytest.mark.parametrize("model_type", ["vit_b", "vit_l", "vit_h"])
 def test_sam_vit_state_dict_layout_equals_official(model_type):
+    """On the meta device: the layout needs shapes only (ViT-H's 2.5 GB of random weights took
+    most of this test's minute)."""
     segment_anything = import_official("segment_anything")
-    official = segment_anything.sam_model_registry[model_type]()
-    ours = build_sam(model_type)
+    with torch.device("meta"):
+        official = segment_anything.sam_model_registry[model_type]()
+        ours = build_sam(model_type)
     assert len(ours.state_dict()) == EXPECTED_KEYS[model_type]
     assert _shapes(ours.state_dict()) == _shapes(official.state_dict())
     # Both directions load strictly: official files into ours, our saves into the official code.
-    ours.load_state_dict(official.state_dict(), strict=True)
-    official.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(official.state_dict(), strict=True, assign=True)
+    official.load_state_dict(ours.state_dict(), strict=True, assign=True)
     assert infer_model_type(official.state_dict()) == model_type
 
 
@@ -83,23 +86,32 @@ def _prompts(h, w):
 
 
 def _logits_close(a: np.ndarray, b: np.ndarray) -> bool:
-    """Mask logits (up to ~20 in size) within TOL of the official relative to their largest value:
-    CPUs round differently (AVX2 kernels moved the vit_t logits 1.9e-4, at logits of 18)."""
-    return np.abs(a - b).max() <= TOL * max(1.0, np.abs(b).max())
+    """Mask logits within TOL of the official relative to the official's own largest value (CPUs
+    round differently: AVX2 kernels moved the vit_t logits 1.9e-4, at logits of 18). No floor on
+    that scale: random-weight models give logits of ~1e-3, which a floor of 1 would compare to
+    within 10%."""
+    scale = np.abs(b).max()
+    assert scale > 0, "all-zero reference logits"
+    return np.abs(a - b).max() <= TOL * scale
 
 
-def _assert_parity(ours_out, official_out):
+def _assert_parity(ours_out, official_out, informative_masks: bool = True):
+    """Embeddings, logits, IoU predictions and masks equal to the official's. With
+    `informative_masks` some official mask must be neither empty nor full (random-weight models'
+    tiny logits give all-or-nothing masks: their logits, compared at their own scale, carry the test)."""
     emb_a, preds_a = ours_out
     emb_b, preds_b = official_out
-    assert (emb_a - emb_b).abs().max().item() <= TOL
+    assert emb_b.abs().max().item() >= 0.01  # a non-trivial embedding
+    assert (emb_a - emb_b).abs().max().item() <= TOL * max(1.0, emb_b.abs().max().item())
+    compared = 0
     for (ma, ia, la), (mb, ib, lb) in zip(preds_a, preds_b):
         assert ma.shape == mb.shape and la.shape == lb.shape == (ma.shape[0], 256, 256)
         assert _logits_close(la, lb)
         assert np.abs(ia - ib).max() <= TOL
         for a, b in zip(ma, mb):
-            union = np.logical_or(a, b).sum()
-            iou = np.logical_and(a, b).sum() / union if union else 1.0
-            assert iou >= 0.999
+            assert a.sum() == b.sum() == 0 or np.logical_and(a, b).sum() / np.logical_or(a, b).sum() >= 0.999
+            compared += 0 < b.sum() < b.size  # neither empty nor full: a mask that says something
+    assert compared >= 1 or not informative_masks, "every official mask empty or full: nothing was compared"
 
 
 def test_vit_t_matches_official_mobilesam_with_real_weights(vit_t, official_vit_t, photos):
@@ -147,7 +159,7 @@ def test_sam_vit_matches_official_with_random_weights(model_type, astronaut):
     with torch.inference_mode():
         ours_out = _predictor_outputs(SamPredictor(ours), astronaut, prompts)
         official_out = _predictor_outputs(segment_anything.SamPredictor(official), astronaut, prompts)
-    _assert_parity(ours_out, official_out)
+    _assert_parity(ours_out, official_out, informative_masks=False)
     del official, ours
 
 

@@ -60,3 +60,53 @@ def test_import_structure_has_no_upward_arrows():
                     assert level == 1, f"{path}: imports {'.' * level}{name} from outside tinysam/modeling"
                 if in_modeling and not level:
                     assert top != "tinysam", f"{path}: imports {name}"
+
+
+def _pipelines_imports() -> dict:
+    """{module: the pipelines modules it imports, at module level or inside functions}."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    modules = {
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (root / "pipelines").rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                candidates = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                candidates = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            targets |= {c for c in candidates if c in modules and c != name}
+        graph[name] = targets
+    return graph
+
+
+def test_pipelines_have_no_import_circle():
+    """A module's imports (also those inside its functions) never lead back to it. Packages'
+    __init__ modules, which gather their submodules' names, are left out of the walk."""
+    root = Path(__file__).resolve().parents[1]
+    graph = _pipelines_imports()
+    packages = {m for m in graph if (root / m.replace(".", "/")).is_dir()}
+    graph = {m: targets - packages for m, targets in graph.items() if m not in packages}
+    assert graph["pipelines.distill.job"] and graph["pipelines.stages"]  # the walk sees imports
+
+    def reaches(start: str) -> set:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        return seen
+
+    assert not sorted(m for m in graph if m in reaches(m))

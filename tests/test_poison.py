@@ -190,10 +190,11 @@ def test_an_image_that_kills_its_actor_is_reported_after_three_attempts(ray_loca
     table, and the other images are written."""
     import ray
 
+    from pipelines.options import CorpusOptions
     from pipelines.precompute import write_batch
     from pipelines.reading import plan_inputs
     from pipelines.results import JobSummary, finish_summary, run_to_output
-    from pipelines.stages import image_pipeline
+    from pipelines.stages import ModelStage, image_pipeline
     from pipelines.storage.errors import read_errors
     from pipelines.storage.files import read_table
 
@@ -204,16 +205,8 @@ def test_an_image_that_kills_its_actor_is_reported_after_three_attempts(ray_loca
     out = tmp_path / "emb"
     provenance = {"model": "stand-in", "checkpoint_sha256": "none", "dtype": "float16"}
     plan = plan_inputs(str(corpus), str(out), provenance)
-    ds = image_pipeline(
-        plan,
-        helpers.DyingEncoder,
-        {},
-        write_batch,
-        {"output": str(out), "provenance": provenance},
-        batch_size=1,
-        rows_per_file=1,
-        output=str(out),
-    )
+    stage = ModelStage(helpers.DyingEncoder, {}, write_batch, {"output": str(out), "provenance": provenance})
+    ds = image_pipeline(plan, stage, CorpusOptions(input=str(corpus), output=str(out)))
     summary = JobSummary()
     run_to_output(ds, summary, str(out))
     finish_summary(summary, plan, str(out))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.options import CorpusOptions
 from tinysam import SamPredictor
 
 from .helpers import flags, kill_midway_and_rerun, load_job
@@ -19,13 +20,17 @@ JOB = REPO / "jobs" / "precompute_embeddings.py"
 def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos_dir, tmp_path, vit_t, mobile_sam_path):
     from PIL import Image
 
-    from pipelines.precompute import precompute_embeddings
+    from pipelines.precompute import PrecomputeOptions, precompute_embeddings
     from pipelines.storage.embeddings import load_embeddings
     from pipelines.storage.files import read_table
 
     out = tmp_path / "emb"
     summary = precompute_embeddings(
-        str(photos_dir), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path), batch_size=2
+        PrecomputeOptions(
+            CorpusOptions(input=str(photos_dir), output=str(out), batch_size=2),
+            teacher="vit_t",
+            checkpoint=str(mobile_sam_path),
+        )
     )
     assert (summary.written, summary.failed, summary.skipped) == (3, 0, 0)
     # start-up apart from the rate: the first rows came back inside the run
@@ -48,7 +53,11 @@ def test_stored_embeddings_equal_the_predictor_and_reruns_skip(ray_local, photos
     mib = summary.bytes_written / 3 / 2**20
     assert mib < 2.1, f"{mib:.2f} MiB per image"
 
-    again = precompute_embeddings(str(photos_dir), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path))
+    again = precompute_embeddings(
+        PrecomputeOptions(
+            CorpusOptions(input=str(photos_dir), output=str(out)), teacher="vit_t", checkpoint=str(mobile_sam_path)
+        )
+    )
     assert (again.written, again.skipped) == (0, 3)
     assert read_table(str(out)).num_rows == 3
 
@@ -105,7 +114,7 @@ def test_a_ragged_batch_is_padded_to_the_shape_already_compiled(photos_dir, mobi
 
 
 def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, tmp_path, mobile_sam_path):
-    from pipelines.precompute import precompute_embeddings
+    from pipelines.precompute import PrecomputeOptions, precompute_embeddings
     from pipelines.storage.errors import read_errors
     from pipelines.storage.files import read_table
 
@@ -118,7 +127,11 @@ def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, 
     (corpus / "empty.jpg").write_bytes(b"")
     out = tmp_path / "emb"
     summary = precompute_embeddings(
-        str(corpus), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path), batch_size=2
+        PrecomputeOptions(
+            CorpusOptions(input=str(corpus), output=str(out), batch_size=2),
+            teacher="vit_t",
+            checkpoint=str(mobile_sam_path),
+        )
     )  # the good image shares its batch with a bad one
     assert (summary.written, summary.failed) == (1, 3)
     assert read_table(str(out))["image_id"].to_pylist()[0].startswith("coffee")
@@ -133,22 +146,27 @@ def test_bad_inputs_are_recorded_and_the_rest_is_written(ray_local, photos_dir, 
 
     with pytest.raises(TooManyFailures, match="more than --max-failures 0"):
         precompute_embeddings(
-            str(corpus),
-            str(tmp_path / "strict"),
-            teacher="vit_t",
-            checkpoint=str(mobile_sam_path),
-            batch_size=4,
-            max_failures=0,
+            PrecomputeOptions(
+                CorpusOptions(input=str(corpus), output=str(tmp_path / "strict"), batch_size=4, max_failures=0),
+                teacher="vit_t",
+                checkpoint=str(mobile_sam_path),
+            )
         )
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path, photos_dir, mobile_sam_path):
-    from pipelines.precompute import precompute_embeddings
+    from pipelines.precompute import PrecomputeOptions, precompute_embeddings
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(PermissionError, match="a-file/out: output location is not writable"):
-        precompute_embeddings(str(photos_dir), str(blocker / "out"), teacher="vit_t", checkpoint=str(mobile_sam_path))
+        precompute_embeddings(
+            PrecomputeOptions(
+                CorpusOptions(input=str(photos_dir), output=str(blocker / "out")),
+                teacher="vit_t",
+                checkpoint=str(mobile_sam_path),
+            )
+        )
 
 
 def test_unreadable_checkpoint_fails_before_any_work(ray_local, tmp_path, photos_dir, capsys):
@@ -177,7 +195,7 @@ def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir,
 def test_s3_round_trip(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     import s3fs
 
-    from pipelines.precompute import precompute_embeddings
+    from pipelines.precompute import PrecomputeOptions, precompute_embeddings
     from pipelines.storage.embeddings import load_embeddings
 
     options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint}}
@@ -186,12 +204,13 @@ def test_s3_round_trip(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     for name in ("astronaut.jpg", "coffee.jpg"):
         fs.put(str(photos_dir / name), f"corpus/images/{name}")
     summary = precompute_embeddings(
-        "s3://corpus/images",
-        "s3://corpus/embeddings",
-        teacher="vit_t",
-        checkpoint=str(mobile_sam_path),
-        batch_size=2,
-        storage_options=options,
+        PrecomputeOptions(
+            CorpusOptions(
+                input="s3://corpus/images", output="s3://corpus/embeddings", batch_size=2, storage_options=options
+            ),
+            teacher="vit_t",
+            checkpoint=str(mobile_sam_path),
+        )
     )
     assert (summary.written, summary.failed) == (2, 0)
     files = fs.find("corpus/embeddings")
@@ -206,7 +225,7 @@ def test_sa1b_tar_shard_keeps_ids_and_annotations(ray_local, photos_dir, tmp_pat
     import json
     import tarfile
 
-    from pipelines.precompute import precompute_embeddings
+    from pipelines.precompute import PrecomputeOptions, precompute_embeddings
     from pipelines.storage.files import read_table
     from tinysam.utils.rle import mask_to_coco_rle
 
@@ -236,10 +255,18 @@ def test_sa1b_tar_shard_keeps_ids_and_annotations(ray_local, photos_dir, tmp_pat
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     out = tmp_path / "emb"
-    first = precompute_embeddings(str(shard), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path), limit=1)
+    first = precompute_embeddings(
+        PrecomputeOptions(
+            CorpusOptions(input=str(shard), output=str(out), limit=1), teacher="vit_t", checkpoint=str(mobile_sam_path)
+        )
+    )
     assert (first.written, first.failed) == (1, 0)
     [first_id] = read_table(str(out))["image_id"].to_pylist()
-    rest = precompute_embeddings(str(shard), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path))
+    rest = precompute_embeddings(
+        PrecomputeOptions(
+            CorpusOptions(input=str(shard), output=str(out)), teacher="vit_t", checkpoint=str(mobile_sam_path)
+        )
+    )
     assert (rest.written, rest.skipped) == (1, 1)
     table = read_table(str(out)).to_pylist()
     assert sorted(r["image_id"] for r in table) == ["3", "7"] and first_id in ("3", "7")
@@ -257,5 +284,9 @@ def test_sa1b_tar_shard_keeps_ids_and_annotations(ray_local, photos_dir, tmp_pat
     # every image written: a third run does not open the shard (its manifest says it is complete)
     shard.rename(tmp_path / "moved.tar")
     shard.write_bytes(b"")  # same name, no content: reading it would fail
-    again = precompute_embeddings(str(shard), str(out), teacher="vit_t", checkpoint=str(mobile_sam_path))
+    again = precompute_embeddings(
+        PrecomputeOptions(
+            CorpusOptions(input=str(shard), output=str(out)), teacher="vit_t", checkpoint=str(mobile_sam_path)
+        )
+    )
     assert (again.written, again.failed, again.skipped) == (0, 0, 2)

@@ -29,7 +29,7 @@ def test_run_lengths_on_the_device_path_equal_pycocotools_byte_for_byte(rng):
     own compressed strings: random masks, empty and full ones, and crop masks placed in an image."""
     import torch
 
-    from tinysam.everything.generator import _encode_rles
+    from tinysam.everything.generator import _encode_rles_where_they_are, _encode_rles_with_pycocotools
     from tinysam.utils.rle import coco_rles_from_run_lengths, run_lengths
 
     masks = rng.random((6, 37, 53)) > 0.5
@@ -41,8 +41,8 @@ def test_run_lengths_on_the_device_path_equal_pycocotools_byte_for_byte(rng):
     got = coco_rles_from_run_lengths(run_lengths(torch.from_numpy(masks)), 37, 53)
     assert [(r["size"], r["counts"]) for r in got] == [(list(r["size"]), r["counts"]) for r in expected]
     crop = [10, 5, 63, 42]  # x0, y0, x1, y1 of a 37x53 crop in a 50x70 image
-    host = _encode_rles(torch.from_numpy(masks), crop, (50, 70), on_device=False)
-    device = _encode_rles(torch.from_numpy(masks), crop, (50, 70), on_device=True)
+    host = _encode_rles_with_pycocotools(torch.from_numpy(masks), crop, (50, 70))
+    device = _encode_rles_where_they_are(torch.from_numpy(masks), crop, (50, 70))
     assert [r["counts"] for r in device] == [r["counts"] for r in host]
     assert coco_rle_to_mask(device[0])[5:42, 10:63].tolist() == masks[0].tolist()
 

@@ -14,7 +14,8 @@ def test_a_model_actor_runs_parallel_ops_without_waking_sleeping_threads(ray_loc
     workers spin between ops as in a plain script."""
     import ray
 
-    from pipelines.stages import model_and_write
+    from pipelines.options import CorpusOptions
+    from pipelines.stages import ModelStage, model_and_write
 
     class Probe:
         def __init__(self, cpu_threads=None):
@@ -42,6 +43,7 @@ def test_a_model_actor_runs_parallel_ops_without_waking_sleeping_threads(ray_loc
     def write(batch, storage_options=None):
         return batch
 
-    [row] = model_and_write(ray.data.range(1), Probe, {}, write, {}, 1, 1, 0, 2, 1, None).take_all()
+    corpus = CorpusOptions(output="", num_cpus_per_actor=2)
+    [row] = model_and_write(ray.data.range(1), ModelStage(Probe, {}, write, {}), corpus).take_all()
     assert row["switches"] < 1000, row  # two teams: ~8000
     assert row["same_thread"]

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tinysam.sample_data import write_synthetic_sa1b_shard
+from tinysam_samples import write_synthetic_sa1b_shard
 
 from .helpers import CountingFileSystem, read_counts
 
@@ -32,13 +32,14 @@ def counting(inner, log):
 
 def read_all(url: str, output: str, options: dict):
     """The plan and the rows of the jobs' read side (reading.plan_inputs + stages.read_dataset)."""
+    from pipelines.options import CorpusOptions
     from pipelines.reading import plan_inputs
     from pipelines.stages import read_dataset
 
     plan = plan_inputs(url, output, {"model": "test"}, storage_options=options)
     if not plan.shards and not plan.files:
         return plan, []
-    ds = read_dataset(plan, output, batch_size=4, storage_options=options)
+    ds = read_dataset(plan, CorpusOptions(input=url, output=output, batch_size=4, storage_options=options))
     return plan, ds.select_columns(["image_id", "source", "annotations", "error", "orig_h", "orig_w"]).take_all()
 
 

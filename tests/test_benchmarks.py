@@ -1,0 +1,48 @@
+"""Every benchmark still runs: each in its smoke mode (toy sizes, seconds), as a user would start it.
+Benchmarks rot when nothing runs them (a storage change once broke `benchmarks/distill.py --curve`
+unnoticed). Their figures are not checked here: they are ratios measured side by side, which
+belong in docs/benchmarks.md, not in timed tests."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import job_env
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
+
+
+def test_every_benchmark_is_listed():
+    assert {"distill", "everything", "gpu_check", "quantize"} <= set(BENCHMARKS)
+
+
+# gpu_check's SAM-H sections (encoders, compiled encoder, FlexAttention probe) take minutes on a
+# CPU even at toy sizes: the suite rehearses the others, which run the project's own GPU paths
+GPU_CHECK_SECTIONS = "everything,settings,automask,precompute"
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_runs_in_its_smoke_mode(name, tmp_path):
+    flags = ["--smoke"]
+    if name == "gpu_check":
+        flags = ["--smoke-cpu", "--out", str(tmp_path), "--sections", GPU_CHECK_SECTIONS]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *flags],
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert done.stdout.strip(), out[-4000:]  # it reported something
+    if name == "gpu_check":  # each section reports its own failure and the run goes on: read them
+        import json
+
+        results = json.loads((tmp_path / "gpu_check.json").read_text())
+        failed = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
+        assert not failed, failed
