@@ -14,6 +14,7 @@ again); a rerun with another model or settings is refused unless --overwrite. Ba
 
 import sys
 from pathlib import Path
+from typing import Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
@@ -29,7 +30,8 @@ from pipelines.cli import (  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> Tuple[AutomaskOptions, Optional[int]]:
+    """The run's `AutomaskOptions` and the CPUs of a local Ray; argparse's refusal (exit 2) else."""
     p = job_parser(__doc__)
     p.add_argument("--input", help="folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)")
     p.add_argument("--embeddings", help="a precompute job's output: reuse its embeddings instead of the encoder")
@@ -56,18 +58,22 @@ def main(argv=None) -> int:
         )
     except ValueError as e:
         p.error(str(e))
+    return options, args.num_cpus
 
-    init_ray(args.num_cpus)
+
+def main(argv=None) -> int:
+    options, num_cpus = parse(argv)
+    init_ray(num_cpus)
 
     def report(s) -> None:
         print(
             f"masks {s.masks} ({s.masks_per_image:.1f} per image), {s.images_per_second:.3f} images/s; "
             f"actor time: encoder {s.encode_seconds:.1f} s, everything mode {s.generate_seconds:.1f} s"
         )
-        if args.coco_json:
-            print(f"COCO results: {args.coco_json}")
-        if args.preview:
-            print(f"previews: {args.output.rstrip('/')}/previews/")
+        if options.coco_json:
+            print(f"COCO results: {options.coco_json}")
+        if options.preview:
+            print(f"previews: {options.corpus.output.rstrip('/')}/previews/")
 
     return run_job(lambda: automask(options), report)
 

@@ -11,6 +11,7 @@ again); a rerun with another model or settings is refused unless --overwrite. Ba
 
 import sys
 from pathlib import Path
+from typing import Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
@@ -19,7 +20,8 @@ from pipelines.precompute import PrecomputeOptions, precompute_embeddings
 from pipelines.runtime import init_ray
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> Tuple[PrecomputeOptions, Optional[int]]:
+    """The run's `PrecomputeOptions` and the CPUs of a local Ray; argparse's refusal (exit 2) else."""
     p = job_parser(__doc__)
     p.add_argument(
         "--input", required=True, help="folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)"
@@ -34,8 +36,12 @@ def main(argv=None) -> int:
     options = PrecomputeOptions(
         corpus_options(args), teacher=args.teacher, checkpoint=args.checkpoint, dtype=args.dtype, compile=args.compile
     )
+    return options, args.num_cpus
 
-    init_ray(args.num_cpus)
+
+def main(argv=None) -> int:
+    options, num_cpus = parse(argv)
+    init_ray(num_cpus)
 
     def report(s) -> None:
         print(
