@@ -27,6 +27,7 @@ def sync() -> None:
 
 def save() -> None:
     if run.OUT_DIR:
+        Path(run.OUT_DIR).mkdir(parents=True, exist_ok=True)
         Path(run.OUT_DIR, "gpu_check.json").write_text(json.dumps(run.RESULTS, indent=1, default=str))
 
 
@@ -88,8 +89,16 @@ def reset_peak() -> None:
 EVERYTHING_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins")
 
 
+def grid() -> int:
+    """Everything mode's points per side: the default 32, or 8 in a CPU rehearsal (--smoke-cpu)."""
+    return 8 if run.SMOKE else 32
+
+
 def prepared_photos(names=EVERYTHING_PHOTOS):
+    """The photos (in a CPU rehearsal, a 256x256 corner of each) and their prepared tensors."""
     images = [to_rgb_uint8(im, name) for name, im in sample_images(names)]
+    if run.SMOKE:
+        images = [np.ascontiguousarray(im[:256, :256]) for im in images]
     return images, [prepare_image(im) for im in images]
 
 

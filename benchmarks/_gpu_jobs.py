@@ -16,6 +16,7 @@ from _gpu import (
     agreement,
     encode,
     first_errors,
+    grid,
     loop_images_per_s,
     on_gpu,
     prepared_photos,
@@ -43,9 +44,11 @@ def everything_on_gpu(checkpoint: str) -> Dict[str, Any]:
         embs = [encode(model, p.tensor[None].to(run.DEVICE), False) for p in prepared]
     out: Dict[str, Any] = {}
     gens = {
-        "dense": coco_rle_generator(model, EverythingConfig("dense", points_per_side=32)),
-        "hierarchical": coco_rle_generator(model, EverythingConfig()),
-        "hierarchical_bf16_decoder": coco_rle_generator(model, EverythingConfig(decoder_dtype="bfloat16")),
+        "dense": coco_rle_generator(model, EverythingConfig("dense", points_per_side=grid())),
+        "hierarchical": coco_rle_generator(model, EverythingConfig(points_per_side=grid())),
+        "hierarchical_bf16_decoder": coco_rle_generator(
+            model, EverythingConfig(points_per_side=grid(), decoder_dtype="bfloat16")
+        ),
     }
     masks: Dict[str, List] = {}
     for name, gen in gens.items():
@@ -60,7 +63,10 @@ def everything_on_gpu(checkpoint: str) -> Dict[str, Any]:
     cpu_model = build_sam("vit_t", checkpoint).eval()
     for name, n_images in (("dense", 1), ("hierarchical", 1 if run.SMOKE else 3)):
         cpu_gen = coco_rle_generator(
-            cpu_model, EverythingConfig("dense", points_per_side=32) if name == "dense" else EverythingConfig()
+            cpu_model,
+            EverythingConfig("dense", points_per_side=grid())
+            if name == "dense"
+            else EverythingConfig(points_per_side=grid()),
         )
         rows = []
         for e, p, im, gpu_masks in list(zip(embs, prepared, images, masks[name]))[:n_images]:
@@ -95,7 +101,10 @@ def everything_settings(checkpoint: str, images_per_call=(1, 4)) -> Dict[str, An
     reference = None
     best = None
     for ppb, chunk, up in GPU_SETTINGS[:2] if run.SMOKE else GPU_SETTINGS:
-        gen = coco_rle_generator(model, EverythingConfig(points_per_batch=ppb, decoder_chunk=chunk, upsample_chunk=up))
+        gen = coco_rle_generator(
+            model,
+            EverythingConfig(points_per_side=grid(), points_per_batch=ppb, decoder_chunk=chunk, upsample_chunk=up),
+        )
         for n in images_per_call:
             timed_generate(gen, embs[:n], prepared[:n], images[:n])  # warm-up
             masks, seconds = [], 0.0
@@ -170,7 +179,7 @@ def automask_on_gpu(
     """The auto-masking job on one GPU with `settings` for everything mode, for each (actors,
     CPUs per actor) in `pools` (the GPU shared evenly), against a bare loop with one model."""
     folder = write_sample_corpus(work / "automask_in", images)
-    everything = EverythingConfig(**settings)
+    everything = EverythingConfig(points_per_side=grid(), **settings)
     model = on_gpu("vit_t", checkpoint)
     gen = coco_rle_generator(model, everything)
 
