@@ -68,7 +68,7 @@ def load_images(names, size=None):
     return out
 
 
-def peak_memory_child(checkpoint: str, mode: str, size: str) -> None:
+def peak_memory_child(checkpoint: str, mode: str, size: str, points_per_side: int = 32) -> None:
     """In a fresh process: RSS peak of one generate() on a WxH photo, above the RSS before it."""
     from PIL import Image
 
@@ -76,7 +76,7 @@ def peak_memory_child(checkpoint: str, mode: str, size: str) -> None:
     model = build_sam("vit_t", checkpoint)
     w, h = (int(v) for v in size.split("x"))
     image = np.array(Image.fromarray(sample_images(("astronaut",))[0][1]).resize((w, h)))
-    gen = EverythingConfig(mode=mode).generator(model)
+    gen = EverythingConfig(mode=mode, points_per_side=points_per_side).generator(model)
     gen.generate(image[:64, :64])  # warm-up allocations outside the measurement
 
     def status(key):
@@ -121,9 +121,10 @@ def official_as_shipped(checkpoint: str, names, size=None, points_per_side: int 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_peak(checkpoint: str, mode: str, size: str) -> dict:
+def measure_peak(checkpoint: str, mode: str, size: str, points_per_side: int = 32) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--peak-memory-child", mode, "--checkpoint", checkpoint, "--peak-size", size],
+        [sys.executable, __file__, "--peak-memory-child", mode, "--checkpoint", checkpoint, "--peak-size", size]
+        + ["--points-per-side", str(points_per_side)],
         capture_output=True,
         text=True,
         check=True,
@@ -154,9 +155,9 @@ def main() -> None:
     if args.official_child:
         return official_child(args.checkpoint, args.images, args.size, args.points_per_side)
     if args.peak_memory_child:
-        return peak_memory_child(args.checkpoint, args.peak_memory_child, args.peak_size)
+        return peak_memory_child(args.checkpoint, args.peak_memory_child, args.peak_size, args.points_per_side)
     if args.peak_only:
-        return report_peaks(args.checkpoint, args.peak_sizes)
+        return report_peaks(args.checkpoint, args.peak_sizes, args.points_per_side)
 
     points = args.points_per_side
     shipped = {} if args.skip_official else official_as_shipped(args.checkpoint, args.images, args.size, points)
@@ -262,7 +263,7 @@ def main() -> None:
             f"{min(photos) if photos else float('nan'):.4f} | {', '.join(gts)} | "
             f"{statistics.mean(r['points'] for r in mine):.0f} |"
         )
-    report_peaks(args.checkpoint, args.peak_sizes)
+    report_peaks(args.checkpoint, args.peak_sizes, args.points_per_side)
 
 
 def time_decoder(gen) -> None:
@@ -279,10 +280,10 @@ def time_decoder(gen) -> None:
     gen.decoder_seconds = 0.0
 
 
-def report_peaks(checkpoint: str, sizes) -> None:
+def report_peaks(checkpoint: str, sizes, points_per_side: int = 32) -> None:
     for size in sizes:
         for mode in ("dense", "hierarchical"):
-            peak = measure_peak(checkpoint, mode, size)
+            peak = measure_peak(checkpoint, mode, size, points_per_side)
             extra = (peak["peak"] - peak["rss_before"]) / 2**20
             w, h = (int(v) for v in size.split("x"))
             print(
