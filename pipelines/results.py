@@ -106,8 +106,9 @@ def report_lost(summary: JobSummary, lost: List[ImageRef], output: str, storage_
     if not lost:
         return
     reason = (
-        f"its batch killed the model actor {IMAGE_ATTEMPTS} times (out of memory or a crash); try "
-        "--batch-size 1, a higher --max-megapixels cap, or more memory per actor"
+        f"its batch killed the model actor {IMAGE_ATTEMPTS} times (out of memory or a crash), or was on a "
+        "node that was lost: rerun the job, and if it fails again try --batch-size 1, a higher "
+        "--max-megapixels cap, or more memory per actor"
     )
     batch = {
         "image_id": np.array([r.image_id for r in lost]),
