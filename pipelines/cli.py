@@ -85,7 +85,7 @@ def add_corpus_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored when joining a cluster)")
 
 
-def corpus_options(args: argparse.Namespace, storage_options: Optional[dict] = None) -> CorpusOptions:
+def corpus_options(args: argparse.Namespace) -> CorpusOptions:
     """The `CorpusOptions` of the flags `add_corpus_arguments` declared (and the job's --input)."""
     return CorpusOptions(
         output=args.output,
@@ -100,7 +100,6 @@ def corpus_options(args: argparse.Namespace, storage_options: Optional[dict] = N
         max_megapixels=args.max_megapixels,
         overwrite=args.overwrite,
         actor_memory_gb=args.actor_memory_gb,
-        storage_options=storage_options,
     )
 
 
