@@ -95,6 +95,13 @@ def add_method_arguments(p) -> None:
     g.add_argument("--dice", type=float, default=weights.dice, help="weight of the dice loss; 0: off")
     g.add_argument("--iou", type=float, default=weights.iou, help="weight of the iou loss; 0: off")
     g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
+    g.add_argument(
+        "--train-only",
+        nargs="+",
+        default=[],
+        metavar="PREFIX",
+        help="train only the student's parameters whose names start with these (e.g. image_encoder.layers.3.)",
+    )
     g.add_argument("--seed", type=int, default=method.seed)
 
 
@@ -108,6 +115,7 @@ def method_config(a) -> Dict[str, Any]:
         "amp": not a.no_amp,
         "hard_prompt_sampling": not a.no_hard_prompt_sampling,
         "seed": a.seed,
+        "train_only": a.train_only,
         "prompts": {
             "prompts_per_image": a.prompts_per_image,
             "max_iterations": a.max_iterations,

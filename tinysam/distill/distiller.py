@@ -8,7 +8,7 @@ prompt encoder and mask decoder (frozen) decode the same prompts on those embedd
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,10 +32,15 @@ class DistillConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     hard_prompt_sampling: bool = True  # False: points inside the label only, no iterations
     seed: int = 0
+    # Train only the student's parameters whose names start with one of these (empty: all): to
+    # fine-tune part of a student, e.g. a re-initialised last stage, without paying the backward
+    # pass through the rest
+    train_only: Tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "DistillConfig":
         d = dict(d)
+        d["train_only"] = tuple(d.get("train_only", ()))  # a list in JSON
         return cls(prompts=PromptConfig(**d.pop("prompts", {})), weights=LossWeights(**d.pop("weights", {})), **d)
 
 
@@ -124,20 +129,31 @@ class Distiller:
     ) -> None:
         self.config = config
         self.device = device or torch.device("cpu")
-        self.student = student.to(self.device).train()
+        self.student = student.to(self.device)
+        if config.train_only:
+            trained = [
+                n
+                for n, p in student.named_parameters()
+                if p.requires_grad_(n.startswith(config.train_only)).requires_grad
+            ]
+            if not trained:
+                raise ValueError(f"train_only {list(config.train_only)} names no parameter of the student")
+        self.train_mode()
         teacher.image_encoder = None  # never used: teacher embeddings are stored
         self.teacher = teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         forward = StudentForward(self.student, HardPromptSampler(config.prompts), config.hard_prompt_sampling)
         self.forward = wrap(forward) if wrap else forward
-        decoder = [p for m in (self.student.prompt_encoder, self.student.mask_decoder) for p in m.parameters()]
-        self.optimizer = torch.optim.Adam(
-            [
-                {"params": list(self.student.image_encoder.parameters()), "lr": config.lr},
-                {"params": decoder, "lr": config.lr * config.decoder_lr_scale},
-            ]
-        )
+        encoder = [p for p in self.student.image_encoder.parameters() if p.requires_grad]
+        decoder = [
+            p
+            for m in (self.student.prompt_encoder, self.student.mask_decoder)
+            for p in m.parameters()
+            if p.requires_grad
+        ]
+        groups = [{"params": encoder, "lr": config.lr}, {"params": decoder, "lr": config.lr * config.decoder_lr_scale}]
+        self.optimizer = torch.optim.Adam([g for g in groups if g["params"]])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor(total_steps))
         self.step = 0
         self.amp = config.amp and self.device.type == "cuda"
@@ -212,20 +228,34 @@ class Distiller:
             "mean_iterations": float(np.mean(iterations)) if iterations else 0.0,
         }
 
+    def train_mode(self) -> None:
+        """The student in training mode, less the modules that `train_only` leaves untrained: those
+        stay in eval mode, so that their BatchNorm statistics are the ones they were trained with."""
+        self.student.train()
+        if self.config.train_only:
+            for module in self.student.modules():
+                params = list(module.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
+
     @torch.no_grad()
     def recompute_bn_statistics(self, batch: Dict[str, np.ndarray]) -> None:
-        """Precise BatchNorm (Wu & Johnson, 2021): set the encoder's running statistics to those of
-        `batch` (recent training images). Early in a run the running averages still hold mostly
+        """Precise BatchNorm (Wu & Johnson, 2021): set the encoder's running statistics (of the layers
+        it trains) to those of `batch` (recent training images). Early in a run the running averages still hold mostly
         their initial values, and an eval-mode student would be judged on statistics it never had."""
         images, _, _ = self._inputs(batch)
-        norms = [m for m in self.student.image_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = [
+            m
+            for m in self.student.image_encoder.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters())
+        ]
         if not norms:
             return
         saved = [m.momentum for m in norms]
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over this batch
-        self.student.image_encoder.train()
+        self.train_mode()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             self.student.image_encoder(images)
         for m, momentum in zip(norms, saved):
@@ -259,7 +289,7 @@ class Distiller:
                     t_mask = t["masks"][rows, t["iou"].argmax(1)] > 0
                     ious.append(mask_iou(s_mask, t_mask).cpu())
         finally:
-            self.student.train()
+            self.train_mode()
         values = torch.cat(ious) if ious else torch.zeros(0)
         return {"miou_vs_teacher": float(values.mean()) if len(values) else float("nan"), "eval_masks": len(values)}
 
