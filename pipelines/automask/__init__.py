@@ -7,7 +7,7 @@ Stages, top to bottom:
   AutoMasker (pool)          -> the model loaded once per actor: encoder in batches, then everything
                                 mode over the batch's images together (worker.py)
   write_batch (CPU)          -> ~128 MiB atomic Parquet files (pipelines/storage/masks.py; + SA-1B JSON
-                                per image); errors table (exports.py)
+                                per image); audit and errors tables (exports.py)
 After the run, from the Parquet output: a COCO results file and overlay PNGs (exports.py).
 
 The package is cut where the Ray worker starts: `job.py` runs on the driver, `worker.py` in the
@@ -15,6 +15,14 @@ model actors (torch at the top), `exports.py` and `stored.py` in CPU tasks, whic
 """
 
 from .exports import write_batch, write_coco_results, write_previews
-from .job import AutomaskOptions, AutomaskSummary, automask
+from .job import AuditOptions, AutomaskOptions, AutomaskSummary, automask
 
-__all__ = ["AutomaskOptions", "AutomaskSummary", "automask", "write_batch", "write_coco_results", "write_previews"]
+__all__ = [
+    "AuditOptions",
+    "AutomaskOptions",
+    "AutomaskSummary",
+    "automask",
+    "write_batch",
+    "write_coco_results",
+    "write_previews",
+]

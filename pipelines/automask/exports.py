@@ -13,6 +13,7 @@ from tinysam.utils.sa1b import sa1b_document
 
 from ..sources import decode_image, read_bytes
 from ..stages import ok_rows
+from ..storage.audit import write_audit
 from ..storage.errors import write_errors
 from ..storage.files import batch_file_name, read_table, write_bytes_atomic, write_file_atomic
 from ..storage.masks import iter_results, write_masks
@@ -29,7 +30,8 @@ def write_batch(
     storage_options: Optional[dict] = None,
 ) -> Dict[str, Any]:
     """The batch's images as one Parquet file (one row per image, masks as a list of structs);
-    with `sa1b_json` also `<output>/sa1b/<id>.json` per image. Bad rows go to the errors table."""
+    with `sa1b_json` also `<output>/sa1b/<id>.json` per image. Audited rows go to the audit
+    table, bad rows to the errors table."""
     ok = ok_rows(batch)
     ids = [str(i) for i in batch["image_id"]]
     name = batch_file_name(ids)
@@ -40,6 +42,8 @@ def write_batch(
                 ids[i], str(batch["source"][i]), int(batch["orig_w"][i]), int(batch["orig_h"][i]), records[i]
             )
             write_bytes_atomic(json.dumps(doc).encode(), output, f"{SA1B_DIR}/{ids[i]}.json", storage_options)
+    if "audit" in batch:  # before the masks: a rerun redoes an image whose audit row may be missing
+        write_audit(batch, ok, output, name, provenance, storage_options)
     written = write_masks(batch, ok, records, output, name, provenance, storage_options)
     write_errors(batch, ok, output, name, storage_options)
     return {

@@ -1,7 +1,7 @@
 """The auto-masking job on the driver: plan, pre-flight, run, summary, exports."""
 
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -12,6 +12,7 @@ from ..options import CorpusOptions
 from ..reading import plan_inputs
 from ..results import JobSummary, finish_summary, run_to_output
 from ..stages import ModelStage, image_pipeline, model_and_write, preflight
+from ..storage.audit import delete_other_audits, read_audit
 from ..storage.masks import default_rows_per_file
 from .exports import write_batch, write_coco_results, write_previews
 from .stored import pending_stored, stored_embedding_rows
@@ -22,6 +23,9 @@ class AutomaskSummary(JobSummary):
     masks: int = 0
     encode_seconds: float = 0.0  # summed over actors
     generate_seconds: float = 0.0
+    audited: int = 0  # images in the audit table (this run's and earlier runs' of the same settings)
+    audit_agreement: Optional[float] = None  # their mean agreement with the teacher
+    audit_worst: List[Dict[str, Any]] = field(default_factory=list)  # the least agreeing images
 
     @property
     def masks_per_image(self) -> float:
@@ -29,6 +33,21 @@ class AutomaskSummary(JobSummary):
 
     def as_dict(self) -> Dict[str, Any]:
         return {**super().as_dict(), "masks_per_image": self.masks_per_image}
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """A teacher audit: `fraction` of the images (a deterministic sample by id) masked again by
+    the teacher in the same everything mode, each one's agreement stored in `<output>/_audit`."""
+
+    fraction: float
+    checkpoint: str
+    model: str = "vit_h"
+    worst: int = 5  # images listed in the summary
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"--audit-fraction must be in (0, 1], got {self.fraction}")
 
 
 @dataclass(frozen=True)
@@ -43,10 +62,13 @@ class AutomaskOptions:
     sa1b_json: bool = False  # also <output>/sa1b/<id>.json per image
     coco_json: Optional[str] = None  # also one COCO results file (and <name>_images.json) here
     preview: int = 0  # overlay PNGs of the first N images
+    audit: Optional[AuditOptions] = None  # a teacher audit of a sample of the images
 
     def __post_init__(self) -> None:
         if not self.corpus.input and not self.embeddings:
             raise ValueError("give an input (images) or embeddings (a precompute job's output)")
+        if self.embeddings and self.audit is not None:
+            raise ValueError("the audit's teacher needs the images: run without --embeddings")
         if self.embeddings and self.everything is not None and self.everything.crop_n_layers:
             raise ValueError("crop layers need the images: run without --embeddings")
 
@@ -71,12 +93,18 @@ def automask(options: AutomaskOptions) -> AutomaskSummary:
         "mode": everything.mode,
         "params": everything.provenance_json(),
     }
+    audit = options.audit
+    if audit is not None:  # a run with another audit is another run: refused, or --overwrite
+        audit_sha = preflight(audit.model, audit.checkpoint, output, storage_options)
+        provenance["audit"] = {"model": audit.model, "checkpoint_sha256": audit_sha, "fraction": audit.fraction}
     if options.embeddings:
         plan, files = pending_stored(
             options.embeddings, output, provenance, corpus.limit, corpus.overwrite, storage_options
         )
     else:
         plan = plan_inputs(corpus.input, output, provenance, corpus.limit, corpus.overwrite, storage_options)
+    if corpus.overwrite:
+        delete_other_audits(output, provenance, storage_options)
     summary = AutomaskSummary()
     if plan.files or plan.shards:
         actor_kwargs = {
@@ -84,6 +112,7 @@ def automask(options: AutomaskOptions) -> AutomaskSummary:
             "checkpoint": options.checkpoint,
             "everything": everything,
             "memory_gb": corpus.actor_memory_gb,
+            "audit": options.audit,
         }
         write_kwargs = {"output": output, "provenance": provenance, "sa1b_json": options.sa1b_json}
         stage = ModelStage(
@@ -101,8 +130,20 @@ def automask(options: AutomaskOptions) -> AutomaskSummary:
 
         run_to_output(ds, summary, output, corpus.max_failures, on_row=count)
     finish_summary(summary, plan, output, storage_options)
+    if audit is not None:
+        summarise_audit(summary, read_audit(output, provenance, storage_options), audit.worst)
     if options.coco_json:
         write_coco_results(output, options.coco_json, storage_options)
     if options.preview:
         write_previews(output, options.preview, storage_options)
     return summary
+
+
+def summarise_audit(summary: AutomaskSummary, table, worst: int) -> None:
+    """The corpus-level agreement with the teacher and the `worst` least agreeing images."""
+    rows = sorted(
+        table.select(["image_id", "source", "agreement", "found", "missed"]).to_pylist(), key=lambda r: r["agreement"]
+    )
+    summary.audited = len(rows)
+    summary.audit_agreement = float(np.mean([r["agreement"] for r in rows])) if rows else None
+    summary.audit_worst = rows[:worst]
