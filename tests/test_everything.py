@@ -187,20 +187,21 @@ def test_skip_similarity_is_low_where_the_embedding_changes():
 
 
 def test_bfloat16_decoder_keeps_the_masks(vit_t, photos):
-    """The bfloat16 option: nearly the float32 masks, and the model's own decoder untouched."""
+    """The bfloat16 option: nearly the float32 masks, and the model's own decoder untouched. At 8x8
+    points: on CPUs without native bfloat16 (AVX2-only) every bfloat16 product is emulated."""
     import torch
 
     emb, input_size, size = _embed(vit_t, photos["astronaut"])
 
     def masks(**kwargs):
-        gen = SamHierarchicalMaskGenerator(vit_t, points_per_side=16, **kwargs)
+        gen = SamHierarchicalMaskGenerator(vit_t, points_per_side=8, **kwargs)
         return [r["segmentation"] for r in gen.generate_from_embeddings(emb, [input_size], [size])[0]]
 
     bf16, fp32 = masks(decoder_dtype="bfloat16"), masks()
     assert next(vit_t.mask_decoder.parameters()).dtype == torch.float32
     agreement = best_match_ious(fp32, bf16).mean()
     print(f"bfloat16 decoder vs float32: agreement {agreement:.4f}, {len(bf16)} vs {len(fp32)} masks")
-    assert len(fp32) >= 10 and agreement >= 0.95
+    assert len(fp32) >= 8 and agreement >= 0.95
 
 
 @pytest.mark.parametrize("native", [True, False])
