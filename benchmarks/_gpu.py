@@ -90,8 +90,8 @@ EVERYTHING_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coin
 
 
 def grid() -> int:
-    """Everything mode's points per side: the default 32, or 8 in a CPU rehearsal (--smoke-cpu)."""
-    return 8 if run.SMOKE else 32
+    """Everything mode's points per side: the default 32, or 4 in a CPU rehearsal (--smoke-cpu)."""
+    return 4 if run.SMOKE else 32
 
 
 def prepared_photos(names=EVERYTHING_PHOTOS):

@@ -148,16 +148,16 @@ def main() -> None:
     parser.add_argument("--curve", type=int, metavar="STEPS", help="held-out mIoU over a run of STEPS steps instead")
     parser.add_argument("--every", type=int, default=10, help="--curve: steps between evaluations")
     args = parser.parse_args()
-    if args.smoke:  # both parts, on three photos: the curve for 2 steps, then 2 steps against Ray Train
+    if args.smoke:  # both parts, on two photos: the curve for 2 steps, then 2 steps against Ray Train
         args.steps, args.every, args.threads = 2, 1, 1
         METHOD["prompts"] = {"prompts_per_image": 4, "max_iterations": 1}  # cheap steps
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
-        photos = SAMPLE_PHOTOS[:3] if args.smoke else ALL_PHOTOS if args.curve else SAMPLE_PHOTOS[:4]
+        photos = SAMPLE_PHOTOS[:2] if args.smoke else ALL_PHOTOS if args.curve else SAMPLE_PHOTOS[:4]
         embeddings = prepare(work, photos, args.threads, 4 if args.smoke else 8)
         if args.smoke:
-            learning_curve(embeddings, args.student, 2, 1, val_fraction=0.34)
+            learning_curve(embeddings, args.student, 2, 1, val_fraction=0.5)
         elif args.curve:
             learning_curve(embeddings, args.student, args.curve, args.every)
             return
@@ -184,12 +184,14 @@ def main() -> None:
             f"{HUGE_PAGES_ENV}={os.environ[HUGE_PAGES_ENV]} in both"
         )
         print(
-            f"  in-process loop : {loop:.3f} s/step (before {before['step_seconds']:.3f}, "
+            f"  in-process loop : {loop:.3f} s/step = {1 / loop:.3f} student images/s "
+            f"(before {before['step_seconds']:.3f}, "
             f"after {after['step_seconds']:.3f}); per step {after['minor_faults']:.0f} minor page "
             f"faults, {after['kernel_seconds']:.2f} s in the kernel"
         )
         print(
-            f"  Ray Train       : {ray_step:.3f} s/step (median, data wait included), compute alone "
+            f"  Ray Train       : {ray_step:.3f} s/step = {1 / ray_step:.3f} student images/s (median, data wait "
+            "included), compute alone "
             f"{summary.step_seconds:.3f} s/step; data wait {100 * summary.data_wait_fraction:.1f}% of step time"
         )
         print(f"overhead Ray / loop: {100 * (ray_step / loop - 1):+.1f}%  (goal <= 10%)")
