@@ -15,7 +15,8 @@ model actors (torch at the top), `exports.py` and `stored.py` in CPU tasks, whic
 """
 
 from .exports import write_batch, write_coco_results, write_previews
-from .job import AuditOptions, AutomaskOptions, AutomaskSummary, automask
+from .job import AutomaskSummary, automask
+from .options import AuditOptions, AutomaskOptions
 
 __all__ = [
     "AuditOptions",

@@ -5,16 +5,13 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from tinysam.everything import EverythingConfig
-from tinysam.everything.config import GPU_EXECUTION
-
-from ..options import CorpusOptions
 from ..reading import plan_inputs
 from ..results import JobSummary, finish_summary, run_to_output
 from ..stages import ModelStage, image_pipeline, model_and_write, preflight
 from ..storage.audit import delete_other_audits, read_audit
 from ..storage.masks import default_rows_per_file
 from .exports import write_batch, write_coco_results, write_previews
+from .options import AutomaskOptions
 from .stored import pending_stored, stored_embedding_rows
 
 
@@ -33,49 +30,6 @@ class AutomaskSummary(JobSummary):
 
     def as_dict(self) -> Dict[str, Any]:
         return {**super().as_dict(), "masks_per_image": self.masks_per_image}
-
-
-@dataclass(frozen=True)
-class AuditOptions:
-    """A teacher audit: `fraction` of the images (a deterministic sample by id) masked again by
-    the teacher in the same everything mode, each one's agreement stored in `<output>/_audit`."""
-
-    fraction: float
-    checkpoint: str
-    model: str = "vit_h"
-    worst: int = 5  # images listed in the summary
-
-    def __post_init__(self) -> None:
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"--audit-fraction must be in (0, 1], got {self.fraction}")
-
-
-@dataclass(frozen=True)
-class AutomaskOptions:
-    """An auto-masking run: the corpus and actors, the model, the everything mode, the exports."""
-
-    corpus: CorpusOptions
-    model: str = "vit_t"
-    checkpoint: Optional[str] = None  # None: random weights (tests); the job requires one
-    everything: Optional[EverythingConfig] = None  # None: the defaults (GPU execution settings on GPU actors)
-    embeddings: Optional[str] = None  # a precompute job's output: its embeddings instead of the encoder
-    sa1b_json: bool = False  # also <output>/sa1b/<id>.json per image
-    coco_json: Optional[str] = None  # also one COCO results file (and <name>_images.json) here
-    preview: int = 0  # overlay PNGs of the first N images
-    audit: Optional[AuditOptions] = None  # a teacher audit of a sample of the images
-
-    def __post_init__(self) -> None:
-        if not self.corpus.input and not self.embeddings:
-            raise ValueError("give an input (images) or embeddings (a precompute job's output)")
-        if self.embeddings and self.audit is not None:
-            raise ValueError("the audit's teacher needs the images: run without --embeddings")
-        if self.embeddings and self.everything is not None and self.everything.crop_n_layers:
-            raise ValueError("crop layers need the images: run without --embeddings")
-
-    def everything_config(self) -> EverythingConfig:
-        if self.everything is not None:
-            return self.everything
-        return EverythingConfig(**(GPU_EXECUTION if self.corpus.num_gpus_per_actor else {}))
 
 
 def automask(options: AutomaskOptions) -> AutomaskSummary:

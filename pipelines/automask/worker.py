@@ -16,7 +16,7 @@ from ..stages import ok_rows
 from ..storage.audit import is_audited
 
 if TYPE_CHECKING:
-    from .job import AuditOptions
+    from .options import AuditOptions
 
 PASSED_THROUGH = ("image_id", "source", "source_offset", "source_length", "orig_h", "orig_w")
 
