@@ -125,11 +125,15 @@ def precompute(input: str, output: str, checkpoint: str) -> dict:
     return state
 
 
-def registered_checkpoints(storage: Path) -> int:
-    """Checkpoints Ray Train has registered (a checkpoint folder appears before it is registered;
-    a run that dies in between rightly starts again from zero)."""
+def registered_checkpoints(storage: str) -> int:
+    """Checkpoints Ray Train has registered in the run folder `storage` (a path or an S3 URL; a
+    checkpoint folder appears before it is registered, and a run that dies in between rightly
+    starts again from zero)."""
+    import fsspec
+
     try:
-        return len(json.loads((storage / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+        with fsspec.open(f"{storage}/checkpoint_manager_snapshot.json", "rb") as f:
+            return len(json.load(f)["checkpoint_results"])
     except (OSError, ValueError, KeyError):
         return 0
 
@@ -144,7 +148,7 @@ def distill(args: list) -> dict:
     # one before the restarted workers ask for it. With lineage, that race is lost now and then
     # (seen in CI); without it, a borrowed block of the lost node fails every restart.
     cluster, node = start_cluster(head_cpus=1, node_cpus=2, system_config={"max_lineage_bytes": 0})
-    storage = Path(args[args.index("--storage-path") + 1]) / args[args.index("--name") + 1]
+    storage = f"{args[args.index('--storage-path') + 1]}/{args[args.index('--name') + 1]}"
     path = Path(__file__).resolve().parents[1] / "jobs" / "distill.py"
     spec = importlib.util.spec_from_file_location("distill_job", path)
     job = importlib.util.module_from_spec(spec)
@@ -163,7 +167,7 @@ def distill(args: list) -> dict:
     thread.start()
     deadline = time.time() + 300
     while time.time() < deadline and thread.is_alive() and not registered_checkpoints(storage):
-        time.sleep(0.1)
+        time.sleep(0.2)
     state["progress_at_kill"] = registered_checkpoints(storage)
     state["actors_on_node"] = actors_on(node.node_id)
     cluster.remove_node(node, allow_graceful=False)
@@ -174,6 +178,14 @@ def distill(args: list) -> dict:
 
 
 if __name__ == "__main__":
+    from ray._common.utils import reset_ray_address
+
     kind, rest = sys.argv[1], sys.argv[2:]
-    result = precompute(*rest) if kind == "precompute" else distill(json.loads(rest[0]))
+    try:
+        result = precompute(*rest) if kind == "precompute" else distill(json.loads(rest[0]))
+    finally:
+        # the cluster utility names its head in /tmp/ray/ray_current_cluster for `ray.init()` to
+        # find; left there, a later local Ray Train run on this machine asks that dead head for its
+        # actors' state (Ray Train's placement-group cleaner) and waits out a timeout at its end
+        reset_ray_address()
     print("RESULT " + json.dumps(result), flush=True)
