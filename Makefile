@@ -12,10 +12,12 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 DEMO_OUTPUT ?= demo_output
 DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 
-# Two test processes, one test file each at a time: much of the suite waits on Ray and job
-# subprocesses starting, which overlaps well on 2 cores (three were no faster and starved the
-# kill-and-resume tests). The slowest tests are listed at the end.
-PYTEST_ARGS ?= -n 2 --dist loadfile --durations=25
+# Two test processes, one test file each at a time, the longest files first (tests/conftest.py;
+# `loadgroup` could split a file finer, but pytest-xdist 3.8 cannot mark groups on pytest 9):
+# much of the suite waits on Ray and job subprocesses starting, which overlaps well on 2 cores
+# (three were no faster and starved the kill-and-resume tests). The slowest tests are listed at
+# the end.
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 .PHONY: demo predictor-demo lint test venv weights clean
 
