@@ -148,16 +148,16 @@ def main() -> None:
     parser.add_argument("--curve", type=int, metavar="STEPS", help="held-out mIoU over a run of STEPS steps instead")
     parser.add_argument("--every", type=int, default=10, help="--curve: steps between evaluations")
     args = parser.parse_args()
-    if args.smoke:  # both parts, on three photos: the curve for 2 steps, then 2 steps against Ray Train
+    if args.smoke:  # both parts, on two photos: the curve for 2 steps, then 2 steps against Ray Train
         args.steps, args.every, args.threads = 2, 1, 1
         METHOD["prompts"] = {"prompts_per_image": 4, "max_iterations": 1}  # cheap steps
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
-        photos = SAMPLE_PHOTOS[:3] if args.smoke else ALL_PHOTOS if args.curve else SAMPLE_PHOTOS[:4]
+        photos = SAMPLE_PHOTOS[:2] if args.smoke else ALL_PHOTOS if args.curve else SAMPLE_PHOTOS[:4]
         embeddings = prepare(work, photos, args.threads, 4 if args.smoke else 8)
         if args.smoke:
-            learning_curve(embeddings, args.student, 2, 1, val_fraction=0.34)
+            learning_curve(embeddings, args.student, 2, 1, val_fraction=0.5)
         elif args.curve:
             learning_curve(embeddings, args.student, args.curve, args.every)
             return

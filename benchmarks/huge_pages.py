@@ -46,7 +46,7 @@ def main() -> None:
         return child(args.child, args.student, args.steps, args.threads)
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
-        embeddings = prepare(work, SAMPLE_PHOTOS[: 3 if args.smoke else 4], args.threads, 4 if args.smoke else 8)
+        embeddings = prepare(work, SAMPLE_PHOTOS[: 2 if args.smoke else 4], args.threads, 4 if args.smoke else 8)
         runs = {"0": [], "1": []}
         for r in range(args.rounds):
             for value in ("0", "1"):
