@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -169,8 +170,15 @@ def test_distillation_on_s3_survives_a_lost_node_exports_refuses_and_resumes(
     assert sorted(fs.find("runs/lost")) == before
 
     # --resume: a new job (its own local Ray) continues from the step-4 checkpoint, the first
-    # job's rows and restarts kept.
-    resumed, out = run_distill_job([*args, "--steps", "6", "--resume"], env)
+    # job's rows and restarts kept; the workers' local checkpoint copies are gone once uploaded
+    # (in a temp folder of its own: short, as Ray's socket paths under it must fit 107 bytes).
+    scratch = tempfile.mkdtemp(prefix="tmp-", dir="/tmp")
+    try:
+        resumed, out = run_distill_job([*args, "--steps", "6", "--resume"], {**env, "TMPDIR": scratch})
+        assert (Path(scratch) / "ray").is_dir()  # the job's processes did use it
+        assert not list(Path(scratch).glob("tinysam-ckpt-*")), out[-3000:]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     assert (resumed["steps"], resumed["restarts"]) == (6, [*first["restarts"], 4]), out[-5000:]
     assert "worker 0 of 2: cpu, 1 threads, THP_MEM_ALLOC_ENABLE=1" in out  # the workers' environment
     assert resumed["table"].splitlines()[:5] == first["table"].splitlines()
