@@ -110,3 +110,13 @@ def test_pipelines_have_no_import_circle():
         return seen
 
     assert not sorted(m for m in graph if m in reaches(m))
+
+
+def test_the_test_files_named_for_scheduling_exist():
+    """conftest.py hands the test files named in LONGEST_FIRST to pytest-xdist's workers first; a
+    renamed file would silently lose its place (and a long file started last idles a worker)."""
+    from .conftest import LONGEST_FIRST
+
+    root = Path(__file__).resolve().parents[1]
+    assert [f for f in LONGEST_FIRST if not (root / f).is_file()] == []
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
