@@ -2,7 +2,8 @@
 the real jobs.
 
 Teacher: the real `vit_t` (`--checkpoint`, mobile_sam.pt), standing in for SAM-H. Student: the same
-weights with the last TinyViT stage and the neck re-initialised. Training data: augmented views
+weights with the last TinyViT stage and the neck re-initialised (`--reinit` names other parts:
+add `image_encoder.layers.2.` to start further from the teacher). Training data: augmented views
 (random resized crops, flips, colour jitter) of scikit-image's photos, never the held-out ones,
 pseudo-labelled by the teacher's everything mode in an SA-1B tar shard. `jobs/precompute_embeddings.py`
 stores the teacher's embeddings; `jobs/distill.py --student-checkpoint` trains for about
@@ -12,7 +13,7 @@ scikit-image photos left out of training): the box-prompt and 1-point mIoU of it
 the teacher's (prompts from the teacher's everything-mode masks), and, before and after,
 everything-mode agreement with the teacher on the first photo.
 
-    python benchmarks/distill_recovery.py --minutes 15 --checkpoint mobile_sam [--eval-images DIR]
+    python benchmarks/distill_recovery.py --minutes 15 --checkpoint mobile_sam [--eval-images DIR] [--reinit PREFIX ...]
 
 Prints the curve as a Markdown table; the last line is a JSON object (before_box_miou,
 after_box_miou, before_point_miou, after_point_miou, everything agreement, steps, minutes, curve).
@@ -46,8 +47,11 @@ HELD_OUT = ("camera", "coins", "rocket", "hubble_deep_field")
 REINITIALISED = ("image_encoder.layers.3.", "image_encoder.neck.")  # the last TinyViT stage, the neck
 
 
-def damaged_student(checkpoint: str, path: Path, start_image: np.ndarray, seed: int = 0) -> Path:
-    """The teacher's weights with REINITIALISED taken from a freshly initialised vit_t, started as
+def damaged_student(
+    checkpoint: str, path: Path, start_image: np.ndarray, reinitialised: Tuple[str, ...] = REINITIALISED, seed: int = 0
+) -> Path:
+    """The teacher's weights with the parameters under the `reinitialised` prefixes taken from a
+    freshly initialised vit_t, started as
     the job starts a student from scratch: the neck's last LayerNorm at the per-channel mean and
     spread of the teacher's embedding of a training image (without it a fresh LayerNorm's output
     is ~10x the teacher's, and Adam at lr 1e-3 needs ~1000 steps to shrink it: a first run stayed
@@ -60,7 +64,7 @@ def damaged_student(checkpoint: str, path: Path, start_image: np.ndarray, seed: 
     torch.manual_seed(seed)
     fresh = build_sam("vit_t").state_dict()
     for key in state:
-        if key.startswith(REINITIALISED):
+        if key.startswith(reinitialised):
             state[key] = fresh[key]
     student = build_sam("vit_t")
     student.load_state_dict(state)
@@ -178,9 +182,11 @@ class HeldOut:
         generator = SamAutomaticMaskGenerator(sam, points_per_side=2 * self.points_per_side)
         return [r["segmentation"] for r in generator.generate(self.images[0])]
 
-    def everything_agreement(self, sam) -> float:
-        """For each of the teacher's masks the best IoU among the student's, averaged."""
-        return float(best_match_ious(self.everything, self.everything_masks(sam)).mean())
+    def everything_agreement(self, sam) -> Tuple[float, int]:
+        """For each of the teacher's masks the best IoU among the student's, averaged; and how many
+        masks the student's everything mode kept (0: none passed its filters)."""
+        masks = self.everything_masks(sam)
+        return float(best_match_ious(self.everything, masks).mean()), len(masks)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -214,8 +220,16 @@ def main() -> None:
         action="store_true",
         help="train the whole student (default: only the re-initialised part, --train-only in the job)",
     )
+    parser.add_argument(
+        "--reinit",
+        nargs="+",
+        default=list(REINITIALISED),
+        metavar="PREFIX",
+        help="parameter prefixes of the teacher re-initialised in the student (default: the last stage and the neck)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
+    reinitialised = tuple(args.reinit)
     if args.smoke:  # two steps on two views; one held-out crop, four prompts
         args.minutes, args.every, args.views, args.prompts_per_image, args.max_iterations = 0.01, 2, 2, 2, 1
     torch.set_num_threads(args.threads)
@@ -229,7 +243,7 @@ def main() -> None:
         started = time.perf_counter()
         shard = training_shard(teacher, training, args.views, work / "sa1b", points_per_side=4 if args.smoke else 8)
         start_image = to_rgb_uint8(sample_images(training[:1])[0][1], training[0])  # a training photo
-        init = damaged_student(args.checkpoint, work / "student_init.pth", start_image)
+        init = damaged_student(args.checkpoint, work / "student_init.pth", start_image, reinitialised)
         run_job(
             ["jobs/precompute_embeddings.py", "--input", str(shard.parent), "--output", str(work / "emb")]
             + ["--teacher", "vit_t", "--checkpoint", args.checkpoint, "--num-cpus", str(args.threads + 1)],
@@ -243,7 +257,7 @@ def main() -> None:
 
         student = build_sam("vit_t", str(init))
         prompts = PromptConfig(prompts_per_image=args.prompts_per_image, max_iterations=args.max_iterations)
-        train_only = () if args.train_all else REINITIALISED
+        train_only = () if args.train_all else reinitialised
         probe = Distiller(student, teacher, DistillConfig(prompts=prompts, train_only=train_only), total_steps=2)
         rows = _probe_rows(work / "emb", args.threads)
         probe.train_step(rows)
@@ -278,29 +292,33 @@ def main() -> None:
         final = build_sam("vit_t", str(work / "student.pth"))
         if curve[-1]["step"] != summary.get("steps", steps):  # the exported student: the last point
             curve.append({"step": summary.get("steps", steps), **held.miou(final)})
-        agreement = {"before": held.everything_agreement(build_sam("vit_t", str(init)))}
-        agreement["after"] = held.everything_agreement(final)
+        (before, masks_before), (after, masks_after) = (
+            held.everything_agreement(build_sam("vit_t", str(init))),
+            held.everything_agreement(final),
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     trained_part = "the whole student" if args.train_all else "the re-initialised part"
     print(
-        f"\nvit_t, last stage and neck re-initialised, {trained_part} trained; {len(training)} training photos, "
+        f"\nvit_t, {' '.join(reinitialised)} re-initialised, {trained_part} trained; {len(training)} training photos, "
         f"{args.views} views, {args.prompts_per_image} prompts per view, lr {args.lr}"
     )
     print("| step | box-prompt mIoU vs teacher | 1-point mIoU vs teacher |\n|---|---|---|")
     for row in curve:
         print(f"| {row['step']} | {row['box_miou']:.4f} | {row['point_miou']:.4f} |")
     print(
-        f"everything-mode agreement with the teacher on {names[0]}: "
-        f"{agreement['before']:.4f} -> {agreement['after']:.4f}"
+        f"everything-mode agreement with the teacher on {names[0]}: {before:.4f} -> {after:.4f} "
+        f"(masks kept: teacher {len(held.everything)}, student {masks_before} -> {masks_after})"
     )
     result = {
         "before_box_miou": curve[0]["box_miou"],
         "after_box_miou": curve[-1]["box_miou"],
         "before_point_miou": curve[0]["point_miou"],
         "after_point_miou": curve[-1]["point_miou"],
-        "everything_agreement_before": agreement["before"],
-        "everything_agreement_after": agreement["after"],
+        "everything_agreement_before": before,
+        "everything_agreement_after": after,
+        "everything_masks": {"teacher": len(held.everything), "before": masks_before, "after": masks_after},
+        "reinitialised": list(reinitialised),
         "steps": summary.get("steps", steps),
         "minutes": round(minutes, 2),
         "held_out": names,
