@@ -11,7 +11,7 @@ the audit's model, checkpoint and fraction: a rerun that keeps them extends the 
 
 import hashlib
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -62,16 +62,23 @@ def write_audit(
     write_table_atomic(table, output, f"{AUDIT_DIR}/audit-{name}.parquet", storage_options, provenance)
 
 
+def _audit_files(output: str, storage_options: Optional[Dict[str, Any]]) -> Iterator[Tuple[Any, str, str]]:
+    """(filesystem, file, the provenance its footer names) of each audit file under `output`."""
+    fs, _ = filesystem(output, storage_options)
+    for file in hidden_files(output, AUDIT_DIR, storage_options):
+        with fs.open(file, "rb") as f:
+            metadata = pq.ParquetFile(f).schema_arrow.metadata or {}
+        yield fs, file, metadata.get(PROVENANCE_KEY, b"").decode()
+
+
 def read_audit(output: str, provenance: Dict[str, Any], storage_options: Optional[Dict[str, Any]] = None) -> pa.Table:
     """The audit rows written with `provenance` (an empty table when there are none)."""
     wanted = json.dumps(provenance, sort_keys=True)
-    fs, _ = filesystem(output, storage_options)
     tables = []
-    for file in hidden_files(output, AUDIT_DIR, storage_options):
-        with fs.open(file, "rb") as f:
-            pf = pq.ParquetFile(f)
-            if (pf.schema_arrow.metadata or {}).get(PROVENANCE_KEY, b"").decode() == wanted:
-                tables.append(pf.read().cast(SCHEMA))
+    for fs, file, stored in _audit_files(output, storage_options):
+        if stored == wanted:
+            with fs.open(file, "rb") as f:
+                tables.append(pq.read_table(f).cast(SCHEMA))
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
@@ -80,11 +87,8 @@ def delete_other_audits(
 ) -> List[str]:
     """Delete the audit files written with other settings (--overwrite); returns their URLs."""
     wanted = json.dumps(provenance, sort_keys=True)
-    fs, _ = filesystem(output, storage_options)
     deleted = []
-    for file in hidden_files(output, AUDIT_DIR, storage_options):
-        with fs.open(file, "rb") as f:
-            stored = (pq.ParquetFile(f).schema_arrow.metadata or {}).get(PROVENANCE_KEY, b"").decode()
+    for fs, file, stored in _audit_files(output, storage_options):
         if stored != wanted:
             fs.rm(file)
             deleted.append(url_for(fs, file))
