@@ -12,10 +12,11 @@ scikit-image photos (a fifth held out by the job's own split), printing the held
 against the teacher before training and every `--every` steps (the job's evaluation, after the
 job's precise BatchNorm on the step's batch).
 
-    python benchmarks/distill.py [--steps 12] [--student vit_t_mini] [--threads 2]
+    python benchmarks/distill.py [--steps 12] [--student vit_t_mini] [--threads 2] [--data DIR]
     python benchmarks/distill.py --curve 60 [--every 10]
 """
 
+import json
 import os
 
 os.environ.setdefault(
@@ -91,9 +92,21 @@ def in_process(embeddings: str, student_type: str, steps: int) -> dict:
     return {"step_seconds": seconds, "minor_faults": faults, "kernel_seconds": kernel}
 
 
+DATA_HELP = (
+    "keep the labelled photos and their embeddings here, reused by a later run with the same photos "
+    "(of this benchmark or huge_pages.py)"
+)
+
+
 def prepare(work: Path, photos: Tuple[str, ...], threads: int, points_per_side: int = 8) -> str:
     """The photos with pseudo labels from the real vit_t's everything mode at `points_per_side`,
-    through the precompute job: its output folder."""
+    through the precompute job: its output folder. What an earlier run left in `work` for the
+    same photos and grid is reused (labelling and the precompute job are most of a short run)."""
+    made = work / "prepared.json"
+    key = {"photos": list(photos), "points_per_side": points_per_side}
+    if made.exists() and json.loads(made.read_text()) == key:
+        return str(work / "emb")
+    shutil.rmtree(work / "emb", ignore_errors=True)
     teacher = build_sam("vit_t", "mobile_sam")
     shard = write_pseudo_labelled_shard(work / "sa1b", teacher, photos, points_per_side=points_per_side)
     init_ray(num_cpus=threads + 2, dashboard=True)
@@ -104,6 +117,7 @@ def prepare(work: Path, photos: Tuple[str, ...], threads: int, points_per_side: 
             checkpoint="mobile_sam",
         )
     )
+    made.write_text(json.dumps(key))
     return str(work / "emb")
 
 
@@ -147,6 +161,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--curve", type=int, metavar="STEPS", help="held-out mIoU over a run of STEPS steps instead")
     parser.add_argument("--every", type=int, default=10, help="--curve: steps between evaluations")
+    parser.add_argument("--data", metavar="DIR", help=DATA_HELP)
     args = parser.parse_args()
     if args.smoke:  # both parts, on two photos: the curve for 2 steps, then 2 steps against Ray Train
         args.steps, args.every, args.threads = 2, 1, 1
@@ -155,7 +170,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
         photos = SAMPLE_PHOTOS[:2] if args.smoke else ALL_PHOTOS if args.curve else SAMPLE_PHOTOS[:4]
-        embeddings = prepare(work, photos, args.threads, 4 if args.smoke else 8)
+        embeddings = prepare(Path(args.data or work / "data"), photos, args.threads, 4 if args.smoke else 8)
         if args.smoke:
             learning_curve(embeddings, args.student, 2, 1, val_fraction=0.5)
         elif args.curve:

@@ -6,7 +6,7 @@ pseudo labels) runs in child processes that alternate the setting (off, on, off,
 drifts; the variable is read once per process). Each prints the median step time, minor page faults
 and kernel CPU time per step (process-wide).
 
-    python benchmarks/huge_pages.py [--steps 5] [--rounds 2] [--threads 2]
+    python benchmarks/huge_pages.py [--steps 5] [--rounds 2] [--threads 2] [--data DIR]
 """
 
 import argparse
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from _harness import benchmark_parser  # benchmarks/ is on sys.path
-from distill import HUGE_PAGES_ENV, in_process, prepare  # benchmarks/distill.py (this folder is on sys.path)
+from distill import DATA_HELP, HUGE_PAGES_ENV, in_process, prepare  # benchmarks/distill.py (this folder is on sys.path)
 
 from tinysam_samples import SAMPLE_PHOTOS
 
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--student", default="vit_t_mini")
+    parser.add_argument("--data", metavar="DIR", help=DATA_HELP)
     parser.add_argument("--child", metavar="EMBEDDINGS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:
@@ -46,7 +47,12 @@ def main() -> None:
         return child(args.child, args.student, args.steps, args.threads)
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
-        embeddings = prepare(work, SAMPLE_PHOTOS[: 2 if args.smoke else 4], args.threads, 4 if args.smoke else 8)
+        embeddings = prepare(
+            Path(args.data or work / "data"),
+            SAMPLE_PHOTOS[: 2 if args.smoke else 4],
+            args.threads,
+            4 if args.smoke else 8,
+        )
         runs = {"0": [], "1": []}
         for r in range(args.rounds):
             for value in ("0", "1"):

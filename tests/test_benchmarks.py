@@ -16,12 +16,16 @@ BENCHMARKS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.
 # Run by hand, not here: its smoke chains the teacher's labelling, the precompute job and a Ray
 # Train job (~5 min on an AVX2 CI core, a sixth of the suite's budget); each of those is tested in
 # test_precompute.py and test_distill.py, and `--train-only` in test_distill.py.
-NOT_IN_THE_SUITE = {"distill_recovery"}
+# distill_ablation.py: the same set-up and four Ray Train jobs (~2 min as a smoke here).
+NOT_IN_THE_SUITE = {"distill_recovery", "distill_ablation"}
+# huge_pages.py runs in distill.py's test, on the photos and embeddings distill.py prepared
+# (`--data`): labelling them and the precompute job are most of either smoke run.
+AFTER_DISTILL = "huge_pages"
 
 
 def test_every_benchmark_is_listed():
     assert {"distill", "everything", "gpu_check", "quantize"} <= set(BENCHMARKS)
-    assert NOT_IN_THE_SUITE <= set(BENCHMARKS)  # a benchmark left out by name still exists
+    assert NOT_IN_THE_SUITE | {AFTER_DISTILL} <= set(BENCHMARKS)  # a benchmark named here still exists
 
 
 # gpu_check's rehearsal on a CPU takes minutes even at toy sizes (SAM-H's sections, its job
@@ -30,11 +34,7 @@ def test_every_benchmark_is_listed():
 GPU_CHECK_SECTIONS = "everything"
 
 
-@pytest.mark.parametrize("name", sorted(set(BENCHMARKS) - NOT_IN_THE_SUITE))
-def test_benchmark_runs_in_its_smoke_mode(name, tmp_path):
-    flags = ["--smoke"]
-    if name == "gpu_check":
-        flags = ["--smoke-cpu", "--out", str(tmp_path), "--sections", GPU_CHECK_SECTIONS]
+def run_smoke(name: str, *flags: str) -> str:
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *flags],
         cwd=REPO,
@@ -46,6 +46,23 @@ def test_benchmark_runs_in_its_smoke_mode(name, tmp_path):
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert done.stdout.strip(), out[-4000:]  # it reported something
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(set(BENCHMARKS) - NOT_IN_THE_SUITE - {AFTER_DISTILL}))
+def test_benchmark_runs_in_its_smoke_mode(name, tmp_path):
+    flags = ["--smoke"]
+    if name == "gpu_check":
+        flags = ["--smoke-cpu", "--out", str(tmp_path), "--sections", GPU_CHECK_SECTIONS]
+    if name == "distill":
+        flags += ["--data", str(tmp_path / "data")]
+    run_smoke(name, *flags)
+    if name == "distill":
+        data = tmp_path / "data"
+        prepared = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
+        assert (data / "prepared.json") in prepared and any(p.suffix == ".parquet" for p in prepared)
+        run_smoke(AFTER_DISTILL, "--smoke", "--data", str(data))
+        assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == prepared  # reused, not made again
     if name == "gpu_check":  # each section reports its own failure and the run goes on: read them
         import json
 
