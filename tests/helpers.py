@@ -177,6 +177,21 @@ def load_job(name: str):
     return module
 
 
+def load_benchmark(name: str):
+    """`benchmarks/<name>.py` as a module (its folder on sys.path, as when it runs), to test the
+    pieces a benchmark puts together in this process."""
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def submit_job(address: str, entrypoint: list, timeout: float = 600) -> subprocess.CompletedProcess:
     """`ray job submit` of this repository as working dir; retried while the head's job agent starts."""
     repo = Path(__file__).resolve().parents[1]

@@ -1,0 +1,53 @@
+"""Planning and resuming at corpus scale (benchmarks/scale.py's corpus and stub model): 20,000
+images in SA-1B tar shards, a run killed in its last shard, then planned and resumed by the
+job's own code. The million-row figures are the benchmark's (docs/scale.md)."""
+
+import numpy as np
+
+from pipelines.automask.exports import write_batch
+from pipelines.options import CorpusOptions
+from pipelines.reading import plan_inputs, read_shards
+from pipelines.storage.files import DoneIds, read_table
+
+from .helpers import load_benchmark
+
+ROWS, PER_SHARD, WRITTEN_OF_LAST = 20_000, 5_000, 4_000
+
+
+def write_as_a_killed_run(scale, shards, output: str, last_rows: int) -> None:
+    """What a run killed in the last shard leaves: the other shards read to their end (their
+    manifests written) and their rows written, and `last_rows` rows of the last shard, through
+    the job's shard reader and masks writer (the stub's output: no masks)."""
+    for shard in shards:
+        rows = []
+        for batch in read_shards({"shard": np.array([str(shard)])}, output, DoneIds.of([])):
+            n = len(batch["image_id"])
+            batch = {**batch, "orig_h": np.full(n, 32), "orig_w": np.full(n, 32)}
+            rows.append(scale.StubMasker()(batch))
+            if shard == shards[-1] and 64 * len(rows) >= last_rows:
+                break  # killed here: no manifest for this shard
+        merged = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+        take = slice(0, last_rows if shard == shards[-1] else None)
+        write_batch({k: v[take] for k, v in merged.items()}, output, scale.PROVENANCE)
+
+
+def test_a_run_killed_in_its_last_shard_is_planned_and_resumed_at_20k_rows(ray_local, tmp_path):
+    scale = load_benchmark("scale")
+    shards = scale.write_corpus(tmp_path / "corpus", ROWS, PER_SHARD)
+    output = str(tmp_path / "out")
+    write_as_a_killed_run(scale, shards, output, WRITTEN_OF_LAST)
+
+    plan = plan_inputs(str(tmp_path / "corpus"), output, scale.PROVENANCE)
+    assert plan.shards == [str(shards[-1])]  # the complete shards are not opened again
+    assert plan.skipped == ROWS - PER_SHARD and len(plan.done) == ROWS - PER_SHARD + WRITTEN_OF_LAST
+
+    corpus = CorpusOptions(output=output, input=str(tmp_path / "corpus"), batch_size=64, rows_per_file=512)
+    resumed = scale.run(corpus)
+    assert (resumed["written"], resumed["skipped"], resumed["failed"]) == (
+        PER_SHARD - WRITTEN_OF_LAST,
+        ROWS - PER_SHARD + WRITTEN_OF_LAST,
+        0,
+    ), resumed
+    ids = read_table(output, columns=["image_id"])["image_id"].to_pylist()
+    assert len(ids) == ROWS and set(ids) == {str(n) for n in range(1, ROWS + 1)}
+    assert not plan_inputs(str(tmp_path / "corpus"), output, scale.PROVENANCE).shards  # nothing left
