@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted wo
 
 from pipelines.automask import AuditOptions, AutomaskOptions, automask  # noqa: E402
 from pipelines.cli import (  # noqa: E402
+    INPUT_HELP,
     add_corpus_arguments,
     add_everything_arguments,
     corpus_options,
@@ -37,7 +38,7 @@ from pipelines.runtime import init_ray  # noqa: E402
 def parse(argv=None) -> Tuple[AutomaskOptions, Optional[int]]:
     """The run's `AutomaskOptions` and the CPUs of a local Ray; argparse's refusal (exit 2) else."""
     p = job_parser(__doc__)
-    p.add_argument("--input", help="folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)")
+    p.add_argument("--input", help=INPUT_HELP)
     p.add_argument("--embeddings", help="a precompute job's output: reuse its embeddings instead of the encoder")
     p.add_argument("--model", default="vit_t", help="model type (vit_t, vit_b, vit_l, vit_h)")
     p.add_argument("--sa1b-json", action="store_true", help="also write <output>/sa1b/<id>.json per image")

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's code
 
-from pipelines.cli import add_corpus_arguments, corpus_options, job_parser, run_job
+from pipelines.cli import INPUT_HELP, add_corpus_arguments, corpus_options, job_parser, run_job
 from pipelines.precompute import PrecomputeOptions, precompute_embeddings
 from pipelines.runtime import init_ray
 
@@ -23,9 +23,7 @@ from pipelines.runtime import init_ray
 def parse(argv=None) -> Tuple[PrecomputeOptions, Optional[int]]:
     """The run's `PrecomputeOptions` and the CPUs of a local Ray; argparse's refusal (exit 2) else."""
     p = job_parser(__doc__)
-    p.add_argument(
-        "--input", required=True, help="folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)"
-    )
+    p.add_argument("--input", required=True, help=INPUT_HELP)
     p.add_argument("--teacher", default="vit_h", help="model type of the teacher encoder (vit_h, vit_l, vit_b, vit_t)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embedding type")
     p.add_argument(

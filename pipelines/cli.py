@@ -54,6 +54,12 @@ def add_checkpoint_argument(p, help_extra: str = "", **kwargs) -> None:
     )
 
 
+INPUT_HELP = (
+    "folder, s3:// prefix, .txt list of paths/URLs, .parquet manifest (a 'source' column of paths/URLs, "
+    "optionally 'image_id'; read in parallel: for millions of files), or SA-1B .tar shard(s)"
+)
+
+
 def add_corpus_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     """--output, --checkpoint, batching, actors, limits: the same in every job."""
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet files")

@@ -16,7 +16,7 @@ class CorpusOptions:
     """The corpus, the output and the model actors of a batch job."""
 
     output: str  # folder or s3:// prefix of the Parquet files
-    input: Optional[str] = None  # folder, s3:// prefix, .txt list of paths/URLs, or SA-1B .tar shard(s)
+    input: Optional[str] = None  # see pipelines/cli.py INPUT_HELP
     batch_size: int = 1  # images per actor call
     concurrency: int = 1  # model actors
     num_gpus_per_actor: float = 0.0

@@ -1,7 +1,9 @@
 """The input side of every batch job: plan what to read, read it once, decode it.
 
   plan_inputs     (driver) list files and shards, read the output's ids and provenance, skip
-                  finished files and shards; memory: the skip set's 8 bytes a written row
+                  finished files and shards; memory: the skip set's 8 bytes a written row (a
+                  Parquet manifest is not listed: Ray Data reads it, `manifest_rows` skips)
+  manifest_rows   (task) a manifest's rows as image ids and sources, those already done left out
   read_sources    (task) the bytes of image files, or of tar members by their byte range
   read_shards     (task) one sequential pass over each shard, finished images passed over; the
                   shard's manifest written once it was read to its end
@@ -19,7 +21,7 @@ import numpy as np
 
 from tinysam.transforms import IMAGE_SIZE, resize_longest_side, to_rgb_uint8
 
-from .sources import ImageRef, decode_image, iter_shard, list_inputs, read_bytes
+from .sources import ImageRef, decode_image, iter_manifest, iter_shard, list_inputs, manifest_refs, read_bytes
 from .storage.files import DoneIds
 from .storage.provenance import resume_ids
 from .storage.shards import shard_progress, write_manifest
@@ -31,10 +33,12 @@ SHARD_ROWS_PER_BATCH = 64  # members per block out of a shard's read task (~27 M
 
 @dataclass
 class Plan:
-    """What a run reads: files not yet done, shards not yet complete, and the skip set."""
+    """What a run reads: files not yet done, shards not yet complete, a manifest's rows not yet
+    done (read and filtered by Ray Data), and the skip set."""
 
     files: List[ImageRef] = field(default_factory=list)
     shards: List[str] = field(default_factory=list)
+    manifest: Optional[str] = None
     done: DoneIds = field(default_factory=lambda: DoneIds(np.zeros(0, np.uint64)))
     skipped: int = 0  # images known to be in the output already (files, complete shards)
     unsupported: List[str] = field(default_factory=list)
@@ -53,6 +57,18 @@ def plan_inputs(
     """List `input` (leaving out anything under `output`), refuse an output of other provenance
     unless `overwrite`, and skip what is done. Raises FileNotFoundError when there is no image."""
     inputs = list_inputs(input, storage_options, exclude=output)
+    if inputs.manifest and limit is not None:  # the manifest's first `limit` rows, listed here
+        inputs.files = []
+        for refs in iter_manifest(inputs.manifest, storage_options):
+            inputs.files += refs[: limit - len(inputs.files)]
+            if len(inputs.files) >= limit:
+                break
+        inputs.manifest = None
+    if inputs.manifest:
+        if not inputs.manifest_rows:
+            raise FileNotFoundError(f"no images found under {input} (the manifest has no rows)")
+        done = resume_ids(output, provenance, overwrite, storage_options)
+        return Plan(manifest=inputs.manifest, done=done)
     if not inputs.files and not inputs.shards:
         unsupported = (
             f" ({len(inputs.unsupported)} unsupported files, e.g. {inputs.unsupported[0]})"
@@ -73,6 +89,17 @@ def plan_inputs(
         unsupported=inputs.unsupported,
         limit=remaining,
     )
+
+
+def manifest_rows(batch: Dict[str, np.ndarray], done: DoneIds) -> Dict[str, np.ndarray]:
+    """Ray Data stage: a manifest's rows (`source`, optional `image_id`) as the file rows the read
+    stage takes, those already in the output left out."""
+    refs = manifest_refs(batch["source"], batch.get("image_id"))
+    todo = ~done.contains([r.image_id for r in refs]) if refs else np.zeros(0, bool)
+    return {
+        "image_id": np.array([r.image_id for r, t in zip(refs, todo) if t], dtype=object),
+        "source": np.array([r.source for r, t in zip(refs, todo) if t], dtype=object),
+    }
 
 
 def _row(

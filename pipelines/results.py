@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from .reading import Plan
-from .sources import TAR_SEP, ImageRef
+from .sources import TAR_SEP, ImageRef, iter_manifest
 from .storage.errors import ERRORS_DIR
 from .storage.files import DoneIds, batch_file_name, id_hashes
 
@@ -78,14 +78,20 @@ def run_to_output(
 
 
 def finish_summary(summary: JobSummary, plan: Plan, output: str, storage_options: Optional[dict] = None) -> None:
-    """Complete the counts from one pass over the read shards' manifests (now written): images
-    passed over as done, and images the run read but never got back (their batch killed its actor
-    IMAGE_ATTEMPTS times), which go to the errors table as failed; a rerun tries them again."""
+    """Complete the counts from one pass over the read shards' manifests (now written) and the
+    input manifest, a batch at a time: images passed over as done, and images the run read but
+    never got back (their batch killed its actor IMAGE_ATTEMPTS times), which go to the errors
+    table as failed; a rerun tries them again."""
     from .storage.shards import read_manifest
 
     seen = DoneIds(np.unique(np.concatenate(summary.seen))) if summary.seen else DoneIds.of([])
     lost = [r for r in plan.files if r.image_id not in seen]
     skipped = plan.skipped
+    for refs in iter_manifest(plan.manifest, storage_options) if plan.manifest else []:  # a batch at a time
+        ids = [r.image_id for r in refs]
+        was_done = plan.done.contains(ids)
+        skipped += int(was_done.sum())
+        lost += [r for r, d, s in zip(refs, was_done, seen.contains(ids)) if not d and not s]
     for shard in plan.shards:
         ids = read_manifest(output, shard, storage_options) or []
         was_done = plan.done.contains(ids) if ids else np.zeros(0, bool)

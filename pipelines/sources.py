@@ -1,11 +1,14 @@
 """Inputs shared by every job: list images and SA-1B tar shards, give each image a stable id,
 stream each shard once, and decode with a per-row error instead of a crash.
 
-The driver lists files and shards, never the members inside a shard: at SA-1B scale (~1,000
-shards of ~11,000 images) that would be a pass over every shard before any work. A shard is one
-unit of work: one task streams it from its start to its end (`iter_shard`), from local disk or
-any fsspec URL, and emits each image with its SA-1B JSON and its byte range in the shard, so that
-later readers (distillation, previews) fetch one image with a ranged read (`read_bytes`).
+A Parquet manifest (a `source` column of paths or URLs, an optional `image_id`) is not listed on
+the driver at all: Ray Data reads it in parallel (`pipelines/reading.py`), so a corpus of millions
+of files costs the driver no list. The driver lists files and shards, never the members inside a
+shard: at SA-1B scale (~1,000 shards of ~11,000 images) that would be a pass over every shard
+before any work. A shard is one unit of work: one task streams it from its start to its end
+(`iter_shard`), from local disk or any fsspec URL, and emits each image with its SA-1B JSON and
+its byte range in the shard, so that later readers (distillation, previews) fetch one image with
+a ranged read (`read_bytes`).
 """
 
 import hashlib
@@ -15,13 +18,15 @@ import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import fsspec
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 SHARD_EXTENSIONS = (".tar",)
+MANIFEST_EXTENSIONS = (".parquet",)
+MANIFEST_COLUMNS = ("source", "image_id")  # source required; image_id optional (default: image_id_for(source))
 SIDECAR_EXTENSIONS = (".json", ".txt", ".lst", ".md")  # not images, not reported as unsupported
 TAR_SEP = "::"  # "shard.tar::sa_1.jpg" names a member of a tar shard
 
@@ -39,6 +44,8 @@ class Inputs:
     files: List[ImageRef] = field(default_factory=list)
     shards: List[str] = field(default_factory=list)
     unsupported: List[str] = field(default_factory=list)
+    manifest: Optional[str] = None  # a Parquet manifest: its rows are read by Ray Data, not listed here
+    manifest_rows: int = 0
 
 
 @dataclass
@@ -86,12 +93,15 @@ def list_inputs(spec: str, storage_options: Optional[Dict[str, Any]] = None, exc
     """Image files and tar shards named by `spec`, sorted so runs are repeatable.
 
     `spec` is a folder or prefix (local or s3://), a .txt list file (one path or URL a line), a
-    .tar shard, or a folder of shards holding SA-1B `sa_N.jpg` + `sa_N.json` pairs. Files under
-    `exclude` (the job's output, when it lies inside the input) are left out.
+    Parquet manifest (not listed: `Inputs.manifest`), a .tar shard, or a folder of shards holding
+    SA-1B `sa_N.jpg` + `sa_N.json` pairs. Files under `exclude` (the job's output, when it lies
+    inside the input) are left out.
     """
     fs, path = filesystem(spec, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"{spec}: no such file, folder or prefix")
+    if path.lower().endswith(MANIFEST_EXTENSIONS):
+        return Inputs(manifest=spec, manifest_rows=check_manifest(spec, storage_options)[0])
     if fs.isdir(path):
         found = [url_for(fs, f) for f in sorted(fs.find(path))]
     elif path.lower().endswith((".txt", ".lst")):
@@ -113,6 +123,61 @@ def list_inputs(spec: str, storage_options: Optional[Dict[str, Any]] = None, exc
         elif not name.endswith(SIDECAR_EXTENSIONS) and not posixpath.basename(name).startswith("."):
             inputs.unsupported.append(url)
     return inputs
+
+
+def check_manifest(spec: str, storage_options: Optional[Dict[str, Any]] = None) -> Tuple[int, List[str]]:
+    """The manifest's row count and which of MANIFEST_COLUMNS it has, from its footer; a clear
+    error if it is not a Parquet file with a string `source` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(spec, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            schema = meta.schema.to_arrow_schema()
+    except Exception as e:
+        raise ValueError(f"{spec}: not a readable Parquet manifest ({type(e).__name__}: {e})") from e
+    for name in MANIFEST_COLUMNS:
+        if name in schema.names and not pa.types.is_string(schema.field(name).type):
+            raise ValueError(f"{spec}: manifest column {name!r} must hold strings, not {schema.field(name).type}")
+    if "source" not in schema.names:
+        raise ValueError(f"{spec}: a manifest needs a 'source' column of paths or URLs (has {schema.names})")
+    return meta.num_rows, [c for c in MANIFEST_COLUMNS if c in schema.names]
+
+
+def manifest_refs(sources: Iterable[str], ids: Optional[Iterable[Optional[str]]] = None) -> List[ImageRef]:
+    """A manifest's rows as ImageRefs: its own `image_id` where it gives one, else `image_id_for`."""
+    sources = [str(s) for s in sources]
+    ids = list(ids) if ids is not None else [None] * len(sources)
+    return [ImageRef(str(i) if i else image_id_for(s), s) for s, i in zip(sources, ids)]
+
+
+def iter_manifest(
+    spec: str, storage_options: Optional[Dict[str, Any]] = None, batch_rows: int = 65536
+) -> Iterator[List[ImageRef]]:
+    """The manifest's rows, `batch_rows` at a time, in file order: memory holds one batch."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(spec, storage_options)
+    columns = check_manifest(spec, storage_options)[1]
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+            table = batch.to_pydict()
+            yield manifest_refs(table["source"], table.get("image_id"))
+
+
+def arrow_filesystem(url: str, storage_options: Optional[Dict[str, Any]] = None):
+    """(path, pyarrow filesystem) for Ray Data's readers and Ray Train's storage: the same fsspec
+    filesystem as every other read (so s3:// honours the same settings, e.g. AWS_ENDPOINT_URL);
+    None for a local path."""
+    if "://" not in url:
+        return os.path.abspath(url), None
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(url, storage_options)
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def list_images(

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 
 from .options import CorpusOptions
-from .reading import Plan, prepare_images, read_shards, read_sources
+from .reading import Plan, manifest_rows, prepare_images, read_shards, read_sources
 from .results import IMAGE_ATTEMPTS
 from .runtime import model_actor_env, on_one_thread
 from .storage.files import ensure_writable
@@ -57,15 +57,25 @@ def image_pipeline(plan: Plan, stage: ModelStage, corpus: CorpusOptions, keep_or
 
 
 def read_dataset(plan: Plan, corpus: CorpusOptions, keep_original: bool = False):
-    """The jobs' read side (a lazy Dataset of prepared rows): read tasks for the files, one task per
-    shard streaming it once, then decode tasks."""
+    """The jobs' read side (a lazy Dataset of prepared rows): read tasks for the files (listed on
+    the driver, or a manifest's rows read in parallel), one task per shard streaming it once,
+    then decode tasks."""
     import ray
 
+    from .sources import arrow_filesystem, check_manifest
+
     batch_size, storage_options = corpus.batch_size, corpus.storage_options
-    parts = []
+    parts, files = [], None
     if plan.files:
         items = [{"image_id": r.image_id, "source": r.source} for r in plan.files]
         files = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+    if plan.manifest:  # the skip set goes to the tasks once, in the object store (Ray Data puts the stage there)
+        path, fs = arrow_filesystem(plan.manifest, storage_options)
+        columns = check_manifest(plan.manifest, storage_options)[1]
+        listed = ray.data.read_parquet(path, filesystem=fs).select_columns(columns)  # pushed down into the read
+        listed = listed.map_batches(manifest_rows, batch_size=4096, num_cpus=0.5, fn_kwargs={"done": plan.done})
+        files = listed  # a plan reads a manifest or listed files, never both
+    if files is not None:
         # reading waits on I/O: half a CPU, in its own tasks, ahead of the actors
         parts.append(
             files.map_batches(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..runtime import training_worker_env
-from ..sources import filesystem
+from ..sources import arrow_filesystem, filesystem
 from ..storage.files import parquet_files, write_bytes_atomic
 from .data import PreparedOnce, check_teacher, labelled_split, split_ids, teacher_of
 from .report import DistillSummary, summarize, write_text
@@ -45,12 +45,7 @@ class DistillJob:
 def _storage(job: DistillJob):
     """RunConfig storage arguments: a local path, or a URL through the same fsspec filesystem as
     every other job's storage (so s3:// honours the same settings, e.g. AWS_ENDPOINT_URL)."""
-    if "://" in job.storage_path:
-        import pyarrow.fs as pafs
-
-        fs, path = filesystem(job.storage_path, job.storage_options)
-        return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    return os.path.abspath(job.storage_path), None
+    return arrow_filesystem(job.storage_path, job.storage_options)
 
 
 def run_exists(job: DistillJob) -> bool:
