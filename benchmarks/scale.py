@@ -2,9 +2,10 @@
 image when the model costs nothing, and how planning a resume grows with what is written.
 
 The corpus: `--rows` tiny JPEGs (32x32) in SA-1B tar shards of `--rows-per-shard` (SA-1B: ~1,000
-shards of ~11,000), on local disk. The pipeline is the job's own, piece by piece (plan_inputs,
-the read and decode tasks, the actor pool, the masks writer, finish_summary), with a stub model
-actor in place of the generator: it returns no masks and costs ~0 per image. What it prints:
+shards of ~11,000), on local disk; or, with `--manifest`, as files named by a Parquet manifest.
+The pipeline is the job's own, piece by piece (plan_inputs, the read and decode tasks, the actor
+pool, the masks writer, finish_summary), with a stub model actor in place of the generator: it
+returns no masks and costs ~0 per image. What it prints:
 
   time to the first row      job start (listing and planning included) to the first written row
   per-row overhead           the run's seconds per image, and after the first row (steady); and
@@ -18,7 +19,7 @@ actor in place of the generator: it returns no masks and costs ~0 per image. Wha
   file lists                 plan_inputs over a .txt list of --rows image paths (never read):
                              the driver-side listing that file inputs pay
 
-    python benchmarks/scale.py --rows 1000000 [--rows-per-shard 10000] [--batch-size 64]
+    python benchmarks/scale.py --rows 1000000 [--rows-per-shard 10000] [--batch-size 64] [--manifest]
 
 The last line is a JSON object: rows, per_row_ms, steady_per_row_ms, first_row_s,
 driver_peak_mib, object_store_peak_mib, resume_plan_s (90% written), resume_plan_mib, and the
@@ -92,6 +93,23 @@ def write_corpus(folder: Path, rows: int, per_shard: int) -> List[Path]:
                     tar.addfile(info, io.BytesIO(payload))
         shards.append(path)
     return shards
+
+
+def write_manifest_corpus(folder: Path, rows: int) -> Path:
+    """`rows` tiny JPEG files and a Parquet manifest naming them (`source`): the manifest's path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(buf, "JPEG")
+    sources = []
+    for n in range(rows):
+        path = folder / f"img_{n:08d}.jpg"
+        path.write_bytes(buf.getvalue())
+        sources.append(str(path))
+    pq.write_table(pa.table({"source": sources}), folder.parent / "manifest.parquet")
+    return folder.parent / "manifest.parquet"
 
 
 class ObjectStoreSampler:
@@ -217,6 +235,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per read, decode and actor call")
     parser.add_argument("--rows-per-file", type=int, default=4096, help="rows per output Parquet file")
     parser.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray")
+    parser.add_argument("--manifest", action="store_true", help="files named by a Parquet manifest instead of shards")
     parser.add_argument("--work", help="folder for the corpus and the output (default: a temporary one, removed)")
     args = parser.parse_args()
     if args.smoke:
@@ -224,16 +243,21 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="tinysam-scale-"))
     try:
         started = time.perf_counter()
-        shards = write_corpus(work / "corpus", args.rows, args.rows_per_shard)
-        print(f"{args.rows} images in {len(shards)} shards: {time.perf_counter() - started:.0f} s to write", flush=True)
+        if args.manifest:
+            source = write_manifest_corpus(work / "files", args.rows)
+            layout = "files listed in a Parquet manifest"
+        else:
+            source = work / "corpus"
+            layout = f"{len(write_corpus(source, args.rows, args.rows_per_shard))} shards"
+        print(f"{args.rows} images, {layout}: {time.perf_counter() - started:.0f} s to write", flush=True)
         init_ray(num_cpus=args.num_cpus)
         corpus = CorpusOptions(
             output=str(work / "out"),
-            input=str(work / "corpus"),
+            input=str(source),
             batch_size=args.batch_size,
             rows_per_file=args.rows_per_file,
         )
-        decode_ms = decode_ms_per_row(shards[0], str(work / "unused"))
+        decode_ms = decode_ms_per_row(write_corpus(work / "probe", 64, 64)[0], str(work / "unused"))
         print(f"decoding, resizing and padding alone: {decode_ms:.3f} ms a row on one core", flush=True)
         first = run(corpus)
         driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -252,7 +276,7 @@ def main() -> None:
             p = plans[share]
             print(
                 f"resume planning with {written} rows written: {p['seconds']:.1f} s, peak {p['peak_mib']:.0f} MiB "
-                f"({p['base_mib']:.0f} of it imports; {p['shards']} shards to read)",
+                f"({p['base_mib']:.0f} of it imports; {p['shards']} shards, {p['files']} listed files to read)",
                 flush=True,
             )
             if share < 0.9:
