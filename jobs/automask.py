@@ -33,6 +33,7 @@ from pipelines.cli import (  # noqa: E402
     run_job,
 )
 from pipelines.runtime import init_ray  # noqa: E402
+from tinysam.utils.polygons import PolygonRules  # noqa: E402
 
 
 def parse(argv=None) -> Tuple[AutomaskOptions, Optional[int]]:
@@ -44,6 +45,10 @@ def parse(argv=None) -> Tuple[AutomaskOptions, Optional[int]]:
     p.add_argument("--sa1b-json", action="store_true", help="also write <output>/sa1b/<id>.json per image")
     p.add_argument("--coco-json", help="also write one COCO results file (and <name>_images.json) here")
     p.add_argument("--preview", type=int, default=0, metavar="N", help="overlay PNGs of the first N images")
+    g = p.add_argument_group("polygons (COCO polygons beside each mask's RLE; rules: tinysam/utils/polygons.py)")
+    g.add_argument("--polygons", action="store_true", help="also store polygons, and use them in --coco-json")
+    g.add_argument("--polygon-tolerance", type=float, default=PolygonRules.tolerance, help="px, Douglas-Peucker")
+    g.add_argument("--polygon-min-area", type=float, default=PolygonRules.min_area, help="px^2: smaller pieces dropped")
     g = p.add_argument_group("teacher audit")
     g.add_argument("--audit-fraction", type=float, default=0.0, help="share of the images masked again by a teacher")
     g.add_argument("--audit-checkpoint", help="the teacher's weights (a name or path); required with --audit-fraction")
@@ -70,6 +75,7 @@ def parse(argv=None) -> Tuple[AutomaskOptions, Optional[int]]:
             coco_json=args.coco_json,
             preview=args.preview,
             audit=audit,
+            polygons=PolygonRules(args.polygon_tolerance, args.polygon_min_area) if args.polygons else None,
         )
     except ValueError as e:
         p.error(str(e))

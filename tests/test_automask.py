@@ -15,6 +15,7 @@ from pipelines.options import CorpusOptions
 from tinysam import SamHierarchicalMaskGenerator
 from tinysam.everything import EverythingConfig
 from tinysam.utils.metrics import best_match_ious
+from tinysam.utils.polygons import PolygonRules
 from tinysam.utils.rle import coco_rle_to_mask
 
 from .helpers import load_job
@@ -189,7 +190,13 @@ def test_bad_parameters_fail_before_any_work(tmp_path, photos_dir, capsys):
     with pytest.raises(SystemExit) as exit_status:  # argparse's refusal, exit status 2
         load_job("automask").main(["--input", str(photos_dir), "--output", str(tmp_path / "c"), "--mode", "sparse"])
     assert exit_status.value.code == 2 and "invalid choice: 'sparse'" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+    base = ["--input", str(photos_dir), "--output", str(tmp_path / "d"), "--checkpoint", "none"]
+    with pytest.raises(SystemExit) as exit_status:
+        load_job("automask").main([*base, "--polygons", "--polygon-tolerance", "-1"])
+    assert exit_status.value.code == 2 and "polygon tolerance" in capsys.readouterr().err
+    options, _ = load_job("automask").parse([*base, "--polygons", "--polygon-min-area", "4"])
+    assert options.polygons == PolygonRules(min_area=4) and load_job("automask").parse(base)[0].polygons is None
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def test_s3_in_and_out(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
@@ -210,6 +217,7 @@ def test_s3_in_and_out(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
             everything=EverythingConfig(points_per_side=4),
             coco_json="s3://automask/masks/coco.json",
             preview=1,
+            polygons=PolygonRules(),
         )
     )
     assert (summary.written, summary.failed) == (2, 0)
@@ -226,7 +234,19 @@ def test_s3_in_and_out(ray_local, photos_dir, s3_endpoint, mobile_sam_path):
     coco = COCO()
     coco.dataset = images
     coco.createIndex()
-    assert len(coco.loadRes(results).anns) == summary.masks
+    assert len(coco.loadRes(results).anns) == summary.masks  # the results file keeps the RLEs
+    # --polygons: each stored mask has its polygons, and a whole COCO dataset holds them
+    masks = [m for r in rows.values() for m in r["masks"]]
+    assert masks and all(m["polygons"] for m in masks)
+    with fs.open("automask/masks/coco_polygons.json") as f:
+        dataset = COCO()
+        dataset.dataset = json.load(f)
+    dataset.createIndex()
+    assert len(dataset.anns) == summary.masks and dataset.getImgIds() == coco.getImgIds()
+    for ann in dataset.anns.values():
+        image = dataset.imgs[ann["image_id"]]
+        assert ann["iscrowd"] == 0 and isinstance(ann["segmentation"], list)
+        assert dataset.annToMask(ann).shape == (image["height"], image["width"])
 
 
 def test_killed_job_resumes_with_exactly_one_row_per_image(tmp_path, photos_dir, mobile_sam_path):

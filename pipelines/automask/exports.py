@@ -57,6 +57,9 @@ def write_batch(
     }
 
 
+CATEGORIES = [{"id": 1, "name": "object"}]
+
+
 def coco_image_ids(image_ids: List[str]) -> Dict[str, int]:
     """COCO needs integer ids: SA-1B's own numeric ids when every id is one, else 1..N in sorted order."""
     if image_ids and all(i.isdigit() for i in image_ids):
@@ -65,51 +68,65 @@ def coco_image_ids(image_ids: List[str]) -> Dict[str, int]:
 
 
 def write_coco_results(output: str, path: str, storage_options: Optional[dict] = None) -> Dict[str, str]:
-    """One COCO results file for the whole output (a list of {image_id, category_id, segmentation,
-    score, bbox, area}) at `path`, plus `<path stem>_images.json`, a COCO dataset of the images
-    (ids, file names, sizes) to load the results against. Streamed through a local temporary
-    file, then put in place in one step."""
+    """One COCO results file for the whole output (a list of {image_id, category_id, segmentation
+    as RLE, score, bbox, area}) at `path`, plus `<path stem>_images.json`, a COCO dataset of the
+    images (ids, file names, sizes) to load the results against; and where the masks have polygons
+    (--polygons), `<path stem>_polygons.json`: a whole COCO dataset (images, annotations with
+    polygon segmentations, iscrowd 0), the form annotation tools import. Streamed through local
+    temporary files, then each put in place in one step."""
     ids = read_table(output, columns=["image_id"], storage_options=storage_options)["image_id"].to_pylist()
     numeric = coco_image_ids(ids)
-    images_path = (path[:-5] if path.endswith(".json") else path) + "_images.json"
-    images = []
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
-        tmp.write("[")
-        first = True
-        for row in iter_results(output, storage_options=storage_options):
-            coco_id = numeric[row["image_id"]]
-            images.append(
-                {
-                    "id": coco_id,
-                    "file_name": row["source"],
-                    "width": row["width"],
-                    "height": row["height"],
-                    "tinysam_image_id": row["image_id"],
-                }
-            )
-            for mask in row["masks"]:
-                ann = {
-                    "image_id": coco_id,
-                    "category_id": 1,
-                    "segmentation": mask["segmentation"],
-                    "score": mask["predicted_iou"],
-                    "bbox": mask["bbox"],
-                    "area": mask["area"],
-                    "stability_score": mask["stability_score"],
-                    "point_coords": mask["point_coords"],
-                }
-                tmp.write(("" if first else ",\n") + json.dumps(ann))
-                first = False
-        tmp.write("]\n")
+    stem = path[:-5] if path.endswith(".json") else path
+    images, result_anns, polygon_anns = [], 0, 0
+    results = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    polygons = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     try:
-        images.sort(key=lambda im: im["id"])
-        dataset = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "object"}]}
-        folder, name = posixpath.split(images_path.rstrip("/"))
+        with results, polygons:
+            results.write("[")
+            polygons.write('{"categories": %s, "annotations": [' % json.dumps(CATEGORIES))
+            for row in iter_results(output, storage_options=storage_options):
+                coco_id = numeric[row["image_id"]]
+                images.append(
+                    {
+                        "id": coco_id,
+                        "file_name": row["source"],
+                        "width": row["width"],
+                        "height": row["height"],
+                        "tinysam_image_id": row["image_id"],
+                    }
+                )
+                for mask in row["masks"]:
+                    ann = {
+                        "image_id": coco_id,
+                        "category_id": 1,
+                        "segmentation": mask["segmentation"],
+                        "score": mask["predicted_iou"],
+                        "bbox": mask["bbox"],
+                        "area": mask["area"],
+                        "stability_score": mask["stability_score"],
+                        "point_coords": mask["point_coords"],
+                    }
+                    result_anns += 1
+                    results.write(("" if result_anns == 1 else ",\n") + json.dumps(ann))
+                    if mask.get("polygons"):  # none left (every piece under the minimum area): left out
+                        polygon_anns += 1
+                        ann = {**ann, "id": polygon_anns, "segmentation": mask["polygons"], "iscrowd": 0}
+                        polygons.write(("" if polygon_anns == 1 else ",\n") + json.dumps(ann))
+            results.write("]\n")
+            images.sort(key=lambda im: im["id"])
+            polygons.write('], "images": %s}\n' % json.dumps(images))
+        written = {"results": path, "images": stem + "_images.json"}
+        dataset = {"images": images, "annotations": [], "categories": CATEGORIES}
+        folder, name = posixpath.split(written["images"].rstrip("/"))
         write_bytes_atomic(json.dumps(dataset).encode(), folder or ".", name, storage_options)
-        write_file_atomic(tmp.name, path, storage_options)
+        if polygon_anns:
+            written["polygons"] = stem + "_polygons.json"
+            write_file_atomic(polygons.name, written["polygons"], storage_options)
+        write_file_atomic(results.name, path, storage_options)
     finally:
-        os.unlink(tmp.name)
-    return {"results": path, "images": images_path}
+        os.unlink(results.name)
+        os.unlink(polygons.name)
+    return written
 
 
 def write_previews(output: str, n: int, storage_options: Optional[dict] = None) -> List[str]:

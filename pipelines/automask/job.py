@@ -1,6 +1,6 @@
 """The auto-masking job on the driver: plan, pre-flight, run, summary, exports."""
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -47,6 +47,8 @@ def automask(options: AutomaskOptions) -> AutomaskSummary:
         "mode": everything.mode,
         "params": everything.provenance_json(),
     }
+    if options.polygons is not None:  # rows with and without polygons never share an output
+        provenance["polygons"] = asdict(options.polygons)
     audit = options.audit
     if audit is not None:  # a run with another audit is another run: refused, or --overwrite
         audit_sha = preflight(audit.model, audit.checkpoint, output, storage_options)
@@ -67,6 +69,7 @@ def automask(options: AutomaskOptions) -> AutomaskSummary:
             "everything": everything,
             "memory_gb": corpus.actor_memory_gb,
             "audit": options.audit,
+            "polygons": options.polygons,
         }
         write_kwargs = {"output": output, "provenance": provenance, "sa1b_json": options.sa1b_json}
         stage = ModelStage(

@@ -8,6 +8,7 @@ from typing import Optional
 
 from tinysam.everything import EverythingConfig
 from tinysam.everything.config import GPU_EXECUTION
+from tinysam.utils.polygons import PolygonRules
 
 from ..options import CorpusOptions
 
@@ -40,6 +41,7 @@ class AutomaskOptions:
     coco_json: Optional[str] = None  # also one COCO results file (and <name>_images.json) here
     preview: int = 0  # overlay PNGs of the first N images
     audit: Optional[AuditOptions] = None  # a teacher audit of a sample of the images
+    polygons: Optional[PolygonRules] = None  # also COCO polygons of each mask, by these rules
 
     def __post_init__(self) -> None:
         if not self.corpus.input and not self.embeddings:

@@ -16,6 +16,8 @@ from ..stages import ok_rows
 from ..storage.audit import is_audited
 
 if TYPE_CHECKING:
+    from tinysam.utils.polygons import PolygonRules
+
     from .options import AuditOptions
 
 PASSED_THROUGH = ("image_id", "source", "source_offset", "source_length", "orig_h", "orig_w")
@@ -33,6 +35,7 @@ class AutoMasker(SamActor):
         cpu_threads: Optional[int] = None,
         memory_gb: Optional[float] = None,
         audit: Optional["AuditOptions"] = None,
+        polygons: Optional["PolygonRules"] = None,
     ) -> None:
         # The teacher first: the memory cap (memory_gb) counts from what is mapped once both are loaded.
         # The same everything mode, so that only the model differs.
@@ -43,7 +46,7 @@ class AutoMasker(SamActor):
         # fp32 encoder: bf16 embeddings changed the masks (docs/benchmarks.md, "On a GPU")
         super().__init__(model_type, checkpoint, device, cpu_threads, bf16=False, memory_gb=memory_gb)
         self.generator = everything.generator(self.sam, output_mode="coco_rle")  # the records the job stores
-        self.audit, self.teacher = audit, teacher
+        self.audit, self.teacher, self.polygons = audit, teacher, polygons
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
         with torch.inference_mode():
@@ -67,6 +70,12 @@ class AutoMasker(SamActor):
                     except Exception as e:
                         records.append(None)
                         errors[i] = f"{batch['source'][i]}: everything mode failed ({type(e).__name__}: {e})"[:2000]
+            if self.polygons is not None:
+                from tinysam.utils.polygons import rle_to_polygons
+
+                for recs in records:
+                    for record in recs or []:
+                        record["polygons"] = rle_to_polygons(record["segmentation"], self.polygons)
             for i, recs in zip(rows, records):
                 masks[i] = "" if recs is None else json.dumps(recs)
             if self.audit is not None:

@@ -3,8 +3,9 @@
 Columns: image_id, source, source_offset / source_length (byte range in its tar shard, -1 for
 plain files), width / height (as displayed: EXIF orientation applied), num_masks, masks (a list of
 {segmentation: COCO RLE, area, bbox XYWH, predicted_iou, stability_score, point_coords, crop_box
-XYWH}), model, checkpoint_sha256, mode, params (the everything-mode settings, JSON),
-encode_seconds, generate_seconds.
+XYWH, and with --polygons `polygons`: COCO polygons, tinysam/utils/polygons.py}), model,
+checkpoint_sha256, mode, params (the everything-mode settings, JSON), encode_seconds,
+generate_seconds.
 """
 
 from typing import Any, Dict, Iterator, List, Optional
@@ -28,6 +29,8 @@ MASK_TYPE = pa.struct(
         ("crop_box", pa.list_(pa.float64())),  # XYWH
     ]
 )
+# with --polygons (the run's provenance says so: an output holds one kind of row)
+MASK_TYPE_WITH_POLYGONS = pa.struct([*MASK_TYPE, ("polygons", pa.list_(pa.list_(pa.float64())))])
 RESULT_COLUMNS = ["image_id", "source", "source_offset", "source_length", "width", "height", "masks"]
 
 
@@ -60,7 +63,10 @@ def write_masks(
             "width": pa.array(batch["orig_w"][ok], pa.int32()),
             "height": pa.array(batch["orig_h"][ok], pa.int32()),
             "num_masks": pa.array([len(records[i]) for i in good], pa.int32()),
-            "masks": pa.array([records[i] for i in good], pa.list_(MASK_TYPE)),
+            "masks": pa.array(
+                [records[i] for i in good],
+                pa.list_(MASK_TYPE_WITH_POLYGONS if "polygons" in provenance else MASK_TYPE),
+            ),
             "model": pa.array([provenance["model"]] * n, pa.string()),
             "checkpoint_sha256": pa.array([provenance["checkpoint_sha256"]] * n, pa.string()),
             "mode": pa.array([provenance["mode"]] * n, pa.string()),
