@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--work", help="folder for the corpus and the output (default: a temporary one, removed)")
     args = parser.parse_args()
     if args.smoke:
-        args.rows, args.rows_per_shard, args.rows_per_file = 600, 200, 100
+        args.rows, args.rows_per_shard, args.rows_per_file = 300, 100, 50
     work = Path(args.work or tempfile.mkdtemp(prefix="tinysam-scale-"))
     try:
         started = time.perf_counter()
