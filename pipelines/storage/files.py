@@ -197,9 +197,11 @@ def read_done(output: str, storage_options: Optional[Dict[str, Any]] = None) -> 
     parts, provenances = [], {}
     files = _complete_files(fs, path)
     with ThreadPoolExecutor(PLAN_READERS) as pool:
-        for file, (provenance, hashes) in zip(files, pool.map(ids_of, files)):  # in file order
-            provenances.setdefault(provenance, []).append(url_for(fs, file))
-            parts.append(hashes)
+        for start in range(0, len(files), PLAN_READERS):  # at most PLAN_READERS files' ids in memory
+            window = files[start : start + PLAN_READERS]
+            for file, (provenance, hashes) in zip(window, pool.map(ids_of, window)):
+                provenances.setdefault(provenance, []).append(url_for(fs, file))
+                parts.append(hashes)
     return DoneIds(np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)), provenances
 
 

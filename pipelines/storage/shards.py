@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..sources import filesystem
-from .files import DoneIds, write_table_atomic
+from .files import PLAN_READERS, DoneIds, write_table_atomic
 
 SHARDS_DIR = "_shards"
 SHARD_KEY = b"tinysam.shard"
@@ -42,13 +42,18 @@ def read_manifest(output: str, shard: str, storage_options: Optional[Dict[str, A
 def shard_progress(
     output: str, shards: List[str], done: DoneIds, storage_options: Optional[Dict[str, Any]] = None
 ) -> Tuple[List[str], int]:
-    """(shards still to read, images in the shards complete in the output), one manifest in memory
-    at a time."""
+    """(shards still to read, images in the shards complete in the output), the manifests read
+    PLAN_READERS at a time (SA-1B: ~1,000 of them, each a request or two on an object store) and
+    at most that many in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
     todo, complete_images = [], 0
-    for shard in shards:
-        ids = read_manifest(output, shard, storage_options)
-        if ids is not None and (not ids or done.contains(ids).all()):
-            complete_images += len(ids)
-        else:
-            todo.append(shard)
+    with ThreadPoolExecutor(PLAN_READERS) as pool:
+        for start in range(0, len(shards), PLAN_READERS):
+            window = shards[start : start + PLAN_READERS]
+            for shard, ids in zip(window, pool.map(lambda s: read_manifest(output, s, storage_options), window)):
+                if ids is not None and (not ids or done.contains(ids).all()):
+                    complete_images += len(ids)
+                else:
+                    todo.append(shard)
     return todo, complete_images
