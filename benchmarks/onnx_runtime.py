@@ -4,7 +4,11 @@ call (the paper's latency) and a 64-box decoder call (everything mode's batch).
     python benchmarks/onnx_runtime.py [--model vit_t] [--checkpoint mobile_sam] [--threads 2] [--repeats 5]
         [--quantized q_tinysam_w8a8.pt]   # adds ONNX Runtime W8A8 (the file exported as QDQ)
 
-Prints a Markdown table; every variant's median over --repeats, runs interleaved.
+The ONNX Runtime int8 rows are `jobs/export_onnx.py --int8` files (dynamically quantized products,
+`tinysam.export.int8`): the encoder alone, then the encoder and the decoder. Prints a Markdown
+table, every variant's median over --repeats, runs interleaved; then each variant's box-prompt
+mIoU against BBBC038's nuclei (one box per nucleus) and its box-mask agreement with ONNX Runtime
+fp32 on photos (16 boxes each).
 """
 
 import statistics
@@ -12,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -22,11 +27,16 @@ from _harness import benchmark_parser  # benchmarks/ is on sys.path
 
 from tinysam import SamPredictor, build_sam  # noqa: E402
 from tinysam.export import OnnxSamPredictor, export_decoder, export_encoder  # noqa: E402
-from tinysam_samples import sample_images  # noqa: E402
+from tinysam.export.int8 import quantize_onnx_int8  # noqa: E402
+from tinysam.utils.rle import mask_bbox_xywh  # noqa: E402
+from tinysam_samples import bbbc038, instance_masks, sample_images  # noqa: E402
+
+# Photos for the agreement with fp32: the held-out photos of the distillation experiments and more.
+AGREEMENT_PHOTOS = ("astronaut", "camera", "coins", "rocket", "coffee", "chelsea", "hubble_deep_field", "retina")
 
 
-def boxes(n: int, h: int, w: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
+def boxes(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
     xy = rng.uniform(0, 1, (n, 2)) * [w * 0.7, h * 0.7]
     return np.concatenate([xy, xy + rng.uniform(0.1, 0.3, (n, 2)) * [w, h]], 1)
 
@@ -53,12 +63,17 @@ def main() -> None:
             "PyTorch eager fp32, folded decoder": SamPredictor(sam),
             "ONNX Runtime fp32": OnnxSamPredictor(enc, dec, threads=args.threads),
         }
+        q_enc, q_dec = quantize_onnx_int8(enc, f"{folder}/enc8.onnx"), quantize_onnx_int8(dec, f"{folder}/dec8.onnx")
+        variants["ONNX Runtime int8 encoder"] = OnnxSamPredictor(q_enc, dec, threads=args.threads)
+        variants["ONNX Runtime int8 encoder + decoder"] = OnnxSamPredictor(q_enc, q_dec, threads=args.threads)
         if args.quantized:
             from tinysam.quant import load_quantized
 
             q = load_quantized(args.quantized, mode="sim")
-            q_enc, q_dec = export_encoder(q, f"{folder}/q_enc.onnx"), export_decoder(q, f"{folder}/q_dec.onnx")
-            variants["ONNX Runtime W8A8 (QDQ)"] = OnnxSamPredictor(q_enc, q_dec, threads=args.threads)
+            variants["ONNX Runtime W8A8 (QDQ)"] = OnnxSamPredictor(
+                *(export_encoder(q, f"{folder}/q_enc.onnx"), export_decoder(q, f"{folder}/q_dec.onnx")),
+                threads=args.threads,
+            )
         times = {name: {"encoder": [], "1 box": [], f"{args.prompts} boxes": []} for name in variants}
         for _ in range(args.repeats):
             for name, predictor in variants.items():
@@ -71,6 +86,12 @@ def main() -> None:
                         start = time.perf_counter()
                         run()
                         times[name][part].append(time.perf_counter() - start)
+        # smoke: one photo, 4 boxes and 8 nuclei (the full sets are ~10 s per variant)
+        photos, prompts = (AGREEMENT_PHOTOS[:1], 4) if args.smoke else (AGREEMENT_PHOTOS, None)
+        # ONNX files only: their decoder returns the official export's single mask, PyTorch's three.
+        onnx_variants = {name: p for name, p in variants.items() if name.startswith("ONNX")}
+        fp32 = variants["ONNX Runtime fp32"]
+        accuracy = {name: accuracy_of(p, fp32, photos, prompts) for name, p in onnx_variants.items()}
     base = None
     print(f"{args.model}, {args.threads} threads, median of {args.repeats} (ms)\n")
     head = f"| variant | encoder | decoder, 1 box | encoder + 1 box | vs eager | decoder, {args.prompts} boxes |"
@@ -84,6 +105,35 @@ def main() -> None:
             f"| {name} | {m['encoder']:.0f} | {m['1 box']:.1f} | {total:.0f} | {base[0] / total:.2f}x "
             f"| {batch:.0f} | {base[1] / batch:.2f}x |"
         )
+    print(f"\n| variant | BBBC038 box mIoU | agreement with ONNX Runtime fp32, {len(photos)} photos: median | worst |")
+    print("|---|---|---|---|")
+    for name, (miou, agreement) in accuracy.items():
+        print(f"| {name} | {miou:.4f} | {statistics.median(agreement):.4f} | {min(agreement):.4f} |")
+
+
+def accuracy_of(predictor, reference, photos, limit: Optional[int] = None) -> tuple:
+    """Box mIoU against BBBC038's nuclei, and per photo the mean IoU of 16 box masks with
+    `reference`'s (with `limit`: that many boxes a photo, twice that many nuclei)."""
+    image, labels = bbbc038()
+    truth = np.stack([np.asarray(m, bool) for m in instance_masks(labels)])[: 2 * limit if limit else None]
+    xywh = np.array([mask_bbox_xywh(m) for m in truth], float)
+    with torch.inference_mode():
+        predictor.set_image(image)
+        masks = predictor.predict(box=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))[0][:, 0]
+        miou = float(np.mean(iou(np.asarray(masks), truth)))
+        agreement = []
+        for k, (_, photo) in enumerate(sample_images(photos)):
+            prompts = boxes(limit or 16, *photo.shape[:2], seed=k)
+            outs = []
+            for p in (predictor, reference):
+                p.set_image(photo)
+                outs.append(np.asarray(p.predict(box=prompts)[0])[:, 0])
+            agreement.append(float(np.mean(iou(*outs))))
+    return miou, agreement
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a & b).sum((1, 2)) / np.maximum((a | b).sum((1, 2)), 1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ file unchanged). Both files are checked with onnx.checker and carry inferred sha
     -> onnx/vit_t_encoder.onnx, onnx/vit_t_decoder.onnx
     python jobs/export_onnx.py --quantized q_tinysam_w8a8.pt --output onnx/
     -> onnx/vit_t_w8a8_encoder.onnx, onnx/vit_t_w8a8_decoder.onnx (QDQ: the file's own scales)
+    python jobs/export_onnx.py --checkpoint mobile_sam --int8 --output onnx/
+    -> onnx/vit_t_int8_encoder.onnx, onnx/vit_t_int8_decoder.onnx (ONNX Runtime's integer kernels)
 
 Run them with `tinysam.export.OnnxSamPredictor` (ONNX Runtime). Exit status: 0 written, 2 refused
 (unknown model, unreadable or mismatched checkpoint, unwritable output).
@@ -13,6 +15,7 @@ Run them with `tinysam.export.OnnxSamPredictor` (ONNX Runtime). Exit status: 0 w
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,7 +42,14 @@ def main(argv=None) -> int:
     p.add_argument(
         "--reduce-range",
         action="store_true",
-        help="with --quantized: weights held to 7 bits, for int8 kernels on CPUs without VNNI (AVX2)",
+        help="with --quantized or --int8: weights held to 7 bits, for int8 kernels on CPUs without VNNI "
+        "(AVX2; --int8 does so by default on such a CPU)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 products that ONNX Runtime runs as integer kernels (scales from each call's input; "
+        "no calibration): tinysam.export.int8",
     )
     p.add_argument(
         "--all-masks", action="store_true", help="decoder returns all 4 masks (official return_single_mask=False)"
@@ -53,6 +63,8 @@ def main(argv=None) -> int:
             raise ValueError(f"opset {args.opset}: 17 or later (LayerNormalization)")
         if args.fp16 and args.quantized:
             raise ValueError("--fp16 and --quantized: a W8A8 file exports with float32 around its QDQ pairs")
+        if args.int8 and (args.fp16 or args.quantized):
+            raise ValueError("--int8 quantizes a float model: give it --checkpoint, without --fp16 or --quantized")
         if not parts <= {"encoder", "decoder"}:
             raise ValueError(f"--parts: encoder and/or decoder, got {args.parts!r}")
         out = Path(args.output)
@@ -69,14 +81,26 @@ def main(argv=None) -> int:
         return 2
     from tinysam.export import export_decoder, export_encoder
 
-    name += "_fp16" if args.fp16 else ""
-    if "encoder" in parts:
-        path = str(out / f"{name}_encoder.onnx")
-        print(export_encoder(model, path, args.opset, reduce_range=args.reduce_range, fp16=args.fp16))
-    if "decoder" in parts:
-        path = str(out / f"{name}_decoder.onnx")
-        single = not args.all_masks
-        print(export_decoder(model, path, args.opset, single, reduce_range=args.reduce_range, fp16=args.fp16))
+    name += "_fp16" if args.fp16 else "_int8" if args.int8 else ""
+    qdq_7bit = args.reduce_range and not args.int8  # --int8 quantizes the float export afterwards
+    exports = {
+        "encoder": lambda path: export_encoder(model, path, args.opset, reduce_range=qdq_7bit, fp16=args.fp16),
+        "decoder": lambda path: export_decoder(
+            model, path, args.opset, not args.all_masks, reduce_range=qdq_7bit, fp16=args.fp16
+        ),
+    }
+    for part in ("encoder", "decoder"):
+        if part not in parts:
+            continue
+        path = str(out / f"{name}_{part}.onnx")
+        if args.int8:
+            from tinysam.export.int8 import quantize_onnx_int8
+
+            with tempfile.TemporaryDirectory() as folder:
+                reduce_range = True if args.reduce_range else None  # None: as this CPU needs
+                print(quantize_onnx_int8(exports[part](f"{folder}/fp32.onnx"), path, reduce_range))
+        else:
+            print(exports[part](path))
     return 0
 
 
