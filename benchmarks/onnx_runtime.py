@@ -1,16 +1,18 @@
-"""PyTorch eager vs ONNX Runtime, fp32, side by side in one run: the encoder plus a one-box decoder
-call (the paper's latency) and a 64-box decoder call (everything mode's batch).
+"""The engines side by side in one run, on the encoder plus a one-box decoder call (the paper's
+latency) and a 64-box decoder call (everything mode's batch): PyTorch eager, ONNX Runtime fp32 and
+int8 (`jobs/export_onnx.py --int8` files, `tinysam.export.int8`: the encoder alone, then the encoder
+and the decoder), and with the optional `openvino` extra OpenVINO on the fp32 files (and in bf16
+where the CPU has it natively).
 
     python benchmarks/onnx_runtime.py [--model vit_t] [--checkpoint mobile_sam] [--threads 2] [--repeats 5]
         [--quantized q_tinysam_w8a8.pt]   # adds ONNX Runtime W8A8 (the file exported as QDQ)
 
-The ONNX Runtime int8 rows are `jobs/export_onnx.py --int8` files (dynamically quantized products,
-`tinysam.export.int8`): the encoder alone, then the encoder and the decoder. Prints a Markdown
-table, every variant's median over --repeats, runs interleaved; then each variant's box-prompt
-mIoU against BBBC038's nuclei (one box per nucleus) and its box-mask agreement with ONNX Runtime
-fp32 on photos (16 boxes each).
+Prints a Markdown table, every variant's median over --repeats, runs interleaved; then each
+file-based variant's box-prompt mIoU against BBBC038's nuclei (one box per nucleus) and its
+box-mask agreement with ONNX Runtime fp32 on photos (16 boxes each).
 """
 
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -66,6 +68,13 @@ def main() -> None:
         q_enc, q_dec = quantize_onnx_int8(enc, f"{folder}/enc8.onnx"), quantize_onnx_int8(dec, f"{folder}/dec8.onnx")
         variants["ONNX Runtime int8 encoder"] = OnnxSamPredictor(q_enc, dec, threads=args.threads)
         variants["ONNX Runtime int8 encoder + decoder"] = OnnxSamPredictor(q_enc, q_dec, threads=args.threads)
+        if importlib.util.find_spec("openvino"):  # the optional extra
+            variants["OpenVINO fp32"] = OnnxSamPredictor(enc, dec, threads=args.threads, engine="openvino")
+            caps = torch.cpu.get_capabilities()
+            if caps.get("amx_bf16") or caps.get("avx512_bf16"):
+                variants["OpenVINO bf16"] = OnnxSamPredictor(
+                    enc, dec, threads=args.threads, engine="openvino", precision="bf16"
+                )
         if args.quantized:
             from tinysam.quant import load_quantized
 
@@ -88,8 +97,8 @@ def main() -> None:
                         times[name][part].append(time.perf_counter() - start)
         # smoke: one photo, 4 boxes and 8 nuclei (the full sets are ~10 s per variant)
         photos, prompts = (AGREEMENT_PHOTOS[:1], 4) if args.smoke else (AGREEMENT_PHOTOS, None)
-        # ONNX files only: their decoder returns the official export's single mask, PyTorch's three.
-        onnx_variants = {name: p for name, p in variants.items() if name.startswith("ONNX")}
+        # The files only: their decoder returns the official export's single mask, PyTorch's three.
+        onnx_variants = {name: p for name, p in variants.items() if not name.startswith("PyTorch")}
         fp32 = variants["ONNX Runtime fp32"]
         accuracy = {name: accuracy_of(p, fp32, photos, prompts) for name, p in onnx_variants.items()}
     base = None
