@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _harness import benchmark_parser  # benchmarks/ is on sys.path
 
 from tinysam import SamPredictor, build_sam  # noqa: E402
+from tinysam.everything.generator import bfloat16_is_native  # noqa: E402
 from tinysam.export import OnnxSamPredictor, export_decoder, export_encoder  # noqa: E402
 from tinysam.export.int8 import quantize_onnx_int8  # noqa: E402
 from tinysam.utils.rle import mask_bbox_xywh  # noqa: E402
@@ -70,8 +71,7 @@ def main() -> None:
         variants["ONNX Runtime int8 encoder + decoder"] = OnnxSamPredictor(q_enc, q_dec, threads=args.threads)
         if importlib.util.find_spec("openvino"):  # the optional extra
             variants["OpenVINO fp32"] = OnnxSamPredictor(enc, dec, threads=args.threads, engine="openvino")
-            caps = torch.cpu.get_capabilities()
-            if caps.get("amx_bf16") or caps.get("avx512_bf16"):
+            if bfloat16_is_native(torch.device("cpu")):
                 variants["OpenVINO bf16"] = OnnxSamPredictor(
                     enc, dec, threads=args.threads, engine="openvino", precision="bf16"
                 )
@@ -99,8 +99,8 @@ def main() -> None:
         photos, prompts = (AGREEMENT_PHOTOS[:1], 4) if args.smoke else (AGREEMENT_PHOTOS, None)
         # The files only: their decoder returns the official export's single mask, PyTorch's three.
         onnx_variants = {name: p for name, p in variants.items() if not name.startswith("PyTorch")}
-        fp32 = variants["ONNX Runtime fp32"]
-        accuracy = {name: accuracy_of(p, fp32, photos, prompts) for name, p in onnx_variants.items()}
+        fp32, nuclei = variants["ONNX Runtime fp32"], bbbc038()
+        accuracy = {name: accuracy_of(p, fp32, nuclei, photos, prompts) for name, p in onnx_variants.items()}
     base = None
     print(f"{args.model}, {args.threads} threads, median of {args.repeats} (ms)\n")
     head = f"| variant | encoder | decoder, 1 box | encoder + 1 box | vs eager | decoder, {args.prompts} boxes |"
@@ -120,10 +120,10 @@ def main() -> None:
         print(f"| {name} | {miou:.4f} | {statistics.median(agreement):.4f} | {min(agreement):.4f} |")
 
 
-def accuracy_of(predictor, reference, photos, limit: Optional[int] = None) -> tuple:
-    """Box mIoU against BBBC038's nuclei, and per photo the mean IoU of 16 box masks with
-    `reference`'s (with `limit`: that many boxes a photo, twice that many nuclei)."""
-    image, labels = bbbc038()
+def accuracy_of(predictor, reference, nuclei, photos, limit: Optional[int] = None) -> tuple:
+    """Box mIoU against the (image, labels) `nuclei`, and per photo the mean IoU of 16 box masks
+    with `reference`'s (with `limit`: that many boxes a photo, twice that many nuclei)."""
+    image, labels = nuclei
     truth = np.stack([np.asarray(m, bool) for m in instance_masks(labels)])[: 2 * limit if limit else None]
     xywh = np.array([mask_bbox_xywh(m) for m in truth], float)
     with torch.inference_mode():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tinysam import SamPredictor
+from tinysam.everything.generator import bfloat16_is_native
 from tinysam.export import OnnxSamPredictor, export_decoder, export_encoder
 
 from .helpers import import_official, load_job
@@ -198,7 +199,7 @@ def test_openvino_engine_gives_onnx_runtimes_outputs(exported, photos):
     reference = OnnxSamPredictor(*exported)
     reference.set_image(image)
     ref = reference.predict(box=BOXES)[0]
-    precisions = ["f32"] + (["bf16"] if _native_bf16() else [])
+    precisions = ["f32"] + (["bf16"] if bfloat16_is_native(torch.device("cpu")) else [])
     for precision in precisions:
         predictor = OnnxSamPredictor(*exported, engine="openvino", precision=precision)
         predictor.set_image(image)
@@ -209,8 +210,3 @@ def test_openvino_engine_gives_onnx_runtimes_outputs(exported, photos):
             assert _rel(predictor.embedding, reference.embedding) <= 1e-4 and worst >= 0.999
         else:
             assert worst >= 0.97, worst
-
-
-def _native_bf16() -> bool:
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))

@@ -12,17 +12,16 @@ each call's input has no such outliers to cover. ONNX Runtime fuses the dynamic 
 QuantizeLinear / DequantizeLinear pass is left in the graph. See docs/design.md ("int8 on ONNX
 Runtime") for the alternatives measured."""
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from .to_onnx import staged_file
 
 # Products whose second input is a constant weight: the ones quantized. MatMuls between two
 # activations (attention scores) stay float: both sides would be quantized at run time for a small
 # share of the time.
 QUANTIZED_OPS = ("MatMul", "Gemm")
-# The integer kernels ONNX Runtime's CPU provider fuses them into.
-INTEGER_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger")
 
 
 def quantize_onnx_int8(fp32_path: str, path: str, reduce_range: Optional[bool] = None) -> str:
@@ -34,29 +33,20 @@ def quantize_onnx_int8(fp32_path: str, path: str, reduce_range: Optional[bool] =
     VNNI, as a file is most often run where it is made."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    source = Path(fp32_path)
-    if not source.is_file():
+    if not Path(fp32_path).is_file():
         raise FileNotFoundError(f"{fp32_path}: no such ONNX file")
-    folder = Path(path).resolve().parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
+    with staged_file(path) as tmp:
         quantize_dynamic(
-            str(source),
+            fp32_path,
             tmp,
             op_types_to_quantize=list(QUANTIZED_OPS),
-            nodes_to_exclude=fourier_features(str(source)),
+            nodes_to_exclude=fourier_features(fp32_path),
             per_channel=True,
             reduce_range=_lacks_vnni() if reduce_range is None else reduce_range,
             weight_type=QuantType.QInt8,
             # Only products with a constant weight: a MatMul of two activations is left float.
             extra_options={"MatMulConstBOnly": True},
         )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

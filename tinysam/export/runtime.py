@@ -151,14 +151,9 @@ class _OpenVinoSession:
         self.model = ov.Core().compile_model(path, "CPU", config)
         self.request = self.model.create_infer_request()
         f16 = ov.Type.f16
-        # A port may carry an internal tensor's name beside the file's input name: keep the latter.
-        names = [
-            next((n for n in sorted(p.get_names()) if not n.startswith("/")), p.get_any_name())
-            for p in self.model.inputs
-        ]
         self.inputs = [
-            self._Input(name, "tensor(float16)" if port.get_element_type() == f16 else "tensor(float)")
-            for name, port in zip(names, self.model.inputs)
+            self._Input(port.get_any_name(), "tensor(float16)" if port.get_element_type() == f16 else "tensor(float)")
+            for port in self.model.inputs
         ]
 
     def get_inputs(self) -> List["_OpenVinoSession._Input"]:

@@ -2,11 +2,12 @@
 the official interface. Each file is checked with `onnx.checker`, saved with inferred shapes, and
 appears only when complete."""
 
+import contextlib
 import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 
@@ -82,16 +83,12 @@ def _export(
     module, example, path: str, inputs, outputs, axes: Optional[Dict], opset: int, reduce_range: bool = False
 ) -> str:
     """Trace `module` to ONNX, check the graph, infer its shapes, and put it at `path` in one step
-    (a temporary file beside it until then: a failed export leaves nothing behind)."""
+    (`staged_file`)."""
     import onnx
 
     from ..quant.layers import export_weight_bits
 
-    folder = Path(path).resolve().parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
+    with staged_file(path) as tmp:
         with export_weight_bits(7 if reduce_range else 8), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings on Python-side shape arithmetic
             torch.onnx.export(
@@ -108,8 +105,20 @@ def _export(
         model = onnx.load(tmp)
         onnx.checker.check_model(model)
         onnx.save(onnx.shape_inference.infer_shapes(model), tmp)
+    return path
+
+
+@contextlib.contextmanager
+def staged_file(path: str) -> Iterator[str]:
+    """A temporary file beside `path` to write the file into; it becomes `path` in one step when
+    the block ends, and is removed if the block fails: a failed export leaves nothing behind."""
+    folder = Path(path).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
