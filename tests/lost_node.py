@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
 
 def start_cluster(head_cpus: int, node_cpus: int, node_resources: dict = None, system_config: dict = None):
     import socket
@@ -35,7 +37,9 @@ def start_cluster(head_cpus: int, node_cpus: int, node_resources: dict = None, s
             "num_cpus": head_cpus,
             "include_dashboard": True,
             "dashboard_port": port,
-            "_system_config": system_config or {},
+            # the lost node is noticed in ~3 s, not Ray's default 5 missed checks 3 s apart: the
+            # test waits out the detection, the property under test is the recovery after it
+            "_system_config": {**FAST_NODE_DEATH, **(system_config or {})},
         },
     )
     node = cluster.add_node(num_cpus=node_cpus, resources=node_resources or {})

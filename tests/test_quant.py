@@ -81,21 +81,27 @@ def onnx_qdq_box_miou(quantized_file, folder, nuclei, reduce_range: bool = False
     return float((inter / np.maximum(union, 1)).mean())
 
 
-def held_out_task_loss(sam, images) -> float:
-    """KL(masks) + KL(IoUs) of the model's current mode against float, on images not calibrated on."""
-    points = calibration_prompts(4, 1024)
-    total = 0.0
+def float_reference(sam, image) -> tuple:
+    """The float model's input and its decoded masks and IoUs for `image` (computed once, then
+    compared with each quantized variant)."""
+    x = prepare_image(image).tensor[None]
+    modes = {layer: layer.mode for layer in quant_layers(sam).values()}
+    set_mode(sam, "float")
+    try:
+        with torch.no_grad():
+            return x, decode_all(sam, sam.image_encoder(x), calibration_prompts(4, 1024))
+    finally:
+        for layer, mode in modes.items():
+            layer.set_mode(mode)
+
+
+def held_out_task_loss(sam, reference: tuple) -> float:
+    """KL(masks) + KL(IoUs) of the model's current mode against float (`float_reference`), on an
+    image not calibrated on."""
+    x, ref = reference
     with torch.no_grad():
-        for img in images:
-            x = prepare_image(img).tensor[None]
-            modes = {layer: layer.mode for layer in quant_layers(sam).values()}
-            set_mode(sam, "float")
-            ref = decode_all(sam, sam.image_encoder(x), points)
-            for layer, mode in modes.items():
-                layer.set_mode(mode)
-            out = decode_all(sam, sam.image_encoder(x), points)
-            total += float(task_loss(*ref, *out))
-    return total / len(images)
+        out = decode_all(sam, sam.image_encoder(x), calibration_prompts(4, 1024))
+    return float(task_loss(*ref, *out))
 
 
 @pytest.fixture(scope="module")
@@ -242,11 +248,13 @@ def test_search_beats_max_scaling_and_w6a6_on_held_out_images(quantized, nuclei,
     0.01 cannot tell these apart (both pass it on the nuclei); the task loss can. Re-searches the
     fixture's model, so it runs after the tests above that use it (pytest keeps file order)."""
     sam, report = quantized
-    held_out = {"nuclei": nuclei[0], "chelsea": photos["chelsea"]}
+    held_out = {
+        name: float_reference(sam, image) for name, image in (("nuclei", nuclei[0]), ("chelsea", photos["chelsea"]))
+    }
 
     def losses() -> dict:
         set_mode(sam, "sim")
-        return {name: held_out_task_loss(sam, [image]) for name, image in held_out.items()}
+        return {name: held_out_task_loss(sam, reference) for name, reference in held_out.items()}
 
     searched = losses()
     search_scales(sam, report.recorder, replace(CONFIG, search=False))
