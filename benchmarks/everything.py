@@ -1,7 +1,8 @@
 """Everything mode, side by side in one run: the official dense generator and ours in each preset
 (quality = dense, balanced = the default, fast = the paper's rule), the previous default, the
 default's masks computed the previous way (decoder chunk 4, whole masks upsampled instead of each
-mask's window), and the default with a bfloat16 decoder where the CPU multiplies bfloat16 natively.
+mask's window), the default deciding on the low-res logits (`low_res_decisions`), and the default
+with a bfloat16 decoder where the CPU multiplies bfloat16 natively.
 
 Same real weights (mobile_sam.pt), images and allocator setting (`keep_freed_memory`, as the
 jobs' actors run); the official generator is also timed as shipped, with glibc's default
@@ -43,6 +44,8 @@ from tinysam_samples import bbbc038, instance_masks, sample_images
 
 # The default before the embedding-similarity check (tau 8.5, margin 0.25), for the side-by-side.
 PREVIOUS_DEFAULT = dict(high_confidence_thresh=8.5, skip_margin=0.25, skip_similarity=0.0)
+LOW_RES = " low-res decisions"
+PEAK_MODES = ("dense", "hierarchical", "hierarchical" + LOW_RES)
 
 
 def best_match_miou(reference, predicted) -> float:
@@ -76,7 +79,9 @@ def peak_memory_child(checkpoint: str, mode: str, size: str, points_per_side: in
     model = build_sam("vit_t", checkpoint)
     w, h = (int(v) for v in size.split("x"))
     image = np.array(Image.fromarray(sample_images(("astronaut",))[0][1]).resize((w, h)))
-    gen = EverythingConfig(mode=mode, points_per_side=points_per_side).generator(model)
+    low_res = mode.endswith(LOW_RES)
+    mode = mode.removesuffix(LOW_RES)
+    gen = EverythingConfig(mode=mode, points_per_side=points_per_side, low_res_decisions=low_res).generator(model)
     gen.generate(image[:64, :64])  # warm-up allocations outside the measurement
 
     def status(key):
@@ -145,10 +150,15 @@ def main() -> None:
         help="photo sizes (WxH) whose peak memory is measured (none: no peak measurement)",
     )
     parser.add_argument("--peak-only", action="store_true", help="only the peak memory")
-    parser.add_argument("--peak-memory-child", choices=["dense", "hierarchical"], help=argparse.SUPPRESS)
+    parser.add_argument("--peak-memory-child", choices=PEAK_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--peak-size", default="1024x1024", help=argparse.SUPPRESS)
     parser.add_argument("--official-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--points-per-side", type=int, default=32, help="every method's grid (hierarchical: round 2's)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        help="only these methods (their names as printed), besides the reference they are compared with",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.images, args.size, args.peak_sizes, args.points_per_side = ["astronaut"], "320x240", ["320x240"], 8
@@ -173,10 +183,18 @@ def main() -> None:
     runners["ours previous default"] = generator(EverythingConfig(**PREVIOUS_DEFAULT))
     # the default's masks, computed as before the mask windows: decoder chunk 4, whole-mask filters
     runners["ours balanced, previous execution"] = generator(EverythingConfig(), decoder_chunk=4)
+    runners["ours balanced, low-res decisions"] = generator(EverythingConfig(), low_res_decisions=True)
     if bfloat16_is_native(torch.device("cpu")):
         runners["ours balanced, bfloat16 decoder"] = generator(EverythingConfig(), decoder_dtype="bfloat16")
+    if args.methods:
+        unknown = set(args.methods) - set(runners)
+        if unknown:
+            parser.error(f"no method {', '.join(sorted(unknown))}; methods: {', '.join(runners)}")
+        reference = [] if not args.skip_official else ["ours quality"]
+        runners = {k: v for k, v in runners.items() if k in args.methods or k in reference}
     if args.smoke:  # every code path once: the comparison, the previous execution, the tables
-        runners = {k: runners[k] for k in ("ours balanced", "ours balanced, previous execution")}
+        keys = ("ours balanced", "ours balanced, previous execution", "ours balanced, low-res decisions")
+        runners = {k: runners[k] for k in keys}
     for gen in runners.values():
         time_decoder(gen)
     if not args.skip_official:
@@ -284,7 +302,7 @@ def time_decoder(gen) -> None:
 
 def report_peaks(checkpoint: str, sizes, points_per_side: int = 32, modes=None) -> None:
     for size in sizes:
-        for mode in modes or ("dense", "hierarchical"):
+        for mode in modes or PEAK_MODES:
             peak = measure_peak(checkpoint, mode, size, points_per_side)
             extra = (peak["peak"] - peak["rss_before"]) / 2**20
             w, h = (int(v) for v in size.split("x"))

@@ -150,6 +150,7 @@ def add_everything_arguments(p: argparse.ArgumentParser) -> None:
     setting("--decoder-chunk", int)
     setting("--fast-decoder", _bool, metavar="BOOL")
     setting("--decoder-dtype", str, choices=DECODER_DTYPES)
+    setting("--low-res-decisions", _bool, metavar="BOOL")
 
 
 def _everything_flag(group, flag: str, kind: Callable, **extra) -> None:

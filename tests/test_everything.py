@@ -174,6 +174,44 @@ def test_presets_against_dense_mode_both_ways_on_a_photo(vit_t, photos):
     assert decoded["fast"] < decoded["balanced"] <= 0.6 * 1024
 
 
+def test_low_res_decisions_draw_the_full_resolution_masks(vit_t, photos):
+    """Deciding on the 256x256 logits at SA-1B's size (the photo's own embedding, its masks drawn
+    at 2250x1500). The oracle is full-resolution mode (the official masks, tested above). With
+    every decision but the predicted IoU turned off, both modes hold the same candidates: each
+    must be drawn exactly (mask, box, stability score). With the default decisions, the masks
+    must be the same both ways (every one matched, none extra)."""
+    import torch
+    from torchvision.ops import box_iou
+
+    emb, input_size, (h, w) = _embed(vit_t, photos["coffee"])
+    size = [(h * 15 // 4, w * 15 // 4)]
+
+    def run(**settings):
+        gen = SamHierarchicalMaskGenerator(vit_t, points_per_side=16, output_mode="coco_rle", **settings)
+        return gen.generate_from_embeddings(emb, [input_size], size)[0]
+
+    def order(records):
+        return sorted(records, key=lambda r: (r["predicted_iou"], r["point_coords"]))
+
+    loose = dict(stability_score_thresh=0.0, box_nms_thresh=1.0)
+    full, low = order(run(**loose)), order(run(low_res_decisions=True, **loose))
+    assert len(full) == len(low) > 50
+    for a, b in zip(full, low):
+        assert a == {**b, "stability_score": pytest.approx(b["stability_score"], abs=1e-6)}
+
+    full, low = run(), run(low_res_decisions=True)
+    a, b = ([mask_utils.decode(r["segmentation"]) for r in x] for x in (full, low))
+    found, extra = best_match_ious(a, b), best_match_ious(b, a)
+    print(
+        f"low-res decisions at {size[0]}: {len(b)} vs {len(a)} masks, least IoU {found.min():.4f} / {extra.min():.4f}"
+    )
+    assert len(a) == len(b) >= 8 and found.min() >= 0.99 and extra.min() >= 0.99
+    # what NMS guarantees, on the drawn boxes: no two kept masks overlap above its threshold
+    xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in low)], dtype=torch.float)
+    overlaps = box_iou(xyxy, xyxy).fill_diagonal_(0)
+    assert overlaps.max() <= 0.7
+
+
 def test_skip_similarity_is_low_where_the_embedding_changes():
     import torch
 
@@ -314,6 +352,7 @@ def test_everything_config_from_the_cli_to_the_generator(vit_t):
     assert type(generator) is SamAutomaticMaskGenerator and len(generator.point_grids[0]) == 144
     hierarchical = everything_config(p.parse_args(["--points-per-side", "16", "--skip-margin", "0"])).generator(vit_t)
     assert type(hierarchical) is SamHierarchicalMaskGenerator and hierarchical.skip_margin == 0
+    assert everything_config(p.parse_args(["--low-res-decisions", "yes"])).generator(vit_t).low_res_decisions
     assert len(hierarchical.round1_selections[0][0]) == 16  # round 1: a quarter of the density, 4x4
     with pytest.raises(ValueError, match="dense mode has no setting skip_margin"):
         everything_config(p.parse_args(["--mode", "dense", "--skip-margin", "0.5"]))

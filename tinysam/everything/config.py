@@ -78,6 +78,11 @@ class EverythingConfig:
         "mask decoder precision: bfloat16 pays on CPUs with AVX512-BF16 or AMX and on GPUs (masks near the "
         "filters' thresholds can change)",
     )
+    low_res_decisions: bool = _setting(
+        False,
+        "decide stability, boxes and NMS on the decoder's 256x256 logits and draw only the kept masks at full "
+        "resolution (faster on large images; masks near a threshold can change)",
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from torchvision.ops.boxes import batched_nms, box_area
+from torchvision.ops.boxes import batched_nms, box_area, box_iou
 
 from ..modeling import Sam, folded_decoder
 from ..transforms import ResizeLongestSide, prepare_image, to_rgb_uint8
@@ -41,6 +41,14 @@ from .amg import (
 from .config import DEFAULTS
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+# `low_res_decisions`: candidates whose stability score on the 256x256 logits is within this of the
+# threshold are scored again at full resolution. The low-res score runs ~0.006 below the exact
+# one, with a spread of ~0.01 (docs/benchmarks.md, "Deciding on the low-res logits").
+LOW_RES_STABILITY_BAND = 0.02
+# ...and so are small masks, whatever their score: over a few cells the low-res score moves in
+# large steps (a 35x28-pixel object in a 2250-pixel photo covers ~12 cells). Their windows are
+# small, so scoring them exactly costs little.
+LOW_RES_FEW_CELLS = 256
 # Full-resolution logits one upsampling chunk may hold: 16 masks of 1024x1024, one of 16 Mpx (a
 # chunk also holds its masks, their uint8 copy and the RLE encoder's Fortran-ordered copy).
 UPSAMPLE_PIXELS = 16 * 1024 * 1024
@@ -109,6 +117,7 @@ class SamAutomaticMaskGenerator:
         decoder_chunk: int = DEFAULTS.decoder_chunk,
         fast_decoder: bool = DEFAULTS.fast_decoder,
         decoder_dtype: str = DEFAULTS.decoder_dtype,
+        low_res_decisions: bool = DEFAULTS.low_res_decisions,
     ) -> None:
         """Arguments as the official generator's (see its docs), plus: `upsample_chunk` bounds how
         many masks an accelerator holds at full resolution at once (fewer on large images: at most
@@ -118,7 +127,9 @@ class SamAutomaticMaskGenerator:
         `fast_decoder` runs the decoder folded (see
         `modeling/folded_decoder.py`; a quantized decoder gets the channels-last upscaling instead),
         False the plain decoder with the official rounding; `decoder_dtype` "bfloat16" runs the
-        decoder on a bfloat16 copy of its weights (see `reduced_precision_decoder`)."""
+        decoder on a bfloat16 copy of its weights (see `reduced_precision_decoder`);
+        `low_res_decisions` takes the stability, box and NMS decisions on the decoder's 256x256
+        logits and draws only the masks NMS keeps at full resolution (see `_filter_low_res`)."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side and point_grids must be given")
         if output_mode not in OUTPUT_MODES:
@@ -142,6 +153,7 @@ class SamAutomaticMaskGenerator:
         self.output_mode = output_mode
         self.upsample_chunk = upsample_chunk
         self.decoder_chunk = decoder_chunk
+        self.low_res_decisions = low_res_decisions
         decoder = model.mask_decoder
         if decoder_dtype != "float32":
             decoder = reduced_precision_decoder(decoder, getattr(torch, decoder_dtype))
@@ -228,10 +240,39 @@ class SamAutomaticMaskGenerator:
     def _crop_nms(self, data: Dict[str, Any]) -> Dict[str, Any]:
         if len(data["rles"]) == 0:
             return data
+        if any(isinstance(r, _PendingMask) for r in data["rles"]):
+            return self._nms_drawing_kept(data)
         keep = batched_nms(
             data["boxes"].float(), data["iou_preds"], torch.zeros(len(data["rles"])), self.box_nms_thresh
         )
         return _select(data, keep)
+
+    def _nms_drawing_kept(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        """The crop's NMS over `_PendingMask` candidates (`low_res_decisions`), drawing at full
+        resolution only what it needs: greedy, by predicted IoU as `batched_nms`, on exact boxes.
+        A candidate whose box, wherever it lies between its low-res bounds
+        (`_PendingMask.box_bounds`), overlaps a kept mask above the threshold is dropped undrawn:
+        most candidates, the near-duplicates of each object. Any other is drawn and decided on
+        its exact box (the low-res box can be far wider than the mask, where faint logits lie
+        away from it). A drawn mask whose exact stability score fails the threshold is dropped
+        before it can suppress anything: it would not exist at full resolution."""
+        thr, offset, nms = self.model.mask_threshold, self.stability_score_offset, self.box_nms_thresh
+        data = dict(data, rles=list(data["rles"]), boxes=data["boxes"].clone(), stability=data["stability"].clone())
+        kept: List[int] = []
+        for i in torch.argsort(data["iou_preds"], descending=True, stable=True).tolist():
+            candidate = data["rles"][i]
+            others = data["boxes"][kept].float()
+            if kept and isinstance(candidate, _PendingMask):
+                if bool((_least_iou(candidate.box_bounds(data["boxes"][i].float()), others) > nms).any()):
+                    continue
+            if isinstance(candidate, _PendingMask):
+                _draw(data, i, thr, offset)
+            if self.stability_score_thresh > 0.0 and not bool(data["stability"][i] >= self.stability_score_thresh):
+                continue
+            if kept and bool((box_iou(data["boxes"][i : i + 1].float(), others)[0] > nms).any()):
+                continue
+            kept.append(i)
+        return _select(data, torch.tensor(kept, dtype=torch.long))
 
     def _decode_and_filter(self, embeddings, input_sizes, crop_sizes, jobs, orig_sizes, points, high_conf=None):
         """Decode every crop's points in shared batches and keep the masks that pass the filters.
@@ -308,7 +349,9 @@ class SamAutomaticMaskGenerator:
         if self.pred_iou_thresh > 0.0:
             keep = keep[iou > self.pred_iou_thresh]
         args = (out, low_res, iou, keep, points, input_size, crop_size, crop_box, orig_size, high_conf)
-        if filters_per_window(low_res.device):
+        if self.low_res_decisions:
+            self._filter_low_res(*args)
+        elif filters_per_window(low_res.device):
             self._filter_windows(*args)
         else:
             self._filter_chunks(*args)
@@ -333,7 +376,7 @@ class SamAutomaticMaskGenerator:
         kept, boxes, stabs = [], [], []
         for j, (r0, r1, c0, c1) in enumerate(spans.tolist()):
             logits, top, left = upsample_window(lows[j], rows, cols, (r0, r1), (c0, c1))
-            stab = torch.count_nonzero(logits > thr + offset) / torch.count_nonzero(logits > thr - offset)
+            stab = _window_stability(logits, thr, offset)
             if self.stability_score_thresh > 0.0 and not (stab >= self.stability_score_thresh).item():
                 continue
             mask = logits > thr
@@ -356,6 +399,76 @@ class SamAutomaticMaskGenerator:
         out.iou_preds.append(iou[idx].float().cpu())
         out.stability.append(torch.stack(stabs).float())
         out.points.append(torch.as_tensor(points[idx.numpy()], dtype=torch.float64) + torch.tensor([x0, y0]))
+        out.crop_boxes.append(torch.tensor([crop_box] * len(idx)))
+
+    def _filter_low_res(
+        self, out: MaskSet, low_res, iou, keep, points, input_size, crop_size, crop_box, orig_size, high_conf
+    ) -> None:
+        """Stability and box filters on the 256x256 logits; full resolution is left for later.
+
+        Each candidate is kept as a `_PendingMask`: its logits over the low-res window its
+        full-resolution mask reads, drawn only if the crop's NMS needs it (`_nms_drawing_kept`). Most
+        candidates are near-duplicates that NMS drops, so full-resolution work, and the memory it
+        needs, follows the kept masks. The decisions differ from the full-resolution ones near
+        their thresholds:
+        - stability counts the low-res logits over the part of the 256x256 frame the image covers;
+        - the NMS and crop-edge box is where the resized row and column maxima exceed the mask
+          threshold: it contains the full-resolution box, usually within a pixel or two (far
+          wider where faint logits lie away from the mask), so a mask may leave a crop edge
+          filter that its exact box would pass.
+        Candidates near the stability threshold, and small ones, are scored exactly here; the
+        drawn masks get their exact boxes and stability scores, as in full-resolution mode."""
+        if not len(keep):
+            return
+        thr, offset = self.model.mask_threshold, self.stability_score_offset
+        lowest = thr - abs(offset) - 0.01  # as `_filter_windows`: every pixel the exact score counts
+        lows = low_res[keep].float().cpu()
+        rows, cols = upsampling_reads(lows.shape[-1], self.model.image_encoder.img_size, input_size, crop_size)
+        seen = lows[:, : int(rows.stop[-1]), : int(cols.stop[-1])]  # the logits the image reads
+        inter = (seen > thr + offset).flatten(1).sum(1)
+        union = (seen > thr - offset).flatten(1).sum(1)
+        stab = inter / union.clamp(min=1)
+        ok = union > 0
+        if self.stability_score_thresh > 0.0:
+            # near the threshold the low-res score is not trusted: those candidates are scored
+            # exactly, on their full-resolution window, as `_filter_windows` scores every one
+            near = ok & (
+                ((stab - self.stability_score_thresh).abs() < LOW_RES_STABILITY_BAND) | (union < LOW_RES_FEW_CELLS)
+            )
+            for j in near.nonzero()[:, 0].tolist():
+                r0, r1, c0, c1 = low_res_spans(lows[j : j + 1] > lowest)[0].tolist()
+                logits, _, _ = upsample_window(lows[j], rows, cols, (r0, r1), (c0, c1))
+                stab[j] = _window_stability(logits, thr, offset)
+            ok &= stab >= self.stability_score_thresh
+        idx = ok.nonzero()[:, 0]
+        if not len(idx):
+            return
+        # a pixel's logit is a convex combination of the logits it reads: resizing each row's
+        # (column's) maximum bounds the mask's extent along the other axis
+        col_extent = seen[idx].amax(1) @ cols.matrix[:, : seen.shape[2]].T > thr
+        row_extent = seen[idx].amax(2) @ rows.matrix[:, : seen.shape[1]].T > thr
+        boxes = torch.stack([*_extent(col_extent), *_extent(row_extent)], 1)[:, [0, 2, 1, 3]]
+        orig_h, orig_w = orig_size
+        near_edge = is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        idx, boxes = idx[~near_edge], boxes[~near_edge]
+        if not len(idx):
+            return
+        spans = low_res_spans(lows[idx] > lowest)
+        for j, (r0, r1, c0, c1) in zip(idx.tolist(), spans.tolist()):
+            out.rles.append(_PendingMask(lows[j], rows, cols, (r0, r1), (c0, c1), crop_box, orig_size))
+        if high_conf is not None:  # the confident cores only: a small part of each window
+            tau = high_conf.threshold
+            for j, (r0, r1, c0, c1) in zip(idx.tolist(), low_res_spans(lows[idx] > tau - 0.01).tolist()):
+                if r1 > r0:
+                    logits, top, left = upsample_window(lows[j], rows, cols, (r0, r1), (c0, c1))
+                    hh, ww = logits.shape
+                    high_conf.area[top : top + hh, left : left + ww] |= (logits > tau).numpy()
+        x0, y0 = crop_box[0], crop_box[1]
+        kept = keep.cpu()[idx]
+        out.boxes.append(boxes + torch.tensor([x0, y0, x0, y0]))
+        out.iou_preds.append(iou[keep][idx.to(iou.device)].float().cpu())
+        out.stability.append(stab[idx].float())
+        out.points.append(torch.as_tensor(points[kept.numpy()], dtype=torch.float64) + torch.tensor([x0, y0]))
         out.crop_boxes.append(torch.tensor([crop_box] * len(idx)))
 
     def _filter_chunks(
@@ -435,6 +548,83 @@ class SamAutomaticMaskGenerator:
                 }
             )
         return records
+
+
+@dataclass
+class _PendingMask:
+    """A candidate kept on its low-res logits (`_filter_low_res`): the window of them its
+    full-resolution mask reads, and where that mask goes."""
+
+    low_res: torch.Tensor  # (low, low) logits; only the window below is kept
+    rows: Any  # amg.AxisReads of the crop's rows and columns
+    cols: Any
+    row_span: Tuple[int, int]  # the low-res cells above the lowest threshold
+    col_span: Tuple[int, int]
+    crop_box: List[int]
+    orig_size: Tuple[int, int]
+
+    def __post_init__(self) -> None:
+        _, _, r0, r1 = self.rows.window(*self.row_span)
+        _, _, c0, c1 = self.cols.window(*self.col_span)
+        self.low_res = self.low_res[r0:r1, c0:c1].clone()  # the candidate holds its window only
+
+    def box_bounds(self, box: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(outer, inner) boxes around the drawn mask's, from its low-res `box` (image
+        coordinates): the low-res box contains the mask's, which reaches within about a low-res
+        cell of each of its sides (a cell spans the output pixels over the image's low-res
+        cells, plus one for rounding)."""
+        cell_y = self.rows.matrix.shape[0] / float(self.rows.stop[-1]) + 1
+        cell_x = self.cols.matrix.shape[0] / float(self.cols.stop[-1]) + 1
+        inner = box + torch.tensor([cell_x, cell_y, -cell_x, -cell_y])
+        inner[2:] = torch.maximum(inner[2:], inner[:2])
+        return box, inner
+
+    def logits(self) -> Tuple[torch.Tensor, int, int]:
+        """(full-resolution logits of the window, top, left) in crop coordinates: what
+        `amg.upsample_window` computes from the whole low-res mask."""
+        y0, y1, r0, _ = self.rows.window(*self.row_span)
+        x0, x1, c0, _ = self.cols.window(*self.col_span)
+        x = self.cols.apply(self.low_res, x0, x1, c0, dim=1)
+        return self.rows.apply(x, y0, y1, r0, dim=0), y0, x0
+
+
+def _draw(data: Dict[str, Any], i: int, threshold: float, offset: float) -> None:
+    """Draw candidate `i`, a `_PendingMask`, at full resolution in place: its RLE, exact box and
+    stability score, computed as `_filter_windows` computes them."""
+    p = data["rles"][i]
+    logits, top, left = p.logits()
+    mask = logits > threshold
+    x0, y0 = p.crop_box[0], p.crop_box[1]
+    orig_h, orig_w = p.orig_size
+    data["stability"][i] = _window_stability(logits, threshold, offset)
+    data["boxes"][i] = window_box(mask, top, left) + torch.tensor([x0, y0, x0, y0])
+    run = window_run_lengths(mask.numpy(), y0 + top, x0 + left, orig_h, orig_w)
+    data["rles"][i] = coco_rles_from_run_lengths([run], orig_h, orig_w)[0]
+
+
+def _window_stability(logits: torch.Tensor, threshold: float, offset: float) -> torch.Tensor:
+    """The stability score of one mask from the window of its logits that holds every logit
+    above threshold - |offset| (`amg.upsample_window`): the same as over the whole mask."""
+    return torch.count_nonzero(logits > threshold + offset) / torch.count_nonzero(logits > threshold - offset)
+
+
+def _least_iou(bounds: Tuple[torch.Tensor, torch.Tensor], others: torch.Tensor) -> torch.Tensor:
+    """The least IoU with each of `others` (k, 4) of a box known to lie between an outer and an
+    inner box (both (4,), XYXY as `box_iou` takes them)."""
+    outer, inner = bounds
+    wh = (torch.minimum(inner[2:], others[:, 2:]) - torch.maximum(inner[:2], others[:, :2])).clamp(min=0)
+    least = wh[:, 0] * wh[:, 1]
+    return least / (box_area(outer[None])[0] + box_area(others) - least).clamp(min=1e-6)
+
+
+def _extent(above: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and last True index of each row of (k, n) booleans (0, 0 for a row without)."""
+    n = above.shape[1]
+    ar = torch.arange(n)
+    first = torch.where(above, ar, n).amin(1)
+    last = (above * ar).amax(1)
+    has = above.any(1)
+    return torch.where(has, first, 0), torch.where(has, last, 0)
 
 
 def reduced_precision_decoder(decoder: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
