@@ -25,6 +25,7 @@ from ..transforms import ResizeLongestSide, prepare_image, to_rgb_uint8
 from ..utils.malloc import allocation_for
 from ..utils.rle import coco_rles_from_run_lengths, mask_to_uncompressed_rle, run_lengths, window_run_lengths
 from .amg import (
+    AxisReads,
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
     generate_crop_boxes,
@@ -556,8 +557,8 @@ class _PendingMask:
     full-resolution mask reads, and where that mask goes."""
 
     low_res: torch.Tensor  # (low, low) logits; only the window below is kept
-    rows: Any  # amg.AxisReads of the crop's rows and columns
-    cols: Any
+    rows: AxisReads  # how the crop's rows and columns read the low-res logits
+    cols: AxisReads
     row_span: Tuple[int, int]  # the low-res cells above the lowest threshold
     col_span: Tuple[int, int]
     crop_box: List[int]
