@@ -130,7 +130,10 @@ def model_actor_stage(
     """`actor_cls` over `ds` on a pool of `corpus.concurrency` model actors, set up as every job's
     model actors are: one thread for the model (`runtime.on_one_thread`), the model actors' process
     environment (`runtime.model_actor_env`; a value in `remote_args`' runtime env wins), and on a
-    CPU actor `cpu_threads` equal to its CPUs. `corpus` gives the batch size and the resources."""
+    CPU actor `cpu_threads` equal to its CPUs. `corpus` gives the batch size and the resources.
+
+    One batch in flight per actor: a batch queued behind one that kills its actor dies with it,
+    on every retry, and its innocent images would be reported lost with the poison one."""
     import ray
 
     options = dict(remote_args or {})
@@ -141,7 +144,7 @@ def model_actor_stage(
     return ds.map_batches(
         on_one_thread(actor_cls),
         batch_size=corpus.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=corpus.concurrency),
+        compute=ray.data.ActorPoolStrategy(size=corpus.concurrency, max_tasks_in_flight_per_actor=1),
         num_gpus=gpus,
         num_cpus=cpus,
         fn_constructor_kwargs={**actor_kwargs, "cpu_threads": None if gpus else cpus},

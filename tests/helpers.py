@@ -86,7 +86,9 @@ def read_counts(log: str, suffix: str) -> Dict[str, int]:
 
 class DyingEncoder:
     """A stand-in for the model actor that dies (os._exit, as the OOM killer would end it) on any
-    batch holding an image named "poison", and gives zero embeddings otherwise."""
+    batch holding an image named "poison", and gives zero embeddings otherwise. It dies a moment
+    after the batch arrives, as a model would, so that any batch Ray queues behind it on the same
+    actor is there to die with it."""
 
     def __init__(self, cpu_threads=None, **_) -> None:
         pass
@@ -95,6 +97,7 @@ class DyingEncoder:
         import numpy as np
 
         if any("poison" in str(s) for s in batch["source"]):
+            time.sleep(1)
             os._exit(1)
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["embedding"] = np.zeros((len(batch["image_id"]), 256, 64, 64), np.float16)

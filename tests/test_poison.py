@@ -202,7 +202,7 @@ def test_an_image_that_kills_its_actor_is_reported_after_three_attempts(ray_loca
     from . import helpers
 
     ray.cloudpickle.register_pickle_by_value(helpers)
-    shutil.copy(photos_dir / "astronaut.jpg", corpus / "poison.jpg")
+    shutil.copy(photos_dir / "astronaut.jpg", corpus / "a-poison.jpg")  # first in the plan
     out = tmp_path / "emb"
     provenance = {"model": "stand-in", "checkpoint_sha256": "none", "dtype": "float16"}
     plan = plan_inputs(str(corpus), str(out), provenance)
