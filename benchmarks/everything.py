@@ -1,8 +1,9 @@
 """Everything mode, side by side in one run: the official dense generator and ours in each preset
 (quality = dense, balanced = the default, fast = the paper's rule), the previous default, the
 default's masks computed the previous way (decoder chunk 4, whole masks upsampled instead of each
-mask's window), the default deciding on the low-res logits (`low_res_decisions`), and the default
-with a bfloat16 decoder where the CPU multiplies bfloat16 natively.
+mask's window, every decision at full resolution), the default with its decisions at full
+resolution instead of on the low-res logits (`low_res_decisions`), and the default with a bfloat16
+decoder where the CPU multiplies bfloat16 natively.
 
 Same real weights (mobile_sam.pt), images and allocator setting (`keep_freed_memory`, as the
 jobs' actors run); the official generator is also timed as shipped, with glibc's default
@@ -44,8 +45,8 @@ from tinysam_samples import bbbc038, instance_masks, sample_images
 
 # The default before the embedding-similarity check (tau 8.5, margin 0.25), for the side-by-side.
 PREVIOUS_DEFAULT = dict(high_confidence_thresh=8.5, skip_margin=0.25, skip_similarity=0.0)
-LOW_RES = " low-res decisions"
-PEAK_MODES = ("dense", "hierarchical", "hierarchical" + LOW_RES)
+FULL_RES = " full-resolution decisions"
+PEAK_MODES = ("dense", "hierarchical", "hierarchical" + FULL_RES)
 
 
 def best_match_miou(reference, predicted) -> float:
@@ -79,9 +80,11 @@ def peak_memory_child(checkpoint: str, mode: str, size: str, points_per_side: in
     model = build_sam("vit_t", checkpoint)
     w, h = (int(v) for v in size.split("x"))
     image = np.array(Image.fromarray(sample_images(("astronaut",))[0][1]).resize((w, h)))
-    low_res = mode.endswith(LOW_RES)
-    mode = mode.removesuffix(LOW_RES)
-    gen = EverythingConfig(mode=mode, points_per_side=points_per_side, low_res_decisions=low_res).generator(model)
+    if mode == "dense":  # the official masks
+        config = EverythingConfig.from_preset("quality")
+    else:
+        config = EverythingConfig(low_res_decisions=not mode.endswith(FULL_RES))
+    gen = replace(config, points_per_side=points_per_side).generator(model)
     gen.generate(image[:64, :64])  # warm-up allocations outside the measurement
 
     def status(key):
@@ -182,8 +185,10 @@ def main() -> None:
     }
     runners["ours previous default"] = generator(EverythingConfig(**PREVIOUS_DEFAULT))
     # the default's masks, computed as before the mask windows: decoder chunk 4, whole-mask filters
-    runners["ours balanced, previous execution"] = generator(EverythingConfig(), decoder_chunk=4)
-    runners["ours balanced, low-res decisions"] = generator(EverythingConfig(), low_res_decisions=True)
+    runners["ours balanced, previous execution"] = generator(
+        EverythingConfig(), decoder_chunk=4, low_res_decisions=False
+    )
+    runners["ours balanced, full-resolution decisions"] = generator(EverythingConfig(), low_res_decisions=False)
     if bfloat16_is_native(torch.device("cpu")):
         runners["ours balanced, bfloat16 decoder"] = generator(EverythingConfig(), decoder_dtype="bfloat16")
     if args.methods:
@@ -193,7 +198,7 @@ def main() -> None:
         reference = [] if not args.skip_official else ["ours quality"]
         runners = {k: v for k, v in runners.items() if k in args.methods or k in reference}
     if args.smoke:  # every code path once: the comparison, the previous execution, the tables
-        keys = ("ours balanced", "ours balanced, previous execution", "ours balanced, low-res decisions")
+        keys = ("ours balanced", "ours balanced, previous execution", "ours balanced, full-resolution decisions")
         runners = {k: runners[k] for k in keys}
     for gen in runners.values():
         time_decoder(gen)

@@ -194,12 +194,12 @@ def test_low_res_decisions_draw_the_full_resolution_masks(vit_t, photos):
         return sorted(records, key=lambda r: (r["predicted_iou"], r["point_coords"]))
 
     loose = dict(stability_score_thresh=0.0, box_nms_thresh=1.0)
-    full, low = order(run(**loose)), order(run(low_res_decisions=True, **loose))
+    full, low = order(run(low_res_decisions=False, **loose)), order(run(low_res_decisions=True, **loose))
     assert len(full) == len(low) > 50
     for a, b in zip(full, low):
         assert a == {**b, "stability_score": pytest.approx(b["stability_score"], abs=1e-6)}
 
-    full, low = run(), run(low_res_decisions=True)
+    full, low = run(low_res_decisions=False), run(low_res_decisions=True)
     a, b = ([mask_utils.decode(r["segmentation"]) for r in x] for x in (full, low))
     found, extra = best_match_ious(a, b), best_match_ious(b, a)
     print(
@@ -352,7 +352,8 @@ def test_everything_config_from_the_cli_to_the_generator(vit_t):
     assert type(generator) is SamAutomaticMaskGenerator and len(generator.point_grids[0]) == 144
     hierarchical = everything_config(p.parse_args(["--points-per-side", "16", "--skip-margin", "0"])).generator(vit_t)
     assert type(hierarchical) is SamHierarchicalMaskGenerator and hierarchical.skip_margin == 0
-    assert everything_config(p.parse_args(["--low-res-decisions", "yes"])).generator(vit_t).low_res_decisions
+    assert hierarchical.low_res_decisions and generator.low_res_decisions  # the default, in both modes
+    assert not everything_config(p.parse_args(["--low-res-decisions", "no"])).generator(vit_t).low_res_decisions
     assert len(hierarchical.round1_selections[0][0]) == 16  # round 1: a quarter of the density, 4x4
     with pytest.raises(ValueError, match="dense mode has no setting skip_margin"):
         everything_config(p.parse_args(["--mode", "dense", "--skip-margin", "0.5"]))
@@ -366,7 +367,9 @@ def test_everything_config_from_the_cli_to_the_generator(vit_t):
     )
     assert EverythingConfig.parse("hierarchical:8:32:4:0.25:0.7").skip_similarity == 0.7
     # presets: named settings that the flags override
-    assert everything_config(p.parse_args(["--preset", "quality"])) == EverythingConfig("dense")
+    quality = everything_config(p.parse_args(["--preset", "quality"]))
+    assert quality == EverythingConfig("dense", low_res_decisions=False)
+    assert not quality.generator(vit_t).low_res_decisions  # the official generator's decisions
     assert EverythingConfig.parse("balanced") == EverythingConfig() == everything_config(p.parse_args([]))
     fast = everything_config(p.parse_args(["--preset", "fast", "--skip-margin", "0.5"]))
     assert (fast.high_confidence_thresh, fast.skip_margin, fast.skip_similarity) == (8.5, 0.5, 0.0)

@@ -122,7 +122,7 @@ def test_exif_orientation_is_applied_as_opencv_reads_the_file(
     import cv2
 
     from pipelines.storage.masks import iter_results
-    from tinysam import SamHierarchicalMaskGenerator
+    from tinysam.everything import EverythingConfig
     from tinysam.utils.metrics import best_match_ious
     from tinysam.utils.rle import coco_rle_to_mask
 
@@ -140,8 +140,12 @@ def test_exif_orientation_is_applied_as_opencv_reads_the_file(
     [row] = list(iter_results(str(out)))
     shown = cv2.imread(str(corpus / "phone.jpg"))[:, :, ::-1]  # applies the orientation
     assert (row["height"], row["width"]) == shown.shape[:2] == (400, 600)
-    expected = SamHierarchicalMaskGenerator(vit_t, points_per_side=4, output_mode="coco_rle").generate(
-        np.ascontiguousarray(shown)
+    expected = (
+        EverythingConfig(points_per_side=4)
+        .generator(vit_t, output_mode="coco_rle")
+        .generate(  # the job's
+            np.ascontiguousarray(shown)
+        )
     )
     got = [coco_rle_to_mask(m["segmentation"]) for m in row["masks"]]
     assert len(got) == len(expected) > 0

@@ -23,7 +23,7 @@ class EvalConfig:
     detections: Optional[Dict[int, List[Dict[str, Any]]]] = None  # image id -> detections; None: GT boxes
     n_points: Sequence[int] = DEFAULT_POINTS
     everything: Sequence[EverythingConfig] = field(
-        default_factory=lambda: [EverythingConfig("dense"), EverythingConfig("hierarchical")]
+        default_factory=lambda: [EverythingConfig.from_preset("quality"), EverythingConfig()]
     )
     max_dets: int = 100
     # The point protocol costs (points x objects) decoder calls with a per-object mask input (about

@@ -25,7 +25,7 @@ EXECUTION_ONLY = ("points_per_batch", "decoder_chunk", "upsample_chunk")
 GPU_EXECUTION: Dict[str, int] = {"points_per_batch": 256, "decoder_chunk": 256, "upsample_chunk": 64}
 # Named starting points over the settings below; measured speed and agreement in docs/benchmarks.md.
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "quality": {"mode": "dense"},  # the official grid: the official generator's masks
+    "quality": {"mode": "dense", "low_res_decisions": False},  # the official generator's masks, exactly
     "balanced": {},  # the defaults: hierarchical, the dense masks at a fraction of the points
     "fast": {"skip_margin": 0.0, "skip_similarity": 0.0},  # the paper's rule
 }
@@ -38,7 +38,8 @@ def _setting(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class EverythingConfig:
     """Dense mode (the official generator's grid) or TinySAM's hierarchical mode, with its settings.
-    Defaults are the official generator's, plus the hierarchical round and the memory bounds."""
+    Defaults are the official generator's, plus the hierarchical round, the memory bounds, and the
+    decisions on the low-res logits (the `quality` preset turns those off: the official masks)."""
 
     mode: str = _setting("hierarchical", "hierarchical (TinySAM's two rounds) or dense (the official grid)")
     points_per_side: int = _setting(32, "grid density: points along each side (hierarchical: round 2's grid)")
@@ -79,9 +80,10 @@ class EverythingConfig:
         "filters' thresholds can change)",
     )
     low_res_decisions: bool = _setting(
-        False,
+        True,
         "decide stability, boxes and NMS on the decoder's 256x256 logits and draw only the kept masks at full "
-        "resolution (faster on large images; masks near a threshold can change)",
+        "resolution (faster, most on large images; masks near a threshold can change; false: the official "
+        "full-resolution decisions)",
     )
 
     def __post_init__(self) -> None:

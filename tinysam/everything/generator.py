@@ -118,7 +118,7 @@ class SamAutomaticMaskGenerator:
         decoder_chunk: int = DEFAULTS.decoder_chunk,
         fast_decoder: bool = DEFAULTS.fast_decoder,
         decoder_dtype: str = DEFAULTS.decoder_dtype,
-        low_res_decisions: bool = DEFAULTS.low_res_decisions,
+        low_res_decisions: bool = False,
     ) -> None:
         """Arguments as the official generator's (see its docs), plus: `upsample_chunk` bounds how
         many masks an accelerator holds at full resolution at once (fewer on large images: at most
@@ -130,7 +130,9 @@ class SamAutomaticMaskGenerator:
         False the plain decoder with the official rounding; `decoder_dtype` "bfloat16" runs the
         decoder on a bfloat16 copy of its weights (see `reduced_precision_decoder`);
         `low_res_decisions` takes the stability, box and NMS decisions on the decoder's 256x256
-        logits and draws only the masks NMS keeps at full resolution (see `_filter_low_res`)."""
+        logits and draws only the masks NMS keeps at full resolution (see `_filter_low_res`). Off
+        by default in the generator classes, drop-ins for the official one; on in
+        `EverythingConfig`, the jobs' and presets' default but for `quality`."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side and point_grids must be given")
         if output_mode not in OUTPUT_MODES:
