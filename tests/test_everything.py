@@ -1,6 +1,7 @@
 """Everything mode against the official generator, with the real MobileSAM weights on real photos."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from pycocotools import mask as mask_utils
 from tinysam import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
 from tinysam.utils.metrics import best_match_ious
 
-from .helpers import import_official
+from .helpers import import_official, job_env
 
 pytestmark = pytest.mark.usefixtures("freed_memory_kept")
 
@@ -462,3 +463,51 @@ def test_a_mask_window_holds_every_pixel_above_its_threshold(vit_t):
             outside = full[k].clone()
             outside[top : top + h, left : left + w] = -1e9
             assert outside.max().item() <= threshold
+
+
+# One call of the jobs' everything mode on a 24 Mpx photo (6000x4000, a phone's), in a fresh
+# process: its peak RSS above the process before the call (which already holds the photo).
+PEAK_PROBE = """
+import json, sys
+import numpy as np, torch
+from PIL import Image
+from tinysam import build_sam
+from tinysam.everything import EverythingConfig
+from tinysam.utils.malloc import keep_freed_memory
+from tinysam_samples import sample_images
+
+keep_freed_memory()  # as the jobs' actors run
+torch.set_num_threads(1)
+config = EverythingConfig(points_per_side=4, low_res_decisions=sys.argv[1] == "low-res")
+gen = config.generator(build_sam("vit_t", "mobile_sam"), output_mode="coco_rle")
+image = np.array(Image.fromarray(sample_images(("astronaut",))[0][1]).resize((6000, 4000)))
+with torch.inference_mode():
+    gen.generate(image[:64, :64])  # the model's own warm-up allocations, outside the measurement
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) << 10
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak
+    masks = gen.generate(image)
+print(json.dumps({"masks": len(masks), "extra_mib": (status("VmHWM:") - before) / 2**20}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("decisions", ["low-res", "full-resolution"])
+def test_a_24_mpx_photo_needs_memory_for_its_kept_masks_only(decisions):
+    """Full-resolution work holds one mask's window at a time, whichever way the masks are
+    decided: the peak grows with the photo (its float copy for the encoder's resize, one window
+    of float logits), not with the candidates. Holding every candidate's full-resolution logits
+    would take ~90 MiB each (48 candidates here: over 4 GiB); the bound allows three."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_PROBE, decisions], capture_output=True, text=True, env=job_env(), check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"24 Mpx, {decisions} decisions: {peak['extra_mib']:.0f} MiB above the process, {peak['masks']} masks")
+    assert peak["masks"] >= 3
+    assert peak["extra_mib"] <= 400, peak
