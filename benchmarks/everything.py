@@ -41,6 +41,7 @@ from tinysam.everything.generator import bfloat16_is_native
 from tinysam.transforms import to_rgb_uint8
 from tinysam.utils.malloc import keep_freed_memory
 from tinysam.utils.metrics import best_match_ious
+from tinysam.utils.rss import peak_rss_bytes, reset_peak_rss, rss_bytes
 from tinysam_samples import bbbc038, instance_masks, sample_images
 
 # The default before the embedding-similarity check (tau 8.5, margin 0.25), for the side-by-side.
@@ -86,16 +87,10 @@ def peak_memory_child(checkpoint: str, mode: str, size: str, points_per_side: in
         config = EverythingConfig(low_res_decisions=not mode.endswith(FULL_RES))
     gen = replace(config, points_per_side=points_per_side).generator(model)
     gen.generate(image[:64, :64])  # warm-up allocations outside the measurement
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key)) * 1024
-
-    before = status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS counter
+    before = rss_bytes()
+    reset_peak_rss()
     masks = gen.generate(image)
-    print(json.dumps({"mode": mode, "masks": len(masks), "rss_before": before, "peak": status("VmHWM:")}))
+    print(json.dumps({"mode": mode, "masks": len(masks), "rss_before": before, "peak": peak_rss_bytes()}))
 
 
 def official_child(checkpoint: str, names, size=None, points_per_side: int = 32) -> None:

@@ -177,9 +177,9 @@ def run(corpus: CorpusOptions) -> Dict[str, Any]:
 TIMED_PLAN = """
 import json, sys, time
 from pipelines.reading import plan_inputs
-def peak():  # VmHWM: this process's own peak (ru_maxrss carries the forking parent's over exec)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+from tinysam.utils.rss import peak_rss_bytes
+def peak():  # this process's own peak, MiB (ru_maxrss carries the forking parent's over exec)
+    return peak_rss_bytes() / 2**20
 base = peak()
 start = time.perf_counter()
 plan = plan_inputs(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))

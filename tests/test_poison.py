@@ -140,13 +140,8 @@ def test_exif_orientation_is_applied_as_opencv_reads_the_file(
     [row] = list(iter_results(str(out)))
     shown = cv2.imread(str(corpus / "phone.jpg"))[:, :, ::-1]  # applies the orientation
     assert (row["height"], row["width"]) == shown.shape[:2] == (400, 600)
-    expected = (
-        EverythingConfig(points_per_side=4)
-        .generator(vit_t, output_mode="coco_rle")
-        .generate(  # the job's
-            np.ascontiguousarray(shown)
-        )
-    )
+    generator = EverythingConfig(points_per_side=4).generator(vit_t, output_mode="coco_rle")  # the job's
+    expected = generator.generate(np.ascontiguousarray(shown))
     got = [coco_rle_to_mask(m["segmentation"]) for m in row["masks"]]
     assert len(got) == len(expected) > 0
     ious = best_match_ious([coco_rle_to_mask(r["segmentation"]) for r in expected], got)
