@@ -19,6 +19,8 @@ one call per size, measured in a fresh process.
         (held-out photos, against ours dense: the official masks, tested)
     python benchmarks/everything.py --size 2250x1500 --skip-official --peak-sizes
         (the photos at SA-1B's size)
+    python benchmarks/everything.py --size 2250x1500 --skip-as-shipped --methods "ours balanced" --peak-sizes
+        (the default against the official generator at that size, without the as-shipped rerun)
 """
 
 import argparse
@@ -140,6 +142,11 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", default=["astronaut", "coffee", "chelsea", "nuclei"])
     parser.add_argument("--checkpoint", default="mobile_sam")
     parser.add_argument("--skip-official", action="store_true")
+    parser.add_argument(
+        "--skip-as-shipped",
+        action="store_true",
+        help="no second official run with glibc's default allocator (it doubles the official's minutes)",
+    )
     parser.add_argument("--size", help="resize every image to WxH first (SA-1B's photos: 2250x1500)")
     parser.add_argument(
         "--peak-sizes",
@@ -168,7 +175,8 @@ def main() -> None:
         return report_peaks(args.checkpoint, args.peak_sizes, args.points_per_side)
 
     points = args.points_per_side
-    shipped = {} if args.skip_official else official_as_shipped(args.checkpoint, args.images, args.size, points)
+    skip_shipped = args.skip_official or args.skip_as_shipped
+    shipped = {} if skip_shipped else official_as_shipped(args.checkpoint, args.images, args.size, points)
     keep_freed_memory()  # for every method alike, as in the jobs' actors
     model = build_sam("vit_t", args.checkpoint)
 
