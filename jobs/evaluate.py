@@ -39,7 +39,8 @@ def parse_args(argv=None):
         "--everything",
         action="append",
         help="a preset (quality, balanced, fast), dense[:POINTS] or "
-        "hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN[:SIMILARITY]]]]]; repeat for a grid (default: quality and balanced)",
+        "hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN[:SIMILARITY]]]]], then any other setting as ,name=value "
+        "(e.g. balanced,low_res_decisions=false); repeat for a grid (default: quality and balanced)",
     )
     p.add_argument("--max-dets", type=int, default=100, help="detections per image for AP (LVIS: 300)")
     p.add_argument("--limit", type=int, help="only the first N images")
@@ -69,6 +70,10 @@ def build_config(args) -> EvalConfig:
         for d in dets:
             detections.setdefault(int(d["image_id"]), []).append(d)
     everything = [EverythingConfig.parse(s) for s in (args.everything or ["quality", "balanced"])]
+    names = [c.name for c in everything]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--everything names the same settings twice: {'; '.join(twice)}")
     return EvalConfig(
         tuple(s for s in args.protocols.split(",") if s),
         detections,

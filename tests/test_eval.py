@@ -170,6 +170,8 @@ def test_bad_arguments_are_refused(tmp_path, bbbc038_gt, capsys):
     missing = ("--annotations", str(tmp_path / "nope.json"), "--model", "vit_t", "--checkpoint", "none")
     assert "nope.json" in refused(*missing)
     assert "one checkpoint per model" in refused("--annotations", bbbc038_gt.path, "--model", "vit_t")
+    model = ("--annotations", bbbc038_gt.path, "--model", "vit_t", "--checkpoint", "none")
+    assert "same settings twice" in refused(*model, "--everything", "balanced", "--everything", "hierarchical:8:32")
     with pytest.raises(ValueError, match="hierarchical"):
         EverythingConfig.parse("sparse:8")
 

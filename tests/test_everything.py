@@ -388,6 +388,39 @@ def test_everything_config_from_the_cli_to_the_generator(vit_t):
     assert "decoder_chunk" not in on_gpu.provenance_json() and "skip_similarity" in on_gpu.provenance_json()
 
 
+def test_a_spec_names_any_setting_and_each_config_its_own_name():
+    """`--everything` specs (the evaluation job) reach every setting, and two configs whose masks
+    can differ never share a name: an evaluation's results are keyed by it."""
+    from tinysam.everything import EverythingConfig
+
+    assert EverythingConfig.parse("balanced,low_res_decisions=false") == EverythingConfig(low_res_decisions=False)
+    assert EverythingConfig.parse("dense:16, decoder_dtype=bfloat16,pred_iou_thresh=0.8") == EverythingConfig(
+        "dense", 16, decoder_dtype="bfloat16", pred_iou_thresh=0.8
+    )
+    assert EverythingConfig.parse("hierarchical:4:16,round1_points_per_side=2").round1 == 2
+    configs = [
+        EverythingConfig(),
+        EverythingConfig(low_res_decisions=False),
+        EverythingConfig.from_preset("quality"),
+        EverythingConfig("dense"),
+        EverythingConfig(decoder_dtype="bfloat16"),
+        EverythingConfig(stability_score_thresh=0.9),
+        EverythingConfig.from_preset("fast"),
+    ]
+    names = [c.name for c in configs]
+    assert len(set(names)) == len(names), names
+    assert EverythingConfig(decoder_chunk=4).name == EverythingConfig().name  # execution only: same masks
+    for spec, error in (
+        ("balanced,nosuch=1", "no setting nosuch"),
+        ("balanced,low_res_decisions=maybe", "low_res_decisions='maybe' is not a bool"),
+        ("balanced,low_res_decisions", "is not name=value"),
+        ("dense:8,skip_margin=0.5", "dense mode has no setting skip_margin"),
+        ("sparse:8,low_res_decisions=false", "expected a preset"),
+    ):
+        with pytest.raises(ValueError, match=error):
+            EverythingConfig.parse(spec)
+
+
 def test_full_resolution_paths_give_the_same_records(vit_t, photos, monkeypatch):
     """The full-resolution filters three ways give the same records: per mask window (the CPU
     default), on chunks of whole masks (an accelerator's way) with pycocotools' RLEs, and chunks

@@ -136,7 +136,20 @@ class EverythingConfig:
     @classmethod
     def parse(cls, spec: str) -> "EverythingConfig":
         """A preset name, 'dense:32' or 'hierarchical:8:32:8.5:0.25:0.6' (round 1, round 2, tau, skip
-        margin, skip similarity; the defaults for the parts left off)."""
+        margin, skip similarity; the defaults for the parts left off), then any other settings as
+        ',name=value' (e.g. 'balanced,low_res_decisions=false')."""
+        base, *pairs = spec.split(",")
+        config = cls._parse_mode(base, spec)
+        settings = {}
+        for pair in pairs:
+            name, sep, value = pair.partition("=")
+            if not sep:
+                raise ValueError(f"{spec!r}: {pair!r} is not name=value")
+            settings[name.strip()] = _setting_value(name.strip(), value.strip(), spec)
+        return cls.from_dict({**asdict(config), **settings}) if settings else config
+
+    @classmethod
+    def _parse_mode(cls, spec: str, whole: str) -> "EverythingConfig":
         if spec in PRESETS:
             return cls.from_preset(spec)
         parts = spec.split(":")
@@ -156,8 +169,8 @@ class EverythingConfig:
         except ValueError:
             pass
         raise ValueError(
-            f"{spec!r}: expected a preset ({', '.join(PRESETS)}), dense[:POINTS] or "
-            "hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN[:SIMILARITY]]]]]"
+            f"{whole!r}: expected a preset ({', '.join(PRESETS)}), dense[:POINTS] or "
+            "hierarchical[:ROUND1[:ROUND2[:TAU[:MARGIN[:SIMILARITY]]]]], then any ,name=value"
         )
 
     @property
@@ -167,13 +180,23 @@ class EverythingConfig:
 
     @property
     def name(self) -> str:
-        bf16 = " bf16" if self.decoder_dtype == "bfloat16" else ""
+        """A label that tells apart any two configs whose masks can differ: the mode and its grid,
+        then each other mask-deciding setting that is not at its default (an evaluation's results
+        are keyed by it)."""
         if self.mode == "dense":
-            return f"dense {self.points_per_side}{bf16}"
-        return (
-            f"hierarchical {self.round1}/{self.points_per_side} tau {self.high_confidence_thresh:g} "
-            f"margin {self.skip_margin:g} similarity {self.skip_similarity:g}{bf16}"
-        )
+            label = f"dense {self.points_per_side}"
+        else:
+            label = (
+                f"hierarchical {self.round1}/{self.points_per_side} tau {self.high_confidence_thresh:g} "
+                f"margin {self.skip_margin:g} similarity {self.skip_similarity:g}"
+            )
+        shown = {"mode", "points_per_side", *HIERARCHICAL_ONLY, *EXECUTION_ONLY}
+        changed = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in fields(self)
+            if f.name not in shown and getattr(self, f.name) != f.default
+        ]
+        return " ".join([label, *changed])
 
     def as_dict(self) -> Dict[str, Any]:
         return {**asdict(self), "name": self.name}
@@ -206,6 +229,23 @@ class EverythingConfig:
 
 # The settings' defaults, read by the generators' signatures: written once, in the fields above.
 DEFAULTS = EverythingConfig()
+
+
+def _setting_value(name: str, value: str, spec: str) -> Any:
+    """`value` as the type of setting `name`'s default (booleans: true/false, yes/no, 1/0)."""
+    known = {f.name: f for f in fields(EverythingConfig)}
+    if name not in known:
+        raise ValueError(f"{spec!r}: everything mode has no setting {name}; known: {', '.join(sorted(known))}")
+    default = known[name].default
+    try:
+        if isinstance(default, bool):
+            flags = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+            return flags[value.lower()]
+        if default is None or isinstance(default, int):  # round1_points_per_side: an int or None
+            return None if value.lower() == "none" else int(value)
+        return type(default)(value)
+    except (KeyError, ValueError):
+        raise ValueError(f"{spec!r}: {name}={value!r} is not a {type(default).__name__}") from None
 
 
 def _default(name: str) -> Any:
