@@ -20,11 +20,12 @@ from tinysam.weights import cache_dir
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 # The scikit-image photos inside its wheel (no download; colour and grey; its binary, logo and
 # 102-pixel images left out): a larger small set, e.g. a held-out split big enough to measure learning on.
+# Each photo once: scikit-image's `cat()` is `chelsea()` (the same array), so it is not listed, or
+# a split could hold the same photo on both sides.
 ALL_PHOTOS = (
     "astronaut",
     "brick",
     "camera",
-    "cat",
     "chelsea",
     "clock",
     "coffee",
