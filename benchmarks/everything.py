@@ -237,14 +237,14 @@ def main() -> None:
                 getattr(gen, "decoder_seconds", None),
             )
         ref_key = "official dense" if "official dense" in results else "ours quality"
-        for key, (secs, masks, points, decoder_secs) in results.items():
+        for key, (secs, masks, decoded, decoder_secs) in results.items():
             row = {
                 "image": name,
                 "method": key,
                 "seconds": secs,
                 "decoder": decoder_secs,
                 "masks": len(masks),
-                "points": points,
+                "points": decoded,
                 "agreement": best_match_miou(results[ref_key][1], masks),
                 "speedup": results[ref_key][0] / secs,
                 "shipped_speedup": shipped[name] / secs if name in shipped else None,
@@ -258,8 +258,8 @@ def main() -> None:
             if row["shipped_speedup"] is not None:
                 extra += f"  {row['shipped_speedup']:.2f}x official as shipped ({shipped[name]:.1f} s)"
             print(
-                f"{name:10s} {key:32s} {secs:7.1f} s ({row['speedup']:.2f}x)  {points:4d} points  {len(masks):4d} masks"
-                f"  agreement {row['agreement']:.4f}{extra}",
+                f"{name:10s} {key:32s} {secs:7.1f} s ({row['speedup']:.2f}x)  {decoded:4d} points"
+                f"  {len(masks):4d} masks  agreement {row['agreement']:.4f}{extra}",
                 flush=True,
             )
 
