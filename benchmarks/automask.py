@@ -6,6 +6,7 @@ job pays for Ray, actor start and model load, batching, Parquet writes. Goal: jo
 images/s with one actor on CPU. Also prints masks per image and where the loop's time goes.
 
     python benchmarks/automask.py [--images 12] [--points-per-side 32] [--mode hierarchical]
+    python benchmarks/automask.py --images 12 --size 2250x1500   (the photos at SA-1B's size)
 """
 
 import shutil
@@ -54,6 +55,15 @@ def in_process_loop(folder: Path, model_type: str, checkpoint: str, everything: 
     return {"images_per_second": len(refs) / seconds, "masks": masks, "seconds": seconds, **times}
 
 
+def resize_corpus(folder: Path, size: str) -> None:
+    """Resize every photo in `folder` to `size` ("WxH") in place, as JPEG (quality 95)."""
+    from PIL import Image
+
+    w, h = (int(v) for v in size.split("x"))
+    for path in sorted(folder.glob("*.jpg")):
+        Image.open(path).convert("RGB").resize((w, h), Image.BILINEAR).save(path, format="JPEG", quality=95)
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--images", type=int, default=12)
@@ -67,15 +77,18 @@ def main() -> None:
     parser.add_argument(
         "--actors", type=int, default=1, help="job actors sharing --threads (each gets threads / actors); loop: 1"
     )
+    parser.add_argument("--size", help="resize every photo to WxH first (SA-1B's photos: 2250x1500)")
     args = parser.parse_args()
     if args.smoke:
-        args.images, args.points_per_side, args.threads = 2, 4, 1
+        args.images, args.points_per_side, args.threads, args.size = 2, 4, 1, "320x240"
     torch.set_num_threads(args.threads)
     everything = EverythingConfig(args.mode, points_per_side=args.points_per_side)
 
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-"))
     try:
         folder = write_sample_corpus(work, args.images)
+        if args.size:
+            resize_corpus(folder, args.size)
         loop = in_process_loop(folder, args.model, args.checkpoint, everything)
         init_ray(num_cpus=args.threads + 2)  # room for the read and write tasks beside the actor
         summary = automask(
@@ -94,8 +107,9 @@ def main() -> None:
             )
         )
         n = args.images
+        at = f" at {args.size}" if args.size else ""
         print(
-            f"{n} images, {args.model}, {args.mode} {args.points_per_side}x{args.points_per_side}, "
+            f"{n} images{at}, {args.model}, {args.mode} {args.points_per_side}x{args.points_per_side}, "
             f"job batch {args.batch_size}, {args.threads} threads, {args.actors} job actor(s)"
         )
         print(
