@@ -32,11 +32,20 @@ def test_a_model_actor_runs_parallel_ops_without_waking_sleeping_threads(ray_loc
         def __call__(self, batch):
             import resource
             import threading
+            import time
 
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+            def switches() -> int:
+                return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+
+            before, t0 = switches(), time.perf_counter()
             for _ in range(2000):
                 self.tokens @ self.weight
-            batch["switches"] = [resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before] * len(batch["id"])
+            during, seconds = switches(), time.perf_counter() - t0
+            # the process's other threads (Ray's) switch too, more the busier the machine: their
+            # count over as long again without ops is taken off
+            time.sleep(seconds)
+            idle = switches() - during
+            batch["switches"] = [during - before - idle] * len(batch["id"])
             batch["same_thread"] = [threading.get_ident() == self.init_thread] * len(batch["id"])
             return batch
 
@@ -45,5 +54,5 @@ def test_a_model_actor_runs_parallel_ops_without_waking_sleeping_threads(ray_loc
 
     corpus = CorpusOptions(output="", num_cpus_per_actor=2)
     [row] = model_and_write(ray.data.range(1), ModelStage(Probe, {}, write, {}), corpus).take_all()
-    assert row["switches"] < 1000, row  # two teams: ~8000
+    assert row["switches"] < 2000, row  # two teams: 2-4 an op, 4000-8000
     assert row["same_thread"]
