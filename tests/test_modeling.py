@@ -146,15 +146,24 @@ def test_mask_input_round_trip_matches_official(vit_t, official_vit_t, astronaut
 @pytest.mark.parametrize("model_type", ["vit_b", "vit_h"])
 def test_sam_vit_matches_official_with_random_weights(model_type, astronaut):
     segment_anything = import_official("segment_anything")
-    official = randomize_(segment_anything.sam_model_registry[model_type](), seed=1).eval()
-    ours = build_sam(model_type)
-    ours.load_state_dict(official.state_dict(), strict=True)
+    # Built on the meta device and made real after the cut: ViT-H's 32 blocks of random weights
+    # took most of a minute, for two blocks run.
+    with torch.device("meta"):
+        official = segment_anything.sam_model_registry[model_type]()
+        ours = build_sam(model_type)
     blocks = list(zip(ours.image_encoder.blocks, official.image_encoder.blocks, strict=True))
     for a, b in blocks:
         assert (a.window_size, a.attn.num_heads) == (b.window_size, b.attn.num_heads)
     run = [0, next(i for i, (_, b) in enumerate(blocks) if b.window_size == 0)]
     for model in (ours, official):
         model.image_encoder.blocks = torch.nn.ModuleList(model.image_encoder.blocks[i] for i in run)
+    official = randomize_(official.to_empty(device="cpu"), seed=1).eval()
+    ours = ours.to_empty(device="cpu")
+    ours.load_state_dict(official.state_dict(), strict=True)
+    ours.eval()
+    for model in (ours, official):  # not in the state dict: to_empty left them unset
+        model.pixel_mean.copy_(torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1))
+        model.pixel_std.copy_(torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1))
     prompts = _prompts(*astronaut.shape[:2])[2:]
     with torch.inference_mode():
         ours_out = _predictor_outputs(SamPredictor(ours), astronaut, prompts)

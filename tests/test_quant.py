@@ -160,23 +160,48 @@ def int8_kernels(monkeypatch):
     monkeypatch.setattr(layers, "int8_slow_reason", lambda: None)
 
 
+def box_low_res_masks(sam, image, gts) -> torch.Tensor:
+    """The three 256x256 masks each ground-truth box prompts (no choice among them: the choice by
+    predicted IoU flips between near-equal candidates on rounding alone)."""
+    from tinysam.utils.rle import mask_bbox_xywh
+
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    xywh = np.array([mask_bbox_xywh(np.asarray(g, bool)) for g in gts], float)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    boxes = torch.from_numpy(predictor.transform.apply_boxes(xyxy, image.shape[:2])).float()
+    with torch.no_grad():
+        _, _, low_res = predictor.predict_torch(None, None, boxes=boxes, return_logits=True)
+    return low_res > 0
+
+
+# Mean IoU of the int8 kernels' masks with simulated quantization's, measured 0.988-0.99 (the
+# embedding moves ~4% through rounding ties, compounded over the blocks); kernels that saturate or
+# a wrong scale give unrelated masks.
+INT8_AGREEMENT = 0.97
+
+
 @NO_INT8_KERNELS
-def test_int8_kernels_give_the_simulated_box_miou(quantized, nuclei, int8_kernels):
-    """The same quantized model in integer arithmetic: the box mIoU of simulated quantization, on
-    the first 32 nuclei (the whole image is the W8A8 test's)."""
+def test_int8_kernels_give_the_simulated_masks(quantized, nuclei, int8_kernels):
+    """The same quantized model in integer arithmetic: its masks are simulated quantization's, on
+    the first 32 nuclei's boxes (box mIoU against the ground truth is the W8A8 test's: here each
+    mask is compared with its simulated twin)."""
     sam, _ = quantized
     image, labels = nuclei
     gts = list(instance_masks(labels))[:32]
     set_mode(sam, "sim")
-    w8 = box_prompt_miou(SamPredictor(sam), image, gts)
+    sim = box_low_res_masks(sam, image, gts)
     try:
         set_mode(sam, "int8")
         assert {layer.mode for layer in quant_layers(sam).values()} <= {"int8", "float"}
-        int8 = box_prompt_miou(SamPredictor(sam), image, gts)
+        int8 = box_low_res_masks(sam, image, gts)
     finally:
         set_mode(sam, "sim")
-    print(f"BBBC038 box mIoU: W8A8 simulated {w8:.4f}, int8 kernels {int8:.4f}")
-    assert abs(int8 - w8) <= 0.005  # the same quantized model, integer arithmetic
+    inter, union = (sim & int8).flatten(2).sum(2), (sim | int8).flatten(2).sum(2)
+    ious = (inter / union.clamp(min=1)).flatten()
+    print(f"int8 kernels vs simulated W8A8, 32 boxes x 3 masks: mean IoU {ious.mean():.4f}, least {ious.min():.4f}")
+    assert sim.flatten(1).any(1).all()  # every simulated mask says something
+    assert ious.mean() >= INT8_AGREEMENT
 
 
 @NO_INT8_KERNELS
