@@ -248,14 +248,7 @@ def flags(**values) -> list:
 
 def distill_args(embeddings, teacher_checkpoint, **more) -> list:
     """The distillation job's arguments in the tests: a vit_t_mini student from scratch, a
-    checkpoint every 2 steps, 4 prompts and 2 hard-sampling iterations per image."""
-    return flags(
-        embeddings=embeddings,
-        teacher_checkpoint=teacher_checkpoint,
-        student="vit_t_mini",
-        checkpoint_every=2,
-        prompts_per_image=4,
-        max_iterations=2,
-        warmup_steps=2,
-        **more,
-    )
+    checkpoint every 2 steps, 4 prompts and 2 hard-sampling iterations per image (each of these
+    overridden by `more`)."""
+    defaults = dict(student="vit_t_mini", checkpoint_every=2, prompts_per_image=4, max_iterations=2, warmup_steps=2)
+    return flags(embeddings=embeddings, teacher_checkpoint=teacher_checkpoint, **{**defaults, **more})
