@@ -30,23 +30,23 @@ def pytest_configure(config):
 # The order in which pytest-xdist hands test files to its workers (the Makefile's `--dist loadfile
 # --no-loadscope-reorder`: a file is one unit of work, on one worker, its module fixtures built
 # once): the longest first, so that the last files to finish are short and neither worker idles
-# at the end while the other finishes a long one. From the suite's durations on an AVX2-only CI
-# core (docs/benchmarks.md, "Test suite time"); files not named follow in their own order.
+# at the end while the other finishes a long one. From the suite's durations on a Zen 4 CI core
+# (docs/benchmarks.md, "Test suite time"); files not named follow in their own order.
 LONGEST_FIRST = (
     "tests/test_benchmarks.py",
-    "tests/test_distill.py",
-    "tests/test_precompute.py",
-    "tests/test_poison.py",
-    "tests/test_everything.py",
     "tests/test_lost_node.py",
+    "tests/test_everything.py",
     "tests/test_quant.py",
     "tests/test_automask.py",
-    "tests/test_modeling.py",
-    "tests/test_audit.py",
+    "tests/test_precompute.py",
+    "tests/test_distill.py",
+    "tests/test_poison.py",
     "tests/test_onnx.py",
+    "tests/test_modeling.py",
     "tests/test_eval.py",
-    "tests/test_submit.py",
     "tests/test_malloc.py",
+    "tests/test_submit.py",
+    "tests/test_audit.py",
 )
 
 
