@@ -178,7 +178,7 @@ def test_low_res_decisions_draw_the_full_resolution_masks(vit_t, photos):
     size = [(h * 15 // 4, w * 15 // 4)]
 
     def run(**settings):
-        gen = SamHierarchicalMaskGenerator(vit_t, points_per_side=12, output_mode="coco_rle", **settings)
+        gen = SamHierarchicalMaskGenerator(vit_t, points_per_side=16, output_mode="coco_rle", **settings)
         return gen.generate_from_embeddings(emb, [input_size], size)[0]
 
     def order(records):
@@ -196,7 +196,7 @@ def test_low_res_decisions_draw_the_full_resolution_masks(vit_t, photos):
     print(
         f"low-res decisions at {size[0]}: {len(b)} vs {len(a)} masks, least IoU {found.min():.4f} / {extra.min():.4f}"
     )
-    assert len(a) == len(b) >= 6 and found.min() >= 0.99 and extra.min() >= 0.99  # 8 of each when written
+    assert len(a) == len(b) >= 8 and found.min() >= 0.99 and extra.min() >= 0.99
     # what NMS guarantees, on the drawn boxes: no two kept masks overlap above its threshold
     xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in low)], dtype=torch.float)
     overlaps = box_iou(xyxy, xyxy).fill_diagonal_(0)
