@@ -44,6 +44,14 @@ def box_miou(sam, nuclei) -> float:
     return box_prompt_miou(SamPredictor(sam), image, list(instance_masks(labels)))
 
 
+def gt_boxes(gts) -> np.ndarray:
+    """Each ground-truth mask's box, x0 y0 x1 y1 (the box prompts of the mIoU protocol)."""
+    from tinysam.utils.rle import mask_bbox_xywh
+
+    xywh = np.array([mask_bbox_xywh(np.asarray(g, bool)) for g in gts], float)
+    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+
+
 def onnx_qdq_box_miou(quantized_file, folder, nuclei, reduce_range: bool = False) -> float:
     """Box mIoU of the W8A8 ONNX files `jobs/export_onnx.py --quantized` writes, on ONNX Runtime;
     with `reduce_range`, checks that every weight code fits in 7 bits once ONNX Runtime has folded
@@ -53,7 +61,6 @@ def onnx_qdq_box_miou(quantized_file, folder, nuclei, reduce_range: bool = False
     from onnx import numpy_helper
 
     from tinysam.export import OnnxSamPredictor
-    from tinysam.utils.rle import mask_bbox_xywh
 
     args = ["--quantized", str(quantized_file), "--output", str(folder)] + (["--reduce-range"] if reduce_range else [])
     assert load_job("export_onnx").main(args) == 0
@@ -73,10 +80,9 @@ def onnx_qdq_box_miou(quantized_file, folder, nuclei, reduce_range: bool = False
     assert len(weights) >= 60 and max(int(np.abs(w).max()) for w in weights) == (64 if reduce_range else 128)
     image, labels = nuclei
     gts = np.stack([np.asarray(g, bool) for g in instance_masks(labels)])
-    xywh = np.array([mask_bbox_xywh(g) for g in gts], float)
     predictor = OnnxSamPredictor(str(encoder), str(decoder))
     predictor.set_image(image)
-    masks = predictor.predict(box=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))[0][:, 0]
+    masks = predictor.predict(box=gt_boxes(gts))[0][:, 0]
     inter, union = (masks & gts).sum((1, 2)), (masks | gts).sum((1, 2))
     return float((inter / np.maximum(union, 1)).mean())
 
@@ -163,19 +169,15 @@ def int8_kernels(monkeypatch):
 def box_low_res_masks(sam, image, gts) -> torch.Tensor:
     """The three 256x256 masks each ground-truth box prompts (no choice among them: the choice by
     predicted IoU flips between near-equal candidates on rounding alone)."""
-    from tinysam.utils.rle import mask_bbox_xywh
-
     predictor = SamPredictor(sam)
     predictor.set_image(image)
-    xywh = np.array([mask_bbox_xywh(np.asarray(g, bool)) for g in gts], float)
-    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-    boxes = torch.from_numpy(predictor.transform.apply_boxes(xyxy, image.shape[:2])).float()
+    boxes = torch.from_numpy(predictor.transform.apply_boxes(gt_boxes(gts), image.shape[:2])).float()
     with torch.no_grad():
         _, _, low_res = predictor.predict_torch(None, None, boxes=boxes, return_logits=True)
     return low_res > 0
 
 
-# Mean IoU of the int8 kernels' masks with simulated quantization's, measured 0.988-0.99 (the
+# Mean IoU of the int8 kernels' masks with simulated quantization's, measured 0.988-0.991 (the
 # embedding moves ~4% through rounding ties, compounded over the blocks); kernels that saturate or
 # a wrong scale give unrelated masks.
 INT8_AGREEMENT = 0.97
@@ -200,7 +202,7 @@ def test_int8_kernels_give_the_simulated_masks(quantized, nuclei, int8_kernels):
     inter, union = (sim & int8).flatten(2).sum(2), (sim | int8).flatten(2).sum(2)
     ious = (inter / union.clamp(min=1)).flatten()
     print(f"int8 kernels vs simulated W8A8, 32 boxes x 3 masks: mean IoU {ious.mean():.4f}, least {ious.min():.4f}")
-    assert sim.flatten(1).any(1).all()  # every simulated mask says something
+    assert sim.flatten(1).any(1).all()  # every box's simulated masks say something
     assert ious.mean() >= INT8_AGREEMENT
 
 
